@@ -1,0 +1,205 @@
+"""What each job does, given the session's sandbox.
+
+A job is a request that runs one at a time per session (see
+:data:`protocol.messages.JOB_TYPES`). :func:`execute` runs one and returns
+its :class:`~protocol.messages.Result`; failures are raised as
+:class:`~protocol.errors.GatewayError` and turned into results by the actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from base64 import b64encode
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from protocol import messages as m
+from protocol.errors import CommandTimeout, NotConfigured, ProtocolError, StepFailed
+from sandboxes.base import Sandbox, Stream
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from actors.workflows import Step, Workflow
+    from agent import ModelConfig
+
+#: Grace beyond a command's own timeout before the actor gives up on the
+#: sandbox enforcing it.
+_TIMEOUT_SLACK_S = 10.0
+
+
+@attrs.frozen(kw_only=True)
+class JobConfig:
+    """Limits and services every job of a server shares."""
+
+    command_timeout: float = 600.0
+    output_limit: int = 10 * 1024 * 1024
+    model: ModelConfig | None = None
+    workflows: Mapping[str, Workflow] = attrs.field(factory=dict)
+    http: aiohttp.ClientSession | None = None
+
+
+@attrs.define(kw_only=True)
+class JobContext:
+    """One job's view of its session: sandbox, log, output and phase."""
+
+    request_id: str
+    sandbox: Sandbox
+    config: JobConfig
+    log: Any  # the session's structlog logger
+    emit: Callable[[m.Event], None]
+    #: Tells the actor the job entered a phase (``starting``, ``stopping``)
+    #: or left it (``None``); the session's state follows.
+    set_phase: Callable[[str | None], None]
+    _output_bytes: int = 0
+    _truncated: bool = False
+
+    async def output(self, stream: Stream, data: str) -> None:
+        """Forward a chunk of output, within the job's output cap."""
+        if self._truncated:
+            return
+        self._output_bytes += len(data)
+        if self._output_bytes > self.config.output_limit:
+            self._truncated = True
+            self.log.warning("job.output_truncated", id=self.request_id, limit_bytes=self.config.output_limit)
+            self.emit(
+                m.Output(
+                    id=self.request_id,
+                    stream="stderr",
+                    data=f"\n[deskhive: output over {self.config.output_limit} bytes; the rest is dropped]\n",
+                )
+            )
+            return
+        self.emit(m.Output(id=self.request_id, stream=stream, data=data))
+
+
+def describe(job: m.Job | m.KillDesktop) -> str:
+    """A short line saying what *job* does, for ``current_command``."""
+    match job:
+        case m.KillDesktop():
+            return "kill_desktop"
+        case m.RunCommand(cmd=cmd):
+            return cmd[:200]
+        case m.RunTask(query=query):
+            return f"run_task: {query[:180]}"
+        case m.RunWorkflow(workflow=name):
+            return f"run_workflow: {name or 'default'}"
+        case m.SetupEnvironment():
+            return "setup_environment"
+        case m.StartDesktop():
+            return "start_desktop"
+        case m.Screenshot():
+            return "screenshot"
+
+
+async def execute(job: m.Job, ctx: JobContext) -> m.Result:
+    """Run one job to its result."""
+    rid = ctx.request_id
+    match job:
+        case m.StartDesktop():
+            return m.Result(id=rid, ok=True, data={"stream_url": await start_desktop(ctx)})
+        case m.SetupEnvironment(packages=packages):
+            await setup(ctx, packages)
+            return m.Result(id=rid, ok=True, data={})
+        case m.RunCommand(cmd=cmd, timeout=timeout):
+            code = await run_command(ctx, cmd, timeout)
+            return m.Result(id=rid, ok=code == 0, exit_code=code)
+        case m.RunTask(query=query):
+            return m.Result(id=rid, ok=True, data={"answer": await run_task(ctx, query)})
+        case m.RunWorkflow(workflow=name, query=query):
+            steps = await run_workflow(ctx, name or "default", query)
+            return m.Result(id=rid, ok=True, data={"workflow": name or "default", "steps": steps})
+        case m.Screenshot():
+            png = await ctx.sandbox.screenshot()
+            width, height = png_size(png)
+            data = {"png": b64encode(png).decode(), "width": width, "height": height}
+            return m.Result(id=rid, ok=True, data=data)
+
+
+async def start_desktop(ctx: JobContext) -> str | None:
+    if not ctx.sandbox.desktop_running:
+        ctx.set_phase("starting")
+        try:
+            await ctx.sandbox.start_desktop()
+        finally:
+            ctx.set_phase(None)
+    return ctx.sandbox.stream_url
+
+
+async def stop_desktop(ctx: JobContext) -> None:
+    ctx.set_phase("stopping")
+    try:
+        await ctx.sandbox.stop_desktop()
+    finally:
+        ctx.set_phase(None)
+
+
+async def setup(ctx: JobContext, packages: tuple[str, ...]) -> None:
+    def report(step: str, **fields: Any) -> None:
+        ctx.log.info(f"setup.{step}", id=ctx.request_id, **fields)
+
+    await ctx.sandbox.setup(packages, report)
+
+
+async def run_command(ctx: JobContext, cmd: str, timeout: float | None) -> int:
+    seconds = timeout or ctx.config.command_timeout
+    try:
+        async with asyncio.timeout(seconds + _TIMEOUT_SLACK_S):
+            return await ctx.sandbox.run(cmd, timeout=seconds, on_output=ctx.output)
+    except TimeoutError as exc:
+        if isinstance(exc, CommandTimeout):
+            raise
+        raise CommandTimeout(f"command ran over its timeout of {seconds:g} s") from None
+
+
+async def run_task(ctx: JobContext, query: str) -> str:
+    model, http = ctx.config.model, ctx.config.http
+    if model is None or http is None:
+        raise NotConfigured(
+            "run_task needs a model endpoint: start the server with --model-url "
+            "(DESKHIVE_MODEL_URL), --model and --model-key"
+        )
+    from agent import run_agent  # the agent pulls in its model client only when used
+
+    return await run_agent(query, ctx.sandbox, model, http, ctx.log, ctx.output)
+
+
+async def run_workflow(ctx: JobContext, name: str, query: str | None) -> int:
+    workflow = ctx.config.workflows.get(name)
+    if workflow is None:
+        known = ", ".join(sorted(ctx.config.workflows)) or "none"
+        raise ProtocolError(f"unknown workflow {name!r} (known: {known})")
+    for number, step in enumerate(workflow.steps, 1):
+        ctx.log.info("workflow.step", id=ctx.request_id, workflow=name, step=number, kind=step.kind)
+        await run_step(ctx, step, query)
+    return len(workflow.steps)
+
+
+async def run_step(ctx: JobContext, step: Step, query: str | None) -> None:
+    match step.kind:
+        case "desktop":
+            await start_desktop(ctx)
+        case "setup":
+            await setup(ctx, tuple(step.packages))
+        case "command":
+            code = await run_command(ctx, step.cmd, step.timeout)
+            if code != 0:
+                raise StepFailed(f"workflow step {step.cmd!r} exited with {code}")
+        case "open":
+            await ctx.sandbox.open(step.url)
+        case "task":
+            text = step.query.format(query=query or "") if step.query else query
+            if not text:
+                raise ProtocolError("this workflow needs a 'query'")
+            await run_task(ctx, text)
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (0, 0 if it is not a PNG)."""
+    if len(png) < 24 or png[:8] != b"\x89PNG\r\n\x1a\n":
+        return 0, 0
+    width, height = struct.unpack(">II", png[16:24])
+    return width, height

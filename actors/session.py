@@ -1,0 +1,412 @@
+"""The session actor: one per login, with its own mailbox, sandbox and journal.
+
+Its life, as in pykka: :meth:`SessionActor.run` is one incarnation (set up,
+handle messages until told to stop, tear down). A crash ends the incarnation,
+not the session: the supervisor calls ``run()`` again and the mailbox,
+journal, sockets and sandbox carry over. ``Stop`` is a message, so whatever
+was told before it is handled first.
+
+Jobs run one at a time, in order, each in a task of the incarnation's
+TaskGroup; ``ping``, ``get_state``, ``cancel``, ``clear_logs`` and
+``kill_desktop`` are handled by the loop at once, even while a job runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any, Final
+
+import attrs
+import structlog
+
+from actors import jobs
+from actors.journal import Journal
+from actors.peer import Peer
+from protocol import codec
+from protocol import messages as m
+from protocol.errors import Cancelled, GatewayError, JobNotFound, MailboxFull, SessionClosed
+from sandboxes.base import Sandbox
+
+logger = structlog.get_logger("deskhive.actor")
+
+#: WebSocket close code for sockets of a session that ended.
+CLOSE_SESSION_ENDED: Final = 4404
+_CLOSE_TIMEOUT_S: Final = 2.0
+
+
+@attrs.frozen(kw_only=True)
+class ActorConfig:
+    """Bounds of one session actor."""
+
+    mailbox_size: int = 1000
+    journal_size: int = 1000
+    journal_bytes: int = 16 * 1024 * 1024
+    jobs: jobs.JobConfig = attrs.field(factory=jobs.JobConfig)
+
+
+@attrs.frozen(kw_only=True)
+class SessionInfo:
+    """Who the session belongs to; fixed for its whole life."""
+
+    session_id: str
+    username: str
+    token_hash: bytes
+    created_at: float
+    aws_login: str | None = None
+    customer_name: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ActorStats:
+    """A snapshot of one actor, for the status endpoint."""
+
+    session_id: str
+    username: str
+    state: str
+    mailbox_depth: int
+    journal_size: int
+    sockets: int
+    idle_seconds: float
+    running_job: str | None
+    sandbox_kind: str
+    sandbox_id: str | None
+
+
+@attrs.frozen
+class Stop:
+    """Poison pill: finish what came before, cancel jobs, end the incarnation."""
+
+    reason: str
+
+
+@attrs.define(slots=True, eq=False)
+class _Job:
+    msg: m.Job | m.KillDesktop
+    rid: str
+    task: asyncio.Task[None] | None = None
+    #: Set when a request, not the actor's end, cancelled the job.
+    cancelled_by: str | None = None
+
+
+class _JournalSink:
+    """The end of the session logger's chain: log events enter the journal."""
+
+    __slots__ = ("_actor",)
+
+    def __init__(self, actor: SessionActor) -> None:
+        self._actor = actor
+
+    def _log(self, event: m.Log) -> None:
+        self._actor.emit(event)
+
+    debug = info = warning = error = critical = msg = _log
+
+
+def _to_log_event(_: Any, __: str, event_dict: dict[str, Any]) -> tuple[tuple[m.Log], dict[str, Any]]:
+    ts = event_dict.pop("ts")
+    level = event_dict.pop("level")
+    name = event_dict.pop("event")
+    return (m.Log(ts=ts, level=level, event=str(name), fields=event_dict),), {}
+
+
+_SessionLogger = structlog.make_filtering_bound_logger(0)
+_SESSION_PROCESSORS: Final = [
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+    _to_log_event,
+]
+
+_Envelope = tuple[m.Request | Stop, Peer | None]
+
+
+class SessionActor:
+    """A session's mailbox, journal, sockets, sandbox and job queue."""
+
+    def __init__(self, info: SessionInfo, sandbox: Sandbox, config: ActorConfig) -> None:
+        self.info = info
+        self.sandbox = sandbox
+        self.config = config
+        self.journal = Journal(config.journal_size, config.journal_bytes)
+        #: Logger whose events land in this session's journal and sockets.
+        self.log: Any = _SessionLogger(_JournalSink(self), _SESSION_PROCESSORS, {})
+        self.started = asyncio.Event()
+        self.stop_requested_at: float | None = None
+        self.stop_reason: str | None = None
+        self._mailbox: asyncio.Queue[_Envelope] = asyncio.Queue()
+        self._peers: set[Peer] = set()
+        self._pending: deque[_Job] = deque()
+        self._current: _Job | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._phase: str | None = None
+        self._ended: str | None = None  # "closed" or "failed" once the session ended
+        self._published: tuple[str, str | None, str | None] | None = None
+        self._next_rid = 0
+        self._last_active = time.monotonic()
+        self.frames_in = 0
+        self.jobs_run = 0
+
+    # ------------------------------------------------------------------
+    # Called from other tasks (the server's handlers, the supervisor)
+
+    def tell(self, msg: m.Request, origin: Peer | None = None) -> str | None:
+        """Put *msg* in the mailbox; return its request id.
+
+        Raises ``SessionClosed`` once the session ended and ``MailboxFull``
+        at the mailbox's bound.
+        """
+        if self._ended is not None:
+            raise SessionClosed(f"session {self.info.session_id} is closed", request_id=msg.id)
+        if self._mailbox.qsize() >= self.config.mailbox_size:
+            raise MailboxFull(
+                f"session {self.info.session_id} has {self.config.mailbox_size} messages waiting",
+                request_id=msg.id,
+            )
+        if msg.id is None and not isinstance(msg, m.Ping):
+            self._next_rid += 1
+            msg = attrs.evolve(msg, id=f"r{self._next_rid}")
+        self._last_active = time.monotonic()
+        self.frames_in += 1
+        self._mailbox.put_nowait((msg, origin))
+        return msg.id
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the actor to end the session once earlier messages are handled."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+            self.stop_reason = reason
+            self._mailbox.put_nowait((Stop(reason), None))
+
+    def attach(self, peer: Peer, last_seq: int | None) -> None:
+        """Bind *peer*: welcome, gap, replay after *last_seq*, then live events.
+
+        Runs without suspending, so no event can slip between the replay and
+        the live stream.
+        """
+        if self._ended is not None:
+            raise SessionClosed(f"session {self.info.session_id} is closed")
+        self._last_active = time.monotonic()
+        replay = self.journal.since(last_seq or 0)
+        peer.deliver(
+            codec.encode(
+                m.Welcome(
+                    session_id=self.info.session_id,
+                    username=self.info.username,
+                    state=self.state,
+                    stream_url=self.sandbox.stream_url,
+                    seq=replay.upto,
+                    resumed=last_seq is not None,
+                )
+            )
+        )
+        if replay.gap is not None:
+            peer.deliver(codec.encode(m.Gap(from_seq=replay.gap[0], to_seq=replay.gap[1])))
+        for frame in replay.frames:
+            peer.deliver(frame)
+        self._peers.add(peer)
+
+    def detach(self, peer: Peer) -> None:
+        self._peers.discard(peer)
+
+    @property
+    def state(self) -> m.SessionState:
+        if self._ended is not None:
+            return "failed" if self._ended == "failed" else "closed"
+        if self._phase == "starting":
+            return "starting"
+        if self._phase == "stopping" or self.stop_requested_at is not None:
+            return "stopping"
+        if self._current is not None:
+            return "busy"
+        return "ready" if self.sandbox.desktop_running else "idle"
+
+    def idle_seconds(self, now: float) -> float:
+        """Seconds since the last client frame; 0 while a job runs."""
+        if self._current is not None or self._pending:
+            return 0.0
+        return now - self._last_active
+
+    def statistics(self, now: float) -> ActorStats:
+        return ActorStats(
+            session_id=self.info.session_id,
+            username=self.info.username,
+            state=self.state,
+            mailbox_depth=self._mailbox.qsize(),
+            journal_size=len(self.journal),
+            sockets=len(self._peers),
+            idle_seconds=round(self.idle_seconds(now), 3),
+            running_job=self._current.rid if self._current else None,
+            sandbox_kind=self.sandbox.kind,
+            sandbox_id=self.sandbox.sandbox_id,
+        )
+
+    # ------------------------------------------------------------------
+    # Events
+
+    def emit(self, event: m.Event) -> None:
+        """Journal *event* and send it to every socket of this session."""
+        frame = self.journal.append(event)
+        for peer in tuple(self._peers):
+            if not peer.deliver(frame):
+                self._peers.discard(peer)
+
+    def _publish_state(self, request_id: str | None = None) -> None:
+        current = jobs.describe(self._current.msg) if self._current else None
+        snapshot = (self.state, self.sandbox.stream_url, current)
+        if snapshot != self._published or request_id is not None:
+            self._published = snapshot
+            self.emit(m.State(state=snapshot[0], stream_url=snapshot[1], current_command=current, id=request_id))
+
+    # ------------------------------------------------------------------
+    # One incarnation
+
+    async def run(self) -> None:
+        """Handle messages until a ``Stop``; a crash propagates to the supervisor."""
+        structlog.contextvars.bind_contextvars(session_id=self.info.session_id)
+        self._current, self._pending, self._phase = None, deque(), None
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            self.started.set()
+            try:
+                await self._loop()
+            finally:
+                self._cancel_all("the session is ending")
+        self._tg = None
+
+    async def _loop(self) -> None:
+        while True:
+            msg, origin = await self._mailbox.get()
+            if isinstance(msg, Stop):
+                logger.debug("actor.stopping", reason=msg.reason)
+                return
+            self._handle(msg, origin)
+
+    def _handle(self, msg: m.Request, origin: Peer | None) -> None:
+        if isinstance(msg, m.Ping):
+            if origin is not None:
+                origin.deliver(codec.encode(m.Pong(id=msg.id)))
+            return
+        rid = msg.id
+        assert rid is not None  # tell() gave every request but ping an id
+        if isinstance(msg, m.Cancel):
+            self._cancel(rid, msg.target, origin)
+            return
+        if origin is not None:
+            origin.deliver(codec.encode(m.Ack(id=rid)))
+        match msg:
+            case m.GetState():
+                self._publish_state(request_id=rid)
+            case m.ClearLogs():
+                self.journal.clear()
+                self.emit(m.Result(id=rid, ok=True, data={}))
+            case m.KillDesktop():
+                self._cancel_all(f"cancelled by kill_desktop {rid}")
+                self._enqueue(_Job(msg=msg, rid=rid), first=True)
+            case _:
+                self._enqueue(_Job(msg=msg, rid=rid))
+
+    def _cancel(self, rid: str, target: str, origin: Peer | None) -> None:
+        job = self._current if self._current and self._current.rid == target else None
+        waiting = next((j for j in self._pending if j.rid == target), None)
+        if job is None and waiting is None:
+            if origin is not None:
+                err = JobNotFound(f"no running or waiting job {target!r}", request_id=rid)
+                origin.deliver(codec.encode(codec.error_for(err)))
+            return
+        if origin is not None:
+            origin.deliver(codec.encode(m.Ack(id=rid)))
+        if job is not None and job.task is not None:
+            job.cancelled_by = f"cancelled by request {rid}"
+            job.task.cancel(job.cancelled_by)
+        if waiting is not None:
+            self._pending.remove(waiting)
+            self._emit_cancelled(waiting.rid, f"cancelled by request {rid}")
+        self.emit(m.Result(id=rid, ok=True, data={"target": target}))
+
+    def _cancel_all(self, reason: str) -> None:
+        while self._pending:
+            self._emit_cancelled(self._pending.popleft().rid, reason)
+        job = self._current
+        if job is not None and job.task is not None and job.cancelled_by is None:
+            job.cancelled_by = reason
+            job.task.cancel(reason)
+
+    def _emit_cancelled(self, rid: str, reason: str) -> None:
+        self.emit(m.Result(id=rid, ok=False, error_code=Cancelled.code, error_message=reason))
+
+    # ------------------------------------------------------------------
+    # Jobs
+
+    def _enqueue(self, job: _Job, *, first: bool = False) -> None:
+        if first:
+            self._pending.appendleft(job)
+        else:
+            self._pending.append(job)
+        if self._runner is None or self._runner.done():
+            assert self._tg is not None
+            self._runner = self._tg.create_task(self._run_jobs(), name=f"jobs:{self.info.session_id}")
+
+    async def _run_jobs(self) -> None:
+        assert self._tg is not None
+        while self._pending:
+            job = self._current = self._pending.popleft()
+            job.task = self._tg.create_task(self._execute(job), name=f"job:{self.info.session_id}:{job.rid}")
+            self._publish_state()
+            try:
+                # wait() does not raise when the job is cancelled by request.
+                await asyncio.wait([job.task])
+            finally:
+                self._current = None
+                self._publish_state()
+
+    async def _execute(self, job: _Job) -> None:
+        started = time.monotonic()
+        self.jobs_run += 1
+        kind = type(job.msg).__name__
+        self.log.info("job.started", id=job.rid, kind=kind)
+        ctx = jobs.JobContext(
+            request_id=job.rid,
+            sandbox=self.sandbox,
+            config=self.config.jobs,
+            log=self.log,
+            emit=self.emit,
+            set_phase=self._set_phase,
+        )
+        try:
+            if isinstance(job.msg, m.KillDesktop):
+                await jobs.stop_desktop(ctx)
+                result = m.Result(id=job.rid, ok=True, data={})
+            else:
+                result = await jobs.execute(job.msg, ctx)
+        except asyncio.CancelledError:
+            self._emit_cancelled(job.rid, job.cancelled_by or "cancelled")
+            raise
+        except GatewayError as exc:
+            result = m.Result(id=job.rid, ok=False, error_code=exc.code, error_message=exc.message)
+        except Exception as exc:
+            logger.exception("job.crashed", id=job.rid, kind=kind)
+            result = m.Result(id=job.rid, ok=False, error_code="internal", error_message=f"{kind} failed: {exc!r}")
+        self.log.info("job.finished", id=job.rid, ok=result.ok, seconds=round(time.monotonic() - started, 3))
+        self.emit(result)
+
+    def _set_phase(self, phase: str | None) -> None:
+        self._phase = phase
+        self._publish_state()
+
+    # ------------------------------------------------------------------
+    # The session's end (called by the supervisor, once)
+
+    async def end(self, state: str, reason: str) -> None:
+        """Mark the session ended, tell its sockets, and close them."""
+        self._ended = state
+        self.log.info("session.ended", reason=reason)
+        self._publish_state()
+        peers, self._peers = self._peers, set()
+        for peer in peers:
+            try:
+                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                    await peer.close(CLOSE_SESSION_ENDED, f"session ended: {reason}")
+            except TimeoutError:
+                logger.warning("actor.close_timeout", peer=repr(peer))

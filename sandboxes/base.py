@@ -1,0 +1,111 @@
+"""The one interface every sandbox backend fulfils.
+
+The session actor drives a sandbox through this Protocol alone, so it does
+not care whether the desktop is a local Xvfb under bubblewrap, an E2B
+Desktop in the cloud, or nothing at all. The desktop half mirrors the
+``e2b-desktop`` SDK's own surface (screenshot, clicks, move, scroll, write,
+press, open, launch, stream URL).
+
+Failures are reported with the exceptions of :mod:`protocol.errors`:
+``SandboxBroken`` when the backend fails, ``CommandTimeout`` when a command
+outlives its timeout. Cancellation (``CancelledError``) of any call must end
+what the call started (a command's whole process tree) before it propagates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Literal, Protocol
+
+import attrs
+
+Stream = Literal["stdout", "stderr"]
+#: Called with each chunk of a command's output, as text, while it runs.
+OutputSink = Callable[[Stream, str], Awaitable[None]]
+#: Called with a dotted step name and details while ``setup`` works.
+StepReporter = Callable[..., None]
+ScrollDirection = Literal["up", "down", "left", "right"]
+
+
+@attrs.frozen(kw_only=True)
+class SandboxSpec:
+    """What a backend is told about the session it serves."""
+
+    session_id: str
+    username: str
+    #: A folder that belongs to this session alone (backends may ignore it).
+    data_dir: Path
+    #: Where the session's desktop is watched in a browser, when the backend
+    #: streams through the server itself (the local backend); ``None`` else.
+    stream_url: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """Per-command resource limits a backend applies where it can."""
+
+    cpu_seconds: int = 600
+    memory_bytes: int = 2 * 1024**3
+    processes: int = 256
+    file_bytes: int = 1024**3
+    network: bool = False
+
+
+class Sandbox(Protocol):
+    """A session's sandbox: commands, a desktop and its stream."""
+
+    #: ``"null"``, ``"local"`` or ``"e2b"``.
+    kind: str
+
+    @property
+    def sandbox_id(self) -> str | None:
+        """The backend's own id for this sandbox, once it exists."""
+        ...
+
+    @property
+    def stream_url(self) -> str | None:
+        """Where the running desktop is watched, or ``None`` without one."""
+        ...
+
+    @property
+    def desktop_running(self) -> bool:
+        """Whether ``start_desktop`` succeeded and nothing stopped it since."""
+        ...
+
+    async def start_desktop(self) -> None:
+        """Start the desktop; return once it can be watched and driven."""
+        ...
+
+    async def stop_desktop(self) -> None:
+        """Kill the desktop and every process the session started in it."""
+        ...
+
+    async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
+        """Prepare the sandbox (packages, a browser profile), step by step."""
+        ...
+
+    async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:
+        """Run *cmd* through a shell, stream its output, return its exit code."""
+        ...
+
+    async def screenshot(self) -> bytes:
+        """A PNG of the desktop."""
+        ...
+
+    async def left_click(self, x: int, y: int) -> None: ...
+    async def double_click(self, x: int, y: int) -> None: ...
+    async def right_click(self, x: int, y: int) -> None: ...
+    async def move_mouse(self, x: int, y: int) -> None: ...
+    async def scroll(self, direction: ScrollDirection = "down", amount: int = 1) -> None: ...
+    async def write(self, text: str) -> None: ...
+    async def press(self, keys: str | Sequence[str]) -> None: ...
+    async def open(self, url_or_file: str) -> None: ...
+    async def launch(self, app: str) -> None: ...
+
+    async def close(self) -> None:
+        """Free everything the sandbox holds. Idempotent; never raises."""
+        ...
+
+
+SandboxFactory = Callable[[SandboxSpec], Sandbox]
