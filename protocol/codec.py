@@ -181,13 +181,17 @@ def encode_event(event: m.Event, seq: int) -> bytes:
 
 
 def _event_object(event: m.Event, seq: int) -> dict[str, Any]:
+    obj: dict[str, Any]
     match event:
         case m.Log(ts=ts, level=level, event=name, fields=fields):
-            return {**fields, "type": "log", "seq": seq, "ts": ts, "level": level, "event": name}
+            obj = {"type": "log", "seq": seq, "ts": ts, "level": level, "event": name}
+            for key, value in fields.items():
+                obj.setdefault(key, value)
+            return obj
         case m.Output(id=rid, stream=stream, data=data):
             return {"type": "output", "seq": seq, "id": rid, "stream": stream, "data": data}
         case m.State():
-            obj: dict[str, Any] = {
+            obj = {
                 "type": "state",
                 "seq": seq,
                 "state": event.state,
