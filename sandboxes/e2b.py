@@ -20,6 +20,7 @@ explicitly, and the timeout is only the safety net if this process dies.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import shlex
@@ -31,7 +32,7 @@ import attrs
 import structlog
 
 from protocol.errors import CommandTimeout, NotConfigured, SandboxBroken, SessionClosed
-from sandboxes.base import OutputSink, SandboxSpec, ScrollDirection, StepReporter, Stream
+from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter, Stream
 from sandboxes.e2b_sdk import (
     CommandHandleSDK,
     CreateSandbox,
@@ -100,6 +101,17 @@ class E2BConfig:
 def sandbox_metadata(spec: SandboxSpec) -> dict[str, str]:
     """The metadata a session's sandbox is created with (query it with ``Sandbox.list``)."""
     return {"app": METADATA_APP, "session_id": spec.session_id, "username": spec.username}
+
+
+def e2b_factory(config: E2BConfig | None = None) -> SandboxFactory:
+    """A factory of ``E2BSandbox`` sharing *config* (default: from the environment).
+
+    Raises ``NotConfigured`` at once without an API key, so a server started
+    with ``--sandbox e2b`` fails at start-up rather than at the first login.
+    """
+    shared = config if config is not None else E2BConfig.from_env()
+    shared.require_key()
+    return functools.partial(E2BSandbox, config=shared)
 
 
 def _create_in_thread(config: E2BConfig, spec: SandboxSpec, pending: PendingCreate) -> DesktopSDK:

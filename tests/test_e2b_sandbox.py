@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from protocol.errors import CommandTimeout, NotConfigured, SandboxBroken, SessionClosed
 from sandboxes.base import Sandbox, SandboxSpec, Stream
-from sandboxes.e2b import E2BConfig, E2BSandbox
+from sandboxes.e2b import E2BConfig, E2BSandbox, e2b_factory
 from tests.fakes_e2b import FakeE2B, Script, sdk_failure
 
 SPEC = SandboxSpec(session_id="ada_1700000000_0123456789abcdef", username="ada", data_dir=Path())
@@ -57,6 +57,16 @@ async def test_missing_api_key_is_not_configured(fake: FakeE2B) -> None:
     with pytest.raises(NotConfigured, match="E2B_API_KEY"):
         E2BConfig.from_env({})
     assert E2BConfig.from_env({"E2B_API_KEY": "k"}).api_key == "k"
+
+
+async def test_factory_shares_the_config(fake: FakeE2B) -> None:
+    """e2b_factory makes one E2BSandbox per spec, and refuses to exist without a key."""
+    factory = e2b_factory(E2BConfig(api_key="k", create=fake))
+    box = factory(SPEC)
+    assert isinstance(box, E2BSandbox)
+    await box.close()
+    with pytest.raises(NotConfigured):
+        e2b_factory(E2BConfig(create=fake))
 
 
 async def test_api_key_is_not_in_the_repr() -> None:
