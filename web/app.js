@@ -1,0 +1,468 @@
+// The deskhive web client: the login form, then one session's desktop,
+// controls, jobs and log. The socket and resume logic live in protocol.js,
+// the log panel in logview.js, what survives a reload in store.js.
+
+import { ApiError, listWorkflows, login, logout } from "/static/api.js";
+import { LogView } from "/static/logview.js";
+import { SessionLink, socketUrl } from "/static/protocol.js";
+import * as store from "/static/store.js";
+import { JobList, describeResult } from "/static/requests.js";
+
+const $ = (id) => document.getElementById(id);
+
+// A desktop worth showing exists only in these states.
+const LIVE_STATES = new Set(["ready", "busy"]);
+const DESKTOP_MESSAGES = {
+  idle: "No desktop is running. Start one to see it here.",
+  starting: "Starting the desktop…",
+  ready: "The desktop is ready, but this sandbox has no stream to show.",
+  busy: "The desktop is busy, but this sandbox has no stream to show.",
+  stopping: "Stopping the desktop…",
+  closed: "This session has ended.",
+  failed: "This session failed. Log out and log in again.",
+};
+// Saving the history on every event would stall big outputs; a short pause
+// batches them (and pagehide flushes the rest).
+const HISTORY_SAVE_DELAY_MS = 250;
+
+const view = {
+  session: null, // {session_id, token, ws_url, stream_url, username}
+  link: null,
+  history: [], // journal events shown, oldest first, as saved in the tab
+  lastSeq: 0,
+  welcomeSeq: 0, // events at or below it are replayed history, not news
+  wasConnected: false,
+  saveTimer: null,
+};
+const log = new LogView($("log"), $("log-jump"));
+const jobs = new JobList($("jobs"), $("jobs-empty"), (job) => cancelJob(job));
+
+// --------------------------------------------------------------------------
+// Login
+
+const LOGIN_FIELDS = {
+  username: "login-username",
+  aws_login: "login-aws",
+  customer_name: "login-customer",
+  password: "login-password",
+};
+
+function clearLoginErrors() {
+  for (const inputId of Object.values(LOGIN_FIELDS)) {
+    $(inputId).removeAttribute("aria-invalid");
+    $(`${inputId}-error`).textContent = "";
+  }
+  $("login-form-error").textContent = "";
+  $("login-form-error").classList.remove("info");
+}
+
+/** Which field a 400 is about, from the server's message; the username unless another is named. */
+function fieldOf(error) {
+  const message = error.message.toLowerCase();
+  if (error.status === 401) return "password";
+  if (error.status !== 400) return null;
+  if (message.includes("aws")) return "aws_login";
+  if (message.includes("customer")) return "customer_name";
+  if (message.includes("password")) return "password";
+  return "username";
+}
+
+function showLoginError(error) {
+  const field = fieldOf(error);
+  if (!field) {
+    $("login-form-error").textContent = error.message;
+    return;
+  }
+  const input = $(LOGIN_FIELDS[field]);
+  input.setAttribute("aria-invalid", "true");
+  $(`${LOGIN_FIELDS[field]}-error`).textContent = error.message;
+  if (error.status === 401) $("login-password-optional").textContent = "(this server requires one)";
+  input.focus();
+}
+
+async function submitLogin(event) {
+  event.preventDefault();
+  clearLoginErrors();
+  const form = new FormData($("login-form"));
+  const fields = {};
+  for (const name of Object.keys(LOGIN_FIELDS)) {
+    const value = String(form.get(name) || "").trim();
+    if (value || name === "username") fields[name] = value;
+  }
+  $("login-submit").disabled = true;
+  try {
+    const answer = await login(fields);
+    $("login-password").value = "";
+    const session = {
+      session_id: answer.session_id,
+      token: answer.token,
+      ws_url: answer.ws_url,
+      stream_url: answer.stream_url,
+      username: answer.username || fields.username,
+      state: answer.state || "idle",
+    };
+    store.forgetAll();
+    store.saveSession(session);
+    enterSession(session);
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    showLoginError(error);
+  } finally {
+    $("login-submit").disabled = false;
+  }
+}
+
+function showLogin(message) {
+  $("session-view").hidden = true;
+  $("login-view").hidden = false;
+  document.title = "deskhive";
+  clearLoginErrors();
+  if (message) {
+    $("login-form-error").textContent = message;
+    $("login-form-error").classList.add("info");
+  }
+  $("login-username").focus();
+}
+
+// --------------------------------------------------------------------------
+// Session
+
+function enterSession(session) {
+  view.session = session;
+  const saved = store.loadHistory();
+  view.history = saved.events;
+  view.lastSeq = saved.lastSeq;
+  view.welcomeSeq = saved.lastSeq;
+  view.wasConnected = false;
+  jobs.restore(store.loadPending());
+
+  $("login-view").hidden = true;
+  $("session-view").hidden = false;
+  document.title = `${session.username} · deskhive`;
+  $("session-user").textContent = session.username;
+  $("session-id").textContent = session.session_id;
+  setState(session.state || "idle", session.stream_url, null);
+
+  log.clear();
+  for (const frame of view.history) draw(frame);
+  loadWorkflows();
+
+  openLink();
+  $("session-title").focus();
+}
+
+/** Connects (again) to the session, resuming after the last event shown. */
+function openLink() {
+  view.link = new SessionLink({
+    url: socketUrl(view.session.ws_url),
+    token: view.session.token,
+    lastSeq: view.lastSeq,
+    onEvent: receive,
+    onStatus: showConnection,
+    onEnded: (reason) => leave(`Your session ended: ${reason}`),
+  });
+  view.link.start();
+}
+
+/** Back to the login form, forgetting everything this tab knew of the session. */
+function leave(message) {
+  if (!view.session) return;
+  view.link?.stop();
+  clearTimeout(view.saveTimer);
+  Object.assign(view, { session: null, link: null, history: [], lastSeq: 0, welcomeSeq: 0 });
+  store.forgetAll();
+  jobs.restore([]);
+  log.clear();
+  setState("idle", null, null);
+  for (const id of ["desktop-feedback", "task-feedback", "workflow-feedback", "jobs-feedback",
+    "log-feedback", "command-feedback", "logout-error"]) {
+    setFeedback(id, "", "");
+  }
+  showLogin(message);
+}
+
+async function logOut() {
+  const { session } = view;
+  $("logout-error").textContent = "";
+  // Stop first, so the socket's 4404 close does not report our own logout.
+  view.link.stop();
+  try {
+    await logout(session.session_id, session.token);
+    leave("You have logged out.");
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    if (error.status === 404 || error.status === 401) {
+      leave(`Your session had already ended: ${error.message}`);
+      return;
+    }
+    $("logout-error").textContent = `Could not log out: ${error.message}`;
+    openLink();
+  }
+}
+
+function showConnection(status, detail) {
+  const label = {
+    connecting: "connecting…",
+    connected: "connected",
+    reconnecting: `reconnecting in ${detail}…`,
+  }[status];
+  $("connection").textContent = label;
+  $("connection").className = `connection connection-${status}`;
+  if (status === "reconnecting" && view.wasConnected) {
+    log.note("warn", "Connection lost; reconnecting. Nothing will be missed.");
+    view.wasConnected = false;
+  }
+}
+
+function setState(state, streamUrl, currentCommand) {
+  const badge = $("state-badge");
+  badge.textContent = state;
+  badge.className = `badge state-${state}`;
+  $("current-command").textContent = currentCommand ? `running: ${currentCommand}` : "";
+  if (view.session) view.session.stream_url = streamUrl;
+
+  const live = LIVE_STATES.has(state) && Boolean(streamUrl);
+  const frame = $("desktop-frame");
+  if (live) {
+    const src = new URL(streamUrl, location.href).href;
+    // Only a new URL reloads the stream; ready <-> busy must not.
+    if (frame.src !== src) frame.src = src;
+    $("desktop-open").href = src;
+  } else if (frame.getAttribute("src")) {
+    frame.removeAttribute("src");
+  }
+  frame.hidden = !live;
+  $("desktop-links").hidden = !live;
+  $("desktop-placeholder").hidden = live;
+  $("desktop-message").textContent = DESKTOP_MESSAGES[state] || `State: ${state}`;
+}
+
+// --------------------------------------------------------------------------
+// Events from the server
+
+function receive(frame) {
+  switch (frame.type) {
+    case "welcome":
+      view.welcomeSeq = frame.seq;
+      view.wasConnected = true;
+      setState(frame.state, frame.stream_url, null);
+      return;
+    case "ack":
+      jobs.acked(frame.id);
+      return;
+    case "error":
+      failed(frame);
+      return;
+    case "gap":
+      remember(frame);
+      draw(frame);
+      return;
+    case "log":
+    case "output":
+    case "state":
+    case "result":
+      if (frame.type === "result") frame._label = jobs.labelOf(frame.id);
+      remember(frame);
+      draw(frame);
+      act(frame);
+      return;
+    default:
+      return; // pong, and anything newer than this client
+  }
+}
+
+/** Keeps a journal event for the next reload of this tab. */
+function remember(frame) {
+  view.history.push(frame);
+  if (Number.isInteger(frame.seq)) view.lastSeq = frame.seq;
+  clearTimeout(view.saveTimer);
+  view.saveTimer = setTimeout(saveHistory, HISTORY_SAVE_DELAY_MS);
+}
+
+function saveHistory() {
+  clearTimeout(view.saveTimer);
+  if (view.session) store.saveHistory(view.lastSeq, view.history);
+}
+
+/** Puts one event in the log panel; the same for live, replayed and saved events. */
+function draw(frame) {
+  switch (frame.type) {
+    case "log":
+      log.log(frame);
+      break;
+    case "output":
+      log.output(frame);
+      break;
+    case "state":
+      log.note("state", `state: ${frame.state}${frame.current_command ? ` · ${frame.current_command}` : ""}`, frame.seq);
+      break;
+    case "result": {
+      const { text, tone } = describeResult(frame, frame._label || `request ${frame.id}`);
+      log.note(tone, text, frame.seq);
+      break;
+    }
+    case "gap":
+      log.note("gap", `Events ${frame.from_seq} to ${frame.to_seq} are no longer kept by the server and cannot be shown.`);
+      break;
+    default:
+      break;
+  }
+}
+
+/** What an event changes beyond the log: the badge, the desktop, a request's answer. */
+function act(frame) {
+  if (frame.type === "state" && frame.seq > view.welcomeSeq) {
+    setState(frame.state, frame.stream_url, frame.current_command);
+  }
+  if (frame.type !== "result") return;
+  const request = jobs.finish(frame.id);
+  store.savePending(jobs.pending());
+  if (!request) return;
+  const { feedback, tone } = describeResult(frame, request.label, request.type);
+  setFeedback(request.origin, feedback, tone);
+  if (request.type === "clear_logs" && frame.ok) clearLocalLog();
+}
+
+function failed(frame) {
+  const request = frame.id ? jobs.finish(frame.id) : null;
+  store.savePending(jobs.pending());
+  if (request) {
+    setFeedback(request.origin, frame.message, "error");
+  }
+  log.note("error", `${request ? request.label : "request"} refused (${frame.code}): ${frame.message}`);
+}
+
+function clearLocalLog() {
+  view.history = [];
+  saveHistory();
+  log.clear();
+  log.note("info", "Log cleared.");
+}
+
+// --------------------------------------------------------------------------
+// Requests
+
+/** Sends one request, answering in the feedback line *origin*; false when offline. */
+function send(type, fields, origin, label) {
+  if (!view.link || !view.link.connected) {
+    setFeedback(origin, "Not connected to the server yet; try again in a moment.", "error");
+    return false;
+  }
+  const request = jobs.add(type, label, origin);
+  view.link.send({ type, id: request.id, ...fields });
+  store.savePending(jobs.pending());
+  setFeedback(origin, `${label}: sent…`, "pending");
+  return true;
+}
+
+function cancelJob(job) {
+  send("cancel", { target: job.id }, "jobs-feedback", `cancel ${job.label}`);
+}
+
+function setFeedback(id, text, tone) {
+  const element = $(id);
+  element.textContent = text;
+  element.className = `feedback${tone ? ` feedback-${tone}` : ""}`;
+  // The field the answer is about is marked invalid while the answer is an error.
+  const field = document.querySelector(`[aria-describedby~="${id}"]`);
+  if (!field) return;
+  if (tone === "error") field.setAttribute("aria-invalid", "true");
+  else field.removeAttribute("aria-invalid");
+}
+
+async function loadWorkflows() {
+  const select = $("workflow-name");
+  try {
+    const workflows = await listWorkflows();
+    if (!workflows.length) return;
+    select.replaceChildren(...workflows.map((workflow) => {
+      const option = new Option(workflow.name, workflow.name);
+      option.dataset.description = workflow.description || "";
+      return option;
+    }));
+    const fallback = workflows.find((workflow) => workflow.name === "default");
+    if (fallback) select.value = "default";
+    describeWorkflow();
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    setFeedback("workflow-feedback", `Could not load the workflows: ${error.message}`, "error");
+  }
+}
+
+function describeWorkflow() {
+  const option = $("workflow-name").selectedOptions[0];
+  $("workflow-description").textContent = option ? option.dataset.description || "" : "";
+}
+
+// --------------------------------------------------------------------------
+// Controls
+
+const commandHistory = { entries: [], index: 0 };
+
+function runCommand(event) {
+  event.preventDefault();
+  const input = $("command-input");
+  const cmd = input.value.trim();
+  if (!cmd) {
+    setFeedback("command-feedback", "Type a command first.", "error");
+    return;
+  }
+  if (send("run_command", { cmd }, "command-feedback", `$ ${cmd}`)) {
+    commandHistory.entries.push(cmd);
+    commandHistory.index = commandHistory.entries.length;
+    input.value = "";
+  }
+}
+
+/** Up and down in the command box walk through the commands sent from this page. */
+function browseCommands(event) {
+  if (event.key !== "ArrowUp" && event.key !== "ArrowDown") return;
+  const { entries } = commandHistory;
+  if (!entries.length) return;
+  event.preventDefault();
+  const step = event.key === "ArrowUp" ? -1 : 1;
+  commandHistory.index = Math.max(0, Math.min(entries.length, commandHistory.index + step));
+  $("command-input").value = entries[commandHistory.index] || "";
+}
+
+function runTask(event) {
+  event.preventDefault();
+  const query = $("task-query").value.trim();
+  if (!query) {
+    setFeedback("task-feedback", "Type a task for the agent first.", "error");
+    $("task-query").focus();
+    return;
+  }
+  send("run_task", { query }, "task-feedback", `task “${query}”`);
+}
+
+function runWorkflow(event) {
+  event.preventDefault();
+  const workflow = $("workflow-name").value;
+  const query = $("task-query").value.trim();
+  send("run_workflow", query ? { workflow, query } : { workflow }, "workflow-feedback", `workflow ${workflow}`);
+}
+
+function wire() {
+  $("login-form").addEventListener("submit", submitLogin);
+  $("logout").addEventListener("click", logOut);
+  $("start-desktop").addEventListener("click", () =>
+    send("start_desktop", {}, "desktop-feedback", "start desktop"));
+  $("setup-environment").addEventListener("click", () =>
+    send("setup_environment", {}, "desktop-feedback", "set up environment"));
+  $("kill-desktop").addEventListener("click", () =>
+    send("kill_desktop", {}, "desktop-feedback", "kill desktop"));
+  $("clear-logs").addEventListener("click", () =>
+    send("clear_logs", {}, "log-feedback", "clear log"));
+  $("task-form").addEventListener("submit", runTask);
+  $("workflow-form").addEventListener("submit", runWorkflow);
+  $("workflow-name").addEventListener("change", describeWorkflow);
+  $("command-form").addEventListener("submit", runCommand);
+  $("command-input").addEventListener("keydown", browseCommands);
+  window.addEventListener("pagehide", saveHistory);
+}
+
+wire();
+const saved = store.loadSession();
+if (saved) enterSession(saved);
+else showLogin();

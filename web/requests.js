@@ -1,0 +1,137 @@
+// The requests this page has sent and not yet seen answered, and how an
+// answer reads. Jobs among them are listed with a Cancel button.
+
+const JOB_TYPES = new Set([
+  "start_desktop", "setup_environment", "run_command", "run_task", "run_workflow", "screenshot",
+]);
+
+// Ids must not collide with other tabs of the same session, nor with the
+// ids this tab used before a reload: a random prefix per page load.
+const ID_PREFIX = Array.from(crypto.getRandomValues(new Uint8Array(4)), (b) => b.toString(16).padStart(2, "0")).join("");
+
+function truncate(text, length = 200) {
+  return text.length > length ? `${text.slice(0, length)}…` : text;
+}
+
+/**
+ * How a `result` reads: `text` for the log, `feedback` for the line next to
+ * the control that sent it, `tone` for both (ok, warn, error, cancelled).
+ */
+export function describeResult(result, label) {
+  const data = result.data || {};
+  const exit = Number.isInteger(result.exit_code) ? ` (exit code ${result.exit_code})` : "";
+  if (!result.ok) {
+    const error = result.error || { code: "internal", message: "failed without a reason" };
+    const cancelled = error.code === "cancelled";
+    return {
+      tone: cancelled ? "cancelled" : "error",
+      text: `✗ ${label} ${cancelled ? "cancelled" : `failed [${error.code}]`}${exit}: ${error.message}`,
+      feedback: cancelled ? `Cancelled: ${error.message}` : `${error.message}${exit}`,
+    };
+  }
+  if (Number.isInteger(result.exit_code)) {
+    const clean = result.exit_code === 0;
+    return {
+      tone: clean ? "ok" : "warn",
+      text: `${clean ? "✓" : "!"} ${label} exited with code ${result.exit_code}`,
+      feedback: `Exited with code ${result.exit_code}.`,
+    };
+  }
+  if (typeof data.answer === "string") {
+    return { tone: "ok", text: `✓ ${label}: ${data.answer}`, feedback: `Answer: ${truncate(data.answer)}` };
+  }
+  if (data.workflow) {
+    const steps = Array.isArray(data.steps) ? ` (${data.steps.length} steps)` : "";
+    return { tone: "ok", text: `✓ workflow ${data.workflow} finished${steps}`, feedback: `Finished${steps}.` };
+  }
+  return { tone: "ok", text: `✓ ${label}: done`, feedback: `${label[0].toUpperCase()}${label.slice(1)}: done.` };
+}
+
+export class JobList {
+  /**
+   * @param {HTMLUListElement} list  where the jobs are listed
+   * @param {HTMLElement} empty  shown when there is no job
+   * @param {(job: object) => void} onCancel
+   */
+  constructor(list, empty, onCancel) {
+    this.list = list;
+    this.empty = empty;
+    this.onCancel = onCancel;
+    this.requests = new Map(); // id -> {id, type, label, origin, acked}
+    this.rows = new Map(); // id -> <li>, kept so focus survives updates
+    this.counter = 0;
+  }
+
+  add(type, label, origin) {
+    this.counter += 1;
+    const request = { id: `${ID_PREFIX}-${this.counter}`, type, label, origin, acked: false };
+    this.requests.set(request.id, request);
+    this.render();
+    return request;
+  }
+
+  acked(id) {
+    const request = this.requests.get(id);
+    if (request) request.acked = true;
+    this.render();
+  }
+
+  /** Forgets request *id*, answering what it was (or null when it is not ours). */
+  finish(id) {
+    const request = this.requests.get(id) || null;
+    this.requests.delete(id);
+    this.render();
+    return request;
+  }
+
+  labelOf(id) {
+    const request = this.requests.get(id);
+    return request ? request.label : `request ${id}`;
+  }
+
+  pending() {
+    return [...this.requests.values()];
+  }
+
+  restore(requests) {
+    this.requests = new Map(requests.map((request) => [request.id, request]));
+    this.render();
+  }
+
+  render() {
+    const jobs = this.pending().filter((request) => JOB_TYPES.has(request.type));
+    for (const [id, row] of this.rows) {
+      if (!this.requests.has(id)) {
+        row.remove();
+        this.rows.delete(id);
+      }
+    }
+    for (const job of jobs) {
+      const row = this.rows.get(job.id) || this.row(job);
+      row.querySelector(".job-status").textContent = job.acked ? "accepted" : "sent";
+      // New rows go last, in the order of sending; moving a row would drop its focus.
+      if (!row.isConnected) this.list.append(row);
+    }
+    this.empty.hidden = jobs.length > 0;
+  }
+
+  row(job) {
+    const row = document.createElement("li");
+    row.className = "job";
+    row.dataset.id = job.id;
+    const label = document.createElement("span");
+    label.className = "job-label";
+    label.textContent = job.label;
+    const status = document.createElement("span");
+    status.className = "job-status";
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.className = "small danger";
+    cancel.textContent = "Cancel";
+    cancel.setAttribute("aria-label", `Cancel ${job.label}`);
+    cancel.addEventListener("click", () => this.onCancel(job));
+    row.append(label, status, cancel);
+    this.rows.set(job.id, row);
+    return row;
+  }
+}
