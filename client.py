@@ -87,8 +87,8 @@ class Client:
     @asynccontextmanager
     async def connect(self, login: Login, *, last_seq: int | None = None) -> AsyncIterator[Connection]:
         conn = Connection(self.http, login)
-        await conn.open(last_seq)
         try:
+            await conn.open(last_seq)
             yield conn
         finally:
             await conn.close()
@@ -169,13 +169,24 @@ class Connection:
             raise ClientError(0, event["code"], event["message"])
         return event
 
+    async def results(self, *rids: str, timeout: float = 10.0) -> dict[str, Event]:
+        """Wait for the ``result`` of every request in *rids*, in whatever order they come."""
+        found: dict[str, Event] = {}
+        async with asyncio.timeout(timeout):
+            while len(found) < len(rids):
+                event = await self.recv(timeout)
+                if event.get("id") in rids and event["type"] in {"result", "error"}:
+                    found[event["id"]] = event
+        return found
+
     async def _next_frame(self, timeout: float) -> Event:
         assert self.ws is not None
         msg = await self.ws.receive(timeout=timeout)
         if msg.type is aiohttp.WSMsgType.TEXT:
             event: Event = json.loads(msg.data)
             return event
-        code = self.ws.close_code or 0
+        # A CLOSE message carries the server's code; close_code may not yet.
+        code = msg.data if msg.type is aiohttp.WSMsgType.CLOSE else (self.ws.close_code or 0)
         if code == 4404:
             raise SessionEnded(code, "not_found", str(msg.extra or "session ended"))
         raise ClientError(code, "closed", f"socket closed ({msg.type.name}, {msg.extra!r})")

@@ -454,7 +454,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = T
     renderer: Any = (
         structlog.dev.ConsoleRenderer()
         if console
-        else structlog.processors.JSONRenderer(serializer=codec.dumps)
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

@@ -1,0 +1,123 @@
+"""A sandbox for tests of the actor layer: records calls, can fail or block."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from protocol.errors import SandboxBroken
+from sandboxes.base import OutputSink, SandboxSpec, ScrollDirection, StepReporter
+from sandboxes.null import blank_png
+
+
+class FakeSandbox:
+    """Implements ``sandboxes.base.Sandbox``; every call is recorded in ``calls``.
+
+    - ``fail[name] = exc`` makes the next call of *name* raise *exc*.
+    - ``hold_commands = True`` makes ``run`` stream one line, then wait until
+      cancelled (``released`` is set when it was).
+    - ``break_stream_url = True`` makes the next read of ``stream_url`` raise
+      a ``RuntimeError``: a backend bug outside any job.
+    """
+
+    kind = "fake"
+    instances: list[FakeSandbox] = []
+
+    def __init__(self, spec: SandboxSpec) -> None:
+        self.spec = spec
+        self.calls: list[tuple[str, Any]] = []
+        self.fail: dict[str, BaseException] = {}
+        self.hold_commands = False
+        self.break_stream_url = False
+        self.running = False
+        self.closed = 0
+        self.released = asyncio.Event()
+        self.command_started = asyncio.Event()
+        FakeSandbox.instances.append(self)
+
+    def _call(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args))
+        exc = self.fail.pop(name, None)
+        if exc is not None:
+            raise exc
+
+    @property
+    def sandbox_id(self) -> str | None:
+        return f"fake-{self.spec.session_id}"
+
+    @property
+    def stream_url(self) -> str | None:
+        if self.break_stream_url:
+            self.break_stream_url = False
+            raise RuntimeError("stream_url broke")
+        return f"https://stream.invalid/{self.spec.session_id}" if self.running else None
+
+    @property
+    def desktop_running(self) -> bool:
+        return self.running
+
+    async def start_desktop(self) -> None:
+        self._call("start_desktop")
+        self.running = True
+
+    async def stop_desktop(self) -> None:
+        self._call("stop_desktop")
+        self.running = False
+
+    async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
+        self._call("setup", tuple(packages))
+        for name in packages:
+            report("package", name=name)
+
+    async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:
+        self._call("run", cmd, timeout)
+        await on_output("stdout", f"ran {cmd}\n")
+        if self.hold_commands:
+            self.command_started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.released.set()
+                raise
+        if cmd.startswith("exit "):
+            return int(cmd.split()[1])
+        if cmd == "fail":
+            raise SandboxBroken("the fake sandbox broke")
+        return 0
+
+    async def screenshot(self) -> bytes:
+        self._call("screenshot")
+        return blank_png(32, 16)
+
+    async def left_click(self, x: int, y: int) -> None:
+        self._call("left_click", x, y)
+
+    async def double_click(self, x: int, y: int) -> None:
+        self._call("double_click", x, y)
+
+    async def right_click(self, x: int, y: int) -> None:
+        self._call("right_click", x, y)
+
+    async def move_mouse(self, x: int, y: int) -> None:
+        self._call("move_mouse", x, y)
+
+    async def scroll(self, direction: ScrollDirection = "down", amount: int = 1) -> None:
+        self._call("scroll", direction, amount)
+
+    async def write(self, text: str) -> None:
+        self._call("write", text)
+
+    async def press(self, keys: str | Sequence[str]) -> None:
+        self._call("press", keys)
+
+    async def open(self, url_or_file: str) -> None:
+        self._call("open", url_or_file)
+
+    async def launch(self, app: str) -> None:
+        self._call("launch", app)
+
+    async def close(self) -> None:
+        self.calls.append(("close", ()))
+        self.closed += 1
+        self.running = False

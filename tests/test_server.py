@@ -1,0 +1,474 @@
+"""The server end to end: real HTTP and WebSocket clients against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import aiohttp
+import pytest
+
+import server
+from client import Client, ClientError, Connection, SessionEnded
+from tests.conftest import StartServer
+from tests.fakes import FakeSandbox
+
+
+async def _result(conn: Connection, rid: str) -> dict:
+    return await conn.result(rid)
+
+
+# ----------------------------------------------------------------------------
+# Login and logout
+
+
+async def test_login_answers_id_token_and_urls(served: tuple) -> None:
+    """A login gets a session id of the documented form and a long secret token."""
+    _, client = served
+    data = await client.call("POST", "/api/sessions", body={"username": "ada.l-1", "aws_login": "a", "customer_name": "c"})
+    assert re.fullmatch(r"ada\.l-1_\d+_[0-9a-f]{16}", data["session_id"])
+    assert len(data["token"]) >= 43 and data["token"] not in data["session_id"]
+    assert data["ws_url"].endswith("/ws")
+    assert "stream_url" in data
+
+
+@pytest.mark.parametrize("username", ["", "a" * 33, "bad name", "ünï", "../x", 7, None])
+async def test_bad_usernames_get_400_with_a_message(served: tuple, username: object) -> None:
+    """A username outside 1-32 of [A-Za-z0-9._-] is a 400 saying what is allowed."""
+    _, client = served
+    with pytest.raises(ClientError) as caught:
+        await client.call("POST", "/api/sessions", body={"username": username})
+    assert (caught.value.status, caught.value.code) == (400, "bad_message")
+    assert "username" in caught.value.message
+
+
+async def test_bad_bodies_get_json_errors(served: tuple) -> None:
+    """Broken JSON is a 400, a body over 64 KiB a 413, both with the error body."""
+    test_server, client = served
+    url = str(test_server.make_url("/api/sessions"))
+    async with client.http.post(url, data=b"{oops") as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "bad_json"
+    async with client.http.post(url, data=b"{" + b" " * 70_000 + b"}") as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "too_large"
+
+
+async def test_quota_of_three_sessions_per_username(served: tuple) -> None:
+    """A fourth session for one username is refused with 429 until one ends."""
+    _, client = served
+    logins = [await client.login("bob") for _ in range(3)]
+    with pytest.raises(ClientError) as caught:
+        await client.login("bob")
+    assert (caught.value.status, caught.value.code) == (429, "rate_limited")
+    await client.logout(logins[0])
+    await client.login("bob")
+
+
+async def test_logout_ends_session_closes_sockets_and_sandbox(served: tuple, fakes: list[FakeSandbox]) -> None:
+    """Logout closes the session's sockets with 4404, kills its sandbox and voids its token."""
+    _, client = served
+    login = await client.login("carol")
+    async with client.connect(login) as conn:
+        await client.logout(login)
+        with pytest.raises(SessionEnded):
+            while True:
+                await conn.recv(timeout=5)
+    assert fakes[0].closed == 1
+    with pytest.raises(ClientError) as caught:
+        await client.call("POST", "/start-desktop", token=login.token)
+    assert caught.value.status == 404
+    with pytest.raises(ClientError) as caught:
+        await client.logout(login)
+    assert caught.value.status == 404
+
+
+async def test_token_of_one_session_cannot_end_another(served: tuple) -> None:
+    """DELETE with a token for another session is refused and leaves both alive."""
+    _, client = served
+    a, b = await client.login("dan"), await client.login("eve")
+    with pytest.raises(ClientError) as caught:
+        await client.call("DELETE", f"/api/sessions/{b.session_id}", token=a.token)
+    assert caught.value.status == 403
+    async with client.connect(b) as conn:
+        assert conn.welcome["state"] == "idle"
+
+
+# ----------------------------------------------------------------------------
+# The seed's HTTP endpoints
+
+
+async def test_seed_endpoints_answer_202_and_results_arrive_on_the_socket(served: tuple) -> None:
+    """Each seed endpoint answers 202 with a request id whose result arrives on the WebSocket."""
+    _, client = served
+    login = await client.login("fay")
+    async with client.connect(login) as conn:
+        rid = (await client.call("POST", "/start-desktop", token=login.token))["request_id"]
+        assert (await _result(conn, rid))["ok"] is True
+        rid = (await client.call("POST", "/setup-environment", token=login.token, body={"packages": ["cowsay"]}))[
+            "request_id"
+        ]
+        assert (await _result(conn, rid))["ok"] is True
+        rid = (await client.call("POST", "/run-task", token=login.token, body={"query": "hi"}))["request_id"]
+        failed = await _result(conn, rid)
+        assert failed["ok"] is False and "model endpoint" in failed["error"]["message"]
+        rid = (await client.call("POST", "/kill-desktop", token=login.token))["request_id"]
+        assert (await _result(conn, rid))["ok"] is True
+        assert (await client.call("GET", "/api/workflows"))["workflows"]
+
+
+async def test_seed_endpoints_need_a_token(served: tuple) -> None:
+    """Without a token, or with a wrong one, the seed endpoints answer 401."""
+    _, client = served
+    for token in (None, "wrong"):
+        with pytest.raises(ClientError) as caught:
+            await client.call("POST", "/start-desktop", token=token)
+        assert (caught.value.status, caught.value.code) == (401, "unauthorized")
+
+
+async def test_run_task_needs_a_query(served: tuple) -> None:
+    """POST /run-task without a query is a 400 naming the field."""
+    _, client = served
+    login = await client.login("gus")
+    with pytest.raises(ClientError) as caught:
+        await client.call("POST", "/run-task", token=login.token, body={})
+    assert caught.value.status == 400 and "query" in caught.value.message
+
+
+# ----------------------------------------------------------------------------
+# Isolation
+
+
+async def test_twenty_users_each_see_only_their_own_events(served: tuple) -> None:
+    """Twenty users working at once each get their own output and nobody else's."""
+    _, client = served
+
+    async def user(n: int) -> list[dict]:
+        login = await client.login(f"user{n}")
+        async with client.connect(login) as conn:
+            rid = await conn.send("run_command", cmd=f"echo secret-{n}")
+            seen = []
+            while True:
+                event = await conn.recv()
+                seen.append(event)
+                if event["type"] == "result" and event["id"] == rid:
+                    return seen
+
+    everything = await asyncio.gather(*(user(n) for n in range(20)))
+    for n, events in enumerate(everything):
+        text = json.dumps(events)
+        assert f"secret-{n}" in text
+        assert not re.search(rf"secret-(?!{n}\b)\d+", text)
+
+
+async def test_two_sockets_on_one_session_each_get_every_event_once(served: tuple) -> None:
+    """Two tabs of one session see the same events, once each, in seq order."""
+    _, client = served
+    login = await client.login("hal")
+    async with client.connect(login) as one, client.connect(login) as two:
+        rid = await one.send("run_command", cmd="echo both")
+        await one.result(rid)
+        await two.result(rid)
+        await one.send("get_state", id="sync")
+        a = await _drain_until(one, "sync")
+        b = await _drain_until(two, "sync")
+    seqs = [e["seq"] for e in a]
+    assert seqs == sorted(set(seqs))
+    assert [e["seq"] for e in b] == seqs
+
+
+async def _drain_until(conn: Connection, rid: str) -> list[dict]:
+    events = []
+    while True:
+        event = await conn.ws.receive_json(timeout=5)  # type: ignore[union-attr]
+        if "seq" in event:
+            events.append(event)
+        if event.get("type") == "state" and event.get("id") == rid:
+            return events
+
+
+# ----------------------------------------------------------------------------
+# Journal and resume
+
+
+async def test_resume_replays_exactly_what_was_missed(served: tuple) -> None:
+    """A reconnect with last_seq gets every later event, including ones made while away, once."""
+    _, client = served
+    login = await client.login("ida")
+    async with client.connect(login) as conn:
+        await conn.result(await conn.send("run_command", cmd="echo one"))
+        seen = conn.last_seq
+    # Work happens while no socket is connected.
+    rid = (await client.call("POST", "/start-desktop", token=login.token))["request_id"]
+    async with client.connect(login, last_seq=seen) as conn:
+        assert conn.welcome["resumed"] is True
+        replay = []
+        while not replay or replay[-1].get("id") != rid or replay[-1]["type"] != "result":
+            replay.append(await conn.ws.receive_json(timeout=5))  # type: ignore[union-attr]
+    seqs = [e["seq"] for e in replay]
+    assert seqs == list(range(seen + 1, seen + 1 + len(seqs)))
+    assert all(e["type"] != "gap" for e in replay)
+
+
+async def test_resume_after_the_journal_dropped_events_starts_with_gap(start_server: StartServer) -> None:
+    """When events after last_seq have left the journal, the replay starts with a gap naming them."""
+    _, client = await start_server(journal_size=5)
+    login = await client.login("jon")
+    async with client.connect(login) as conn:
+        for n in range(4):
+            await conn.result(await conn.send("run_command", cmd=f"echo {n}"))
+    async with client.connect(login, last_seq=1) as conn:
+        newest = conn.welcome["seq"]
+        gap = await conn.ws.receive_json(timeout=5)  # type: ignore[union-attr]
+        assert gap == {"type": "gap", "from_seq": 2, "to_seq": newest - 5}
+        replay = [await conn.ws.receive_json(timeout=5) for _ in range(5)]  # type: ignore[union-attr]
+    assert [e["seq"] for e in replay] == list(range(newest - 4, newest + 1))
+
+
+async def test_clear_logs_empties_only_this_sessions_journal(served: tuple) -> None:
+    """clear_logs empties the asking session's journal and leaves another's whole."""
+    _, client = served
+    mine, theirs = await client.login("kim"), await client.login("lee")
+    for login in (mine, theirs):
+        async with client.connect(login) as conn:
+            await conn.result(await conn.send("run_command", cmd="echo x"))
+    async with client.connect(mine) as conn:
+        cleared = await conn.result(await conn.send("clear_logs", id="clear"))
+    async with client.connect(mine) as conn:
+        first = await conn.ws.receive_json(timeout=5)  # type: ignore[union-attr]
+        assert first["type"] == "gap"
+        assert (await conn.ws.receive_json(timeout=5))["seq"] == cleared["seq"]  # type: ignore[union-attr]
+    async with client.connect(theirs) as conn:
+        assert (await conn.ws.receive_json(timeout=5))["seq"] == 1  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------
+# Jobs
+
+
+async def test_jobs_run_in_order_while_ping_and_cancel_answer_at_once(served: tuple, fakes: list[FakeSandbox]) -> None:
+    """A held job keeps later jobs waiting while ping answers; cancel ends it and the next runs."""
+    _, client = served
+    login = await client.login("max")
+    fakes[0].hold_commands = True
+    async with client.connect(login) as conn:
+        slow = await conn.send("run_command", cmd="sleep 60")
+        later = await conn.send("screenshot")
+        await asyncio.wait_for(fakes[0].command_started.wait(), 5)
+        state = await conn.wait_for(lambda e: e["type"] == "state" and e["state"] == "busy")
+        assert state["current_command"] == "sleep 60"
+        await conn.send("ping", id="p")
+        assert await conn.wait_for(lambda e: e["type"] == "pong") == {"type": "pong", "id": "p"}
+        cancel = await conn.send("cancel", target=slow)
+        results = await conn.results(slow, cancel, later)
+        assert results[slow]["ok"] is False and results[slow]["error"]["code"] == "cancelled"
+        assert results[cancel]["ok"] is True
+        shot = results[later]
+        assert shot["seq"] > results[slow]["seq"]
+        assert shot["ok"] is True and shot["data"]["png"].startswith("iVBOR")
+    assert fakes[0].released.is_set()
+
+
+async def test_results_say_how_a_job_ended(served: tuple) -> None:
+    """Exit codes, sandbox failures and run_task without a model each end in a clear result."""
+    _, client = served
+    login = await client.login("ned")
+    async with client.connect(login) as conn:
+        assert (await conn.result(await conn.send("run_command", cmd="exit 3")))["exit_code"] == 3
+        broken = await conn.result(await conn.send("run_command", cmd="fail"))
+        assert broken["error"]["code"] == "sandbox_failed"
+        task = await conn.result(await conn.send("run_task", query="hello"))
+        assert task["error"]["code"] == "forbidden" and "model" in task["error"]["message"]
+        flow = await conn.result(await conn.send("run_workflow", workflow="nope"))
+        assert flow["ok"] is False and "nope" in flow["error"]["message"]
+
+
+async def test_kill_desktop_cancels_jobs_and_stops_the_desktop(served: tuple, fakes: list[FakeSandbox]) -> None:
+    """kill_desktop cancels the running and waiting jobs, then stops the desktop."""
+    _, client = served
+    login = await client.login("oli")
+    async with client.connect(login) as conn:
+        await conn.result(await conn.send("start_desktop"))
+        fakes[0].hold_commands = True
+        running = await conn.send("run_command", cmd="sleep 60")
+        waiting = await conn.send("run_command", cmd="echo later")
+        kill = await conn.send("kill_desktop")
+        results = await conn.results(running, waiting, kill)
+        assert results[waiting]["error"]["code"] == "cancelled"
+        assert results[running]["error"]["code"] == "cancelled"
+        assert results[kill]["ok"] is True
+        await conn.wait_for(lambda e: e["type"] == "state" and e["state"] == "idle")
+    assert ("stop_desktop", ()) in fakes[0].calls
+
+
+async def test_requests_without_id_get_one(served: tuple) -> None:
+    """A request sent without an id is acknowledged with one the server chose."""
+    _, client = served
+    login = await client.login("pam")
+    async with client.connect(login) as conn:
+        await conn.send_raw('{"type": "start_desktop"}')
+        ack = await conn.wait_for(lambda e: e["type"] == "ack")
+        assert ack["id"]
+        assert (await conn.result(ack["id"]))["data"]["stream_url"].startswith("https://")
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{bad", "bad_json"),
+        ("[]", "bad_message"),
+        ("42", "bad_message"),
+        ('{"type": "warp", "id": "w"}', "unknown_type"),
+        ('{"type": "run_command", "id": "w", "cmd": ["ls"]}', "bad_message"),
+        ('{"type": "run_command", "id": "w"}', "bad_message"),
+        ('{"type": "ping", "id": {"a": 1}}', "bad_message"),
+        ('{"type": "cancel", "id": "w", "target": "nothing"}', "not_found"),
+        ('{"type": "hello", "token": "x"}', "bad_message"),
+        (json.dumps({"type": "run_command", "id": "w", "cmd": "x" * 70_000}), "too_large"),
+    ],
+)
+async def test_bad_frames_get_an_error_and_the_socket_stays_open(served: tuple, frame: str, code: str) -> None:
+    """Each bad frame gets an error with its code and the same socket still answers ping."""
+    _, client = served
+    login = await client.login("quinn")
+    async with client.connect(login) as conn:
+        await conn.send_raw(frame)
+        error = await conn.wait_for(lambda e: e["type"] == "error")
+        assert error["code"] == code
+        if '"id": "w"' in frame and code != "too_large":
+            assert error["id"] == "w"
+        await conn.send("ping", id="still")
+        assert (await conn.wait_for(lambda e: e["type"] == "pong"))["id"] == "still"
+
+
+async def test_binary_frames_are_refused_politely(served: tuple) -> None:
+    """A binary frame gets bad_message and the socket stays usable."""
+    _, client = served
+    login = await client.login("rae")
+    async with client.connect(login) as conn:
+        await conn.send_raw(b'{"type":"ping"}')
+        assert (await conn.wait_for(lambda e: e["type"] == "error"))["code"] == "bad_message"
+        await conn.send("ping", id="ok")
+        assert (await conn.wait_for(lambda e: e["type"] == "pong"))["id"] == "ok"
+
+
+async def test_frames_over_a_mebibyte_close_with_1009(served: tuple) -> None:
+    """A frame over 1 MiB closes only that socket, with 1009; the session lives on."""
+    _, client = served
+    login = await client.login("sam")
+    async with client.connect(login) as conn:
+        await conn.send_raw("x" * (1024 * 1024 + 10))
+        msg = await conn.ws.receive(timeout=5)  # type: ignore[union-attr]
+        assert msg.type in {aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING}
+        assert conn.ws.close_code == 1009  # type: ignore[union-attr]
+    async with client.connect(login) as conn:
+        await conn.send("ping", id="alive")
+        assert (await conn.wait_for(lambda e: e["type"] == "pong"))["id"] == "alive"
+
+
+async def test_mailbox_past_its_bound_answers_busy(start_server: StartServer) -> None:
+    """A burst beyond the mailbox bound gets busy errors, and every frame gets exactly one reply."""
+    _, client = await start_server(mailbox_size=2)
+    login = await client.login("tia")
+    async with client.connect(login) as conn:
+        assert conn.ws is not None
+        # The client's sends do not yield, so the frames arrive as one burst.
+        for n in range(200):
+            await conn.ws.send_str(json.dumps({"type": "ping", "id": f"p{n}"}))
+        replies = [await conn.ws.receive_json(timeout=5) for _ in range(200)]
+    kinds = {r["type"] for r in replies}
+    assert kinds <= {"pong", "error"}
+    assert sorted(r["id"] for r in replies) == sorted(f"p{n}" for n in range(200))
+    assert any(r.get("code") == "busy" for r in replies)
+
+
+# ----------------------------------------------------------------------------
+# Hello
+
+
+async def _raw_socket(client: Client) -> aiohttp.ClientWebSocketResponse:
+    return await client.http.ws_connect(client.base_url.replace("http", "ws") + "/ws")
+
+
+async def test_wrong_token_closes_with_4401(served: tuple) -> None:
+    """A hello with a wrong token gets unauthorized and the socket closes with 4401."""
+    _, client = served
+    ws = await _raw_socket(client)
+    await ws.send_str('{"type": "hello", "token": "nope"}')
+    assert (await ws.receive_json(timeout=5))["code"] == "unauthorized"
+    msg = await ws.receive(timeout=5)
+    assert msg.data == 4401
+    await ws.close()
+
+
+async def test_first_frame_must_be_hello(served: tuple) -> None:
+    """A socket whose first frame is not hello is closed with 4401."""
+    _, client = served
+    ws = await _raw_socket(client)
+    await ws.send_str('{"type": "ping", "id": "p"}')
+    assert (await ws.receive_json(timeout=5))["code"] == "unauthorized"
+    msg = await ws.receive(timeout=5)
+    assert msg.data == 4401
+    await ws.close()
+
+
+async def test_silent_socket_is_closed_after_the_hello_timeout(
+    served: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket that says nothing is closed with 4401 once the hello time is up."""
+    monkeypatch.setattr(server, "HELLO_TIMEOUT_S", 0.2)
+    _, client = served
+    ws = await _raw_socket(client)
+    msg = await ws.receive(timeout=5)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 4401
+
+
+async def test_hello_for_an_ended_session_closes_with_4404(served: tuple) -> None:
+    """A hello with the token of an ended session is closed with 4404."""
+    _, client = served
+    login = await client.login("uma")
+    await client.logout(login)
+    with pytest.raises(ClientError) as caught:
+        async with client.connect(login):
+            pass
+    assert caught.value.code == "not_found"
+
+
+# ----------------------------------------------------------------------------
+# Status and shutdown
+
+
+async def test_status_needs_the_admin_token(served: tuple) -> None:
+    """/status refuses a missing or wrong admin token and lists sessions for the right one."""
+    _, client = served
+    login = await client.login("vic")
+    for token in (None, "admin-wrong", login.token):
+        with pytest.raises(ClientError) as caught:
+            await client.call("GET", "/status", token=token)
+        assert caught.value.status == 401
+    snapshot = await client.call("GET", "/status", token="admin-secret")
+    (session,) = snapshot["sessions"]
+    assert session["session_id"] == login.session_id
+    assert {"state", "mailbox_depth", "journal_size", "sockets", "idle_seconds", "sandbox_kind", "sandbox_id"} <= set(
+        session
+    )
+    assert snapshot["totals"]["spawned"] == 1
+    assert (await client.call("GET", "/healthz"))["ok"] is True
+
+
+async def test_shutdown_closes_sockets_with_going_away(start_server: StartServer) -> None:
+    """Closing the server closes open sockets with 1001 and kills every sandbox."""
+    test_server, client = await start_server()
+    login = await client.login("wes")
+    async with client.connect(login) as conn:
+        await test_server.close()
+        msg = await conn.ws.receive(timeout=5)  # type: ignore[union-attr]
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
+    assert all(sandbox.closed == 1 for sandbox in FakeSandbox.instances)
+
