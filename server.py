@@ -493,13 +493,10 @@ async def serve(settings: Settings) -> None:
 
 def _banner(app: web.Application, url: str) -> None:
     settings = app[SETTINGS]
-    lines = [
-        f"deskhive listening on {url}",
-        f"sandbox: {settings.sandbox}",
-        f"admin token: {app[ADMIN_TOKEN]}",
-    ]
+    lines = [f"deskhive listening on {url}", f"sandbox: {settings.sandbox}"]
     if app[USERS] is None:
         lines.append("WARNING: demo mode: no users file, anyone may log in with any username")
+    lines.append(f"admin token: {app[ADMIN_TOKEN]}")
     print("\n".join(lines), flush=True)
 
 

@@ -1,0 +1,141 @@
+"""``deskhive serve`` as a process: options, banner, and a clean SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+import config
+from client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Served:
+    """A ``deskhive serve`` child process and what its banner said."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, url: str, admin: str, banner: str) -> None:
+        self.proc, self.url, self.admin, self.banner = proc, url, admin, banner
+
+
+async def start(*args: str, env: dict[str, str] | None = None) -> Served:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0", *args,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(20):
+        while not any(line.startswith("admin token:") for line in lines):
+            line = (await proc.stdout.readline()).decode()
+            if not line:
+                raise RuntimeError("server exited: " + "".join(lines))
+            lines.append(line)
+    banner = "".join(lines)
+    url = re.search(r"listening on (http://\S+)", banner)
+    admin = re.search(r"admin token: (\S+)", banner)
+    assert url and admin, banner
+    return Served(proc, url.group(1), admin.group(1), banner)
+
+
+async def stop(served: Served) -> int:
+    if served.proc.returncode is None:
+        served.proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(20):
+            return await served.proc.wait()
+    finally:
+        if served.proc.returncode is None:
+            os.killpg(served.proc.pid, signal.SIGKILL)
+            await served.proc.wait()
+
+
+@pytest.fixture
+async def null_server(tmp_path: Path) -> AsyncIterator[Served]:
+    served = await start("--sandbox", "null", "--data-dir", str(tmp_path), env={"DESKHIVE_ADMIN_TOKEN": "from-env"})
+    try:
+        yield served
+    finally:
+        await stop(served)
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # The session id (field 6) of every descendant is the server's pid.
+            if int(stat.rsplit(")", 1)[1].split()[3]) == pid and int(entry.name) != pid:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_banner_says_address_sandbox_admin_token_and_demo_mode(null_server: Served) -> None:
+    """The server prints where it listens, its sandbox, the admin token and that it runs in demo mode."""
+    assert "sandbox: null" in null_server.banner
+    assert null_server.admin == "from-env"
+    assert "demo mode" in null_server.banner
+
+
+async def test_sigterm_ends_sessions_and_leaves_nothing_behind(null_server: Served) -> None:
+    """SIGTERM closes sockets with 1001, ends every session and exits 0 with no child left."""
+    async with Client(null_server.url) as client:
+        login = await client.login("zed")
+        async with client.connect(login) as conn:
+            await conn.result(await conn.send("run_command", cmd="echo hi"))
+            null_server.proc.send_signal(signal.SIGTERM)
+            assert conn.ws is not None
+            msg = await conn.ws.receive(timeout=10)
+            while msg.type is aiohttp.WSMsgType.TEXT:
+                msg = await conn.ws.receive(timeout=10)
+            assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
+    assert await stop(null_server) == 0
+    assert _children_of(null_server.proc.pid) == []
+
+
+def test_options_come_from_flags_then_environment() -> None:
+    """A flag wins over DESKHIVE_*, which wins over the default."""
+    args = config.parser().parse_args(["serve", "--idle-timeout", "5"])
+    settings = config.from_args(args, {"DESKHIVE_IDLE_TIMEOUT": "9", "DESKHIVE_JOURNAL_SIZE": "50"})
+    assert (settings.idle_timeout, settings.journal_size, settings.port) == (5.0, 50, 8080)
+    with pytest.raises(SystemExit):
+        config.from_args(config.parser().parse_args(["serve", "--sandbox", "cloud"]), {})
+    with pytest.raises(SystemExit):
+        config.parser().parse_args(["serve", "--journal-size", "-1"])
+
+
+async def test_users_file_requires_the_right_password(tmp_path: Path) -> None:
+    """With a users file, login needs the password whose scrypt hash it holds."""
+    import auth
+    from client import ClientError
+
+    users = tmp_path / "users"
+    users.write_text(f"# team\nada:{auth.hash_password('s3cret')}\n")
+    served = await start("--sandbox", "null", "--users-file", str(users), "--data-dir", str(tmp_path))
+    try:
+        assert "demo mode" not in served.banner
+        async with Client(served.url) as client:
+            for password in (None, "wrong"):
+                with pytest.raises(ClientError) as caught:
+                    await client.login("ada", **({"password": password} if password else {}))
+                assert caught.value.status == 401
+            with pytest.raises(ClientError):
+                await client.login("bob", password="s3cret")
+            await client.login("ada", password="s3cret")
+    finally:
+        assert await stop(served) == 0
