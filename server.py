@@ -507,7 +507,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     settings = from_args(args)
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except (GatewayError, OSError, ValueError) as exc:
+        # Start-up failures (no E2B key, port taken, a bad users file) are
+        # the operator's to fix: say what, without a traceback.
+        raise SystemExit(f"deskhive: {exc}") from None
 
 
 if __name__ == "__main__":
