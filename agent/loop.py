@@ -17,7 +17,7 @@ import aiohttp
 
 from agent.model import ModelConfig, complete
 from agent.tools import TOOLS, AgentLog, Outcome, ToolError, parse_call, run_tool
-from protocol.errors import GatewayError
+from protocol.errors import ModelFailed
 from sandboxes.base import OutputSink, Sandbox
 
 #: Screenshots kept in the history; older ones are replaced by a note.
@@ -53,7 +53,7 @@ async def run_agent(
         reply = await complete(http, model, transcript.messages, TOOLS)
         calls = reply.get("tool_calls") or []
         if not isinstance(calls, list):
-            raise GatewayError("model endpoint answered 'tool_calls' that is not a list")
+            raise ModelFailed("model endpoint answered 'tool_calls' that is not a list")
         transcript.add_assistant(reply.get("content"), calls)
         if not calls:
             transcript.add_user(NUDGE)
@@ -69,7 +69,7 @@ async def run_agent(
         if screen_changed:
             transcript.add_screenshot(await desktop.screenshot(), f"The screen after step {step}.")
     log.warning("agent.gave_up", steps=model.max_steps)
-    raise GatewayError(f"the agent did not finish the task within {model.max_steps} steps")
+    raise ModelFailed(f"the agent did not finish the task within {model.max_steps} steps")
 
 
 async def _one_call(

@@ -3,7 +3,7 @@
 Failures of the endpoint are not failures of the sandbox, so they are never
 ``SandboxBroken``: a model that does not answer in time is a
 ``CommandTimeout`` (the run outlived a timeout), anything else a plain
-``GatewayError`` (code ``internal``) whose message says what went wrong.
+``ModelFailed`` (code ``internal``) whose message says what went wrong.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import attrs
 
-from protocol.errors import CommandTimeout, GatewayError
+from protocol.errors import CommandTimeout, ModelFailed
 
 
 @attrs.frozen(kw_only=True)
@@ -53,13 +53,13 @@ async def complete(
     except TimeoutError as exc:
         raise CommandTimeout(f"model endpoint did not answer within {model.timeout:g} s") from exc
     except aiohttp.ClientError as exc:
-        raise GatewayError(f"model endpoint unreachable: {type(exc).__name__}: {exc}") from exc
+        raise ModelFailed(f"model endpoint unreachable: {type(exc).__name__}: {exc}") from exc
     if status >= 400:
-        raise GatewayError(f"model endpoint answered HTTP {status}: {_snippet(text)}")
+        raise ModelFailed(f"model endpoint answered HTTP {status}: {_snippet(text)}")
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise GatewayError(f"model endpoint answered invalid JSON: {_snippet(text)}") from exc
+        raise ModelFailed(f"model endpoint answered invalid JSON: {_snippet(text)}") from exc
     return _first_message(data)
 
 
@@ -68,7 +68,7 @@ def _first_message(data: object) -> dict[str, Any]:
     first = choices[0] if isinstance(choices, list) and choices else None
     message = first.get("message") if isinstance(first, dict) else None
     if not isinstance(message, dict):
-        raise GatewayError(f"model endpoint answered without a message: {_snippet(json.dumps(data))}")
+        raise ModelFailed(f"model endpoint answered without a message: {_snippet(json.dumps(data))}")
     return message
 
 

@@ -125,3 +125,10 @@ class StepFailed(GatewayError):
 
     code = "step_failed"
     status = 422
+
+
+class ModelFailed(GatewayError):
+    """The agent's model endpoint failed or answered nonsense (not the sandbox)."""
+
+    code = "internal"
+    status = 502

@@ -13,7 +13,7 @@ from aioresponses import CallbackResult, aioresponses
 
 from agent import ModelConfig, run_agent
 from agent.tools import Captured
-from protocol.errors import CommandTimeout, GatewayError, SandboxBroken
+from protocol.errors import CommandTimeout, ModelFailed, SandboxBroken
 from sandboxes.base import Stream
 from tests.fakes_agent import CompatResponse, RecordingDesktop, RecordingLog
 
@@ -228,7 +228,7 @@ async def test_max_steps_exceeded(
 ) -> None:
     """A model that never finishes is stopped after max_steps with a clear error."""
     model.answers(*[reply(call("screenshot", {})) for _ in range(MODEL.max_steps)])
-    with pytest.raises(GatewayError, match="did not finish the task within 5 steps") as caught:
+    with pytest.raises(ModelFailed, match="did not finish the task within 5 steps") as caught:
         await run_agent("loop", desktop, MODEL, http, log, Output())
     assert caught.value.code == "internal"
     assert len(model.requests) == 5
@@ -250,9 +250,9 @@ async def test_history_keeps_only_recent_screenshots(
 async def test_model_http_error(
     mocked: aioresponses, http: aiohttp.ClientSession, desktop: RecordingDesktop, log: RecordingLog
 ) -> None:
-    """An HTTP error from the model is a GatewayError quoting the status, not SandboxBroken."""
+    """An HTTP error from the model is a ModelFailed quoting the status, not SandboxBroken."""
     mocked.post(ENDPOINT, status=401, body='{"error": {"message": "bad key"}}', response_class=CompatResponse)
-    with pytest.raises(GatewayError, match=r"HTTP 401.*bad key") as caught:
+    with pytest.raises(ModelFailed, match=r"HTTP 401.*bad key") as caught:
         await run_agent("x", desktop, MODEL, http, log, Output())
     assert not isinstance(caught.value, SandboxBroken)
 
@@ -273,21 +273,21 @@ async def test_model_bad_answer(
     body: str,
     message: str,
 ) -> None:
-    """An answer that is not a chat completion is a clear GatewayError."""
+    """An answer that is not a chat completion is a clear ModelFailed."""
     mocked.post(ENDPOINT, status=200, body=body, response_class=CompatResponse)
-    with pytest.raises(GatewayError, match=message):
+    with pytest.raises(ModelFailed, match=message):
         await run_agent("x", desktop, MODEL, http, log, Output())
 
 
 async def test_model_timeout_and_connection_errors(
     mocked: aioresponses, http: aiohttp.ClientSession, desktop: RecordingDesktop, log: RecordingLog
 ) -> None:
-    """A model that does not answer in time is CommandTimeout; an unreachable one a GatewayError."""
+    """A model that does not answer in time is CommandTimeout; an unreachable one ModelFailed."""
     mocked.post(ENDPOINT, timeout=True)
     with pytest.raises(CommandTimeout, match="model endpoint did not answer"):
         await run_agent("x", desktop, MODEL, http, log, Output())
     mocked.post(ENDPOINT, exception=aiohttp.ClientConnectionError("refused"))
-    with pytest.raises(GatewayError, match="model endpoint unreachable"):
+    with pytest.raises(ModelFailed, match="model endpoint unreachable"):
         await run_agent("x", desktop, MODEL, http, log, Output())
 
 
