@@ -159,7 +159,7 @@ function openLink() {
     lastSeq: view.lastSeq,
     onEvent: receive,
     onStatus: showConnection,
-    onEnded: (reason) => leave(`Your session ended: ${reason}`),
+    onEnded: (reason) => leave(`This session is no longer available (${reason}).`),
   });
   view.link.start();
 }
@@ -378,6 +378,7 @@ async function loadWorkflows() {
     select.replaceChildren(...workflows.map((workflow) => {
       const option = new Option(workflow.name, workflow.name);
       option.dataset.description = workflow.description || "";
+      option.dataset.needsQuery = workflow.needs_query ? "yes" : "";
       return option;
     }));
     const fallback = workflows.find((workflow) => workflow.name === "default");
@@ -440,6 +441,11 @@ function runWorkflow(event) {
   event.preventDefault();
   const workflow = $("workflow-name").value;
   const query = $("task-query").value.trim();
+  if (!query && $("workflow-name").selectedOptions[0]?.dataset.needsQuery) {
+    setFeedback("workflow-feedback", `The ${workflow} workflow needs a query: type it in the task box above.`, "error");
+    $("task-query").focus();
+    return;
+  }
   send("run_workflow", query ? { workflow, query } : { workflow }, "workflow-feedback", `workflow ${workflow}`);
 }
 

@@ -37,10 +37,8 @@ export class LogView {
     this.following = true;
     this.lastOutput = null; // {id, stream, element}: consecutive chunks share a row
     this.scrollQueued = false;
-    list.addEventListener("scroll", () => {
-      this.following = list.scrollTop + list.clientHeight >= list.scrollHeight - FOLLOW_SLACK_PX;
-      if (this.following) this.jumpButton.hidden = true;
-    });
+    this.lastScrollTop = 0;
+    list.addEventListener("scroll", () => this.scrolled());
     jumpButton.addEventListener("click", () => {
       this.following = true;
       this.scrollToEnd();
@@ -48,10 +46,26 @@ export class LogView {
     });
   }
 
+  /**
+   * Only a move up stops following: rows added between our own scroll and
+   * its event also leave us short of the bottom, and must not count.
+   */
+  scrolled() {
+    const { list } = this;
+    if (list.scrollTop + list.clientHeight >= list.scrollHeight - FOLLOW_SLACK_PX) {
+      this.following = true;
+      this.jumpButton.hidden = true;
+    } else if (list.scrollTop < this.lastScrollTop) {
+      this.following = false;
+    }
+    this.lastScrollTop = list.scrollTop;
+  }
+
   clear() {
     this.list.replaceChildren();
     this.lastOutput = null;
     this.following = true;
+    this.lastScrollTop = 0;
     this.jumpButton.hidden = true;
   }
 
@@ -113,7 +127,11 @@ export class LogView {
   add(row) {
     if (!row.classList.contains("output")) this.lastOutput = null;
     this.list.append(row);
-    while (this.list.childElementCount > MAX_ROWS) this.list.firstElementChild.remove();
+    if (this.list.childElementCount > MAX_ROWS) {
+      while (this.list.childElementCount > MAX_ROWS) this.list.firstElementChild.remove();
+      // Trimming pulls scrollTop down by itself; that is no move of the reader's.
+      if (this.following) this.lastScrollTop = 0;
+    }
     this.followUp();
   }
 
