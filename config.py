@@ -113,5 +113,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None
             values[name] = value
     settings = Settings(**values)
     if settings.sandbox not in SANDBOX_KINDS:
-        raise SystemExit(f"deskhive: --sandbox must be one of {', '.join(SANDBOX_KINDS)}, not {settings.sandbox!r}")
+        raise SystemExit(
+            f"deskhive: --sandbox must be one of {', '.join(SANDBOX_KINDS)}, not {settings.sandbox!r}"
+        )
     return settings

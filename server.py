@@ -16,7 +16,7 @@ import signal
 import struct
 import sys
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,6 +27,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 import auth
 from actors.jobs import JobConfig
 from actors.session import ActorConfig, SessionActor
+from actors.workflows import Workflow, describe, load_workflows
 from config import Settings, from_args, parser
 from protocol import codec
 from protocol import messages as m
@@ -56,12 +57,12 @@ CLOSE_NOT_FOUND: Final = 4404
 
 SUPERVISOR: Final = web.AppKey("supervisor", Supervisor)
 SETTINGS: Final = web.AppKey("settings", Settings)
-SOCKETS: Final = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
-USERS: Final = web.AppKey("users", auth.UsersFile | None)  # type: ignore[arg-type]
+SOCKETS: Final = web.AppKey[weakref.WeakSet[web.WebSocketResponse]]("sockets")
+USERS: Final = web.AppKey[auth.UsersFile | None]("users")
 STREAM_TOKENS: Final = web.AppKey("stream_tokens", auth.StreamTokens)
 ADMIN_TOKEN: Final = web.AppKey("admin_token", str)
-SANDBOX_FACTORY: Final = web.AppKey("sandbox_factory", SandboxFactory)  # type: ignore[arg-type]
-WORKFLOWS: Final = web.AppKey("workflows", dict)  # type: ignore[var-annotated]
+SANDBOX_FACTORY: Final = web.AppKey[SandboxFactory]("sandbox_factory")
+WORKFLOWS: Final = web.AppKey[Mapping[str, Workflow]]("workflows")
 
 # ----------------------------------------------------------------------------
 # Sockets
@@ -174,14 +175,21 @@ async def _forward(ws: web.WebSocketResponse, actor: SessionActor, peer: WsPeer,
 
 async def close_sockets(app: web.Application) -> None:
     """``on_shutdown``: tell every client the server is going away."""
-    for ws in set(app[SOCKETS]):
+    sockets = app[SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
 
 # ----------------------------------------------------------------------------
 # HTTP
 
-_HTTP_CODES: Final = {400: "bad_message", 401: "unauthorized", 403: "forbidden", 404: "not_found", 413: "too_large"}
+_HTTP_CODES: Final = {
+    400: "bad_message",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    413: "too_large",
+}
 
 
 @web.middleware
@@ -293,8 +301,6 @@ def seed_endpoint(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]
 
 async def workflows(request: web.Request) -> web.Response:
     """``GET /api/workflows``: the server's workflows, for pickers."""
-    from actors.workflows import describe
-
     return _json({"workflows": [describe(w) for w in request.app[WORKFLOWS].values()]})
 
 
@@ -344,7 +350,9 @@ async def desktop_socket(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
     with structlog.contextvars.bound_contextvars(session_id=actor.info.session_id, stream=mode):
-        await pipe(ws, endpoint, view_only=mode == "view", password=getattr(actor.sandbox, "vnc_password", None))
+        await pipe(
+            ws, endpoint, view_only=mode == "view", password=getattr(actor.sandbox, "vnc_password", None)
+        )
     return ws
 
 
@@ -395,9 +403,7 @@ async def _run_supervisor(app: web.Application) -> AsyncIterator[None]:
                 ),
             ),
         )
-        supervisor = Supervisor(
-            config, app[SANDBOX_FACTORY], stream_url=lambda sid: _stream_url(app, sid)
-        )
+        supervisor = Supervisor(config, app[SANDBOX_FACTORY], stream_url=lambda sid: _stream_url(app, sid))
         app[SUPERVISOR] = supervisor
         task = asyncio.create_task(supervisor.run(), name="supervisor")
         await supervisor.wait_running()
@@ -408,8 +414,6 @@ async def _run_supervisor(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = None) -> web.Application:
     """The whole server; *sandbox_factory* overrides ``settings.sandbox`` (tests)."""
-    from actors.workflows import load_workflows
-
     app = web.Application(middlewares=[json_errors], client_max_size=codec.MAX_FRAME_BYTES)
     app[SETTINGS] = settings
     app[SOCKETS] = weakref.WeakSet()
@@ -451,11 +455,7 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
 def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = True) -> None:
     """structlog to stdout: JSON lines in production, readable on a terminal."""
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer()
-        if console
-        else structlog.processors.JSONRenderer()
-    )
+    renderer: Any = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

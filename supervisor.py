@@ -238,7 +238,7 @@ class Supervisor:
                         final_state, reason = "failed", f"crashed too often: {exc!r}"
                         return
                     self.totals.restarted += 1
-                    actor.log.error("session.restarted", error=repr(exc), restarts=len(restarts))
+                    actor.log.error("session.restarted", error=repr(exc), restarts=len(restarts))  # noqa: TRY400 - to the session
                     continue
                 return
         finally:
@@ -275,7 +275,9 @@ class Supervisor:
             async with asyncio.timeout(_SANDBOX_CLOSE_TIMEOUT_S):
                 await actor.sandbox.close()
         except TimeoutError:
-            logger.error("sandbox.close_timeout", session_id=sid, sandbox_id=actor.sandbox.sandbox_id)
+            logger.error(  # noqa: TRY400 - a timeout, no traceback worth keeping
+                "sandbox.close_timeout", session_id=sid, sandbox_id=actor.sandbox.sandbox_id
+            )
         await actor.end(state, reason)
         logger.info(
             "session.summary",
@@ -303,4 +305,3 @@ class Supervisor:
             },
             "sessions": [attrs.asdict(a.statistics(now)) for a in self._actors.values()],
         }
-

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import MutableMapping
 from typing import Any, Final
 
 import attrs
@@ -104,15 +105,17 @@ class _JournalSink:
     debug = info = warning = error = critical = msg = _log
 
 
-def _to_log_event(_: Any, __: str, event_dict: dict[str, Any]) -> tuple[tuple[m.Log], dict[str, Any]]:
+def _to_log_event(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> tuple[tuple[m.Log], dict[str, Any]]:
     ts = event_dict.pop("ts")
     level = event_dict.pop("level")
     name = event_dict.pop("event")
-    return (m.Log(ts=ts, level=level, event=str(name), fields=event_dict),), {}
+    return (m.Log(ts=ts, level=level, event=str(name), fields=dict(event_dict)),), {}
 
 
 _SessionLogger = structlog.make_filtering_bound_logger(0)
-_SESSION_PROCESSORS: Final = [
+_SESSION_PROCESSORS: Final[list[structlog.typing.Processor]] = [
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
     _to_log_event,
@@ -130,7 +133,9 @@ class SessionActor:
         self.config = config
         self.journal = Journal(config.journal_size, config.journal_bytes)
         #: Logger whose events land in this session's journal and sockets.
-        self.log: Any = _SessionLogger(_JournalSink(self), _SESSION_PROCESSORS, {})
+        self.log: Any = structlog.wrap_logger(
+            _JournalSink(self), processors=_SESSION_PROCESSORS, wrapper_class=_SessionLogger
+        )
         self.started = asyncio.Event()
         self.stop_requested_at: float | None = None
         self.stop_reason: str | None = None
@@ -257,7 +262,9 @@ class SessionActor:
         snapshot = (self.state, self.sandbox.stream_url, current)
         if snapshot != self._published or request_id is not None:
             self._published = snapshot
-            self.emit(m.State(state=snapshot[0], stream_url=snapshot[1], current_command=current, id=request_id))
+            self.emit(
+                m.State(state=snapshot[0], stream_url=snapshot[1], current_command=current, id=request_id)
+            )
 
     # ------------------------------------------------------------------
     # One incarnation
@@ -387,7 +394,9 @@ class SessionActor:
             result = m.Result(id=job.rid, ok=False, error_code=exc.code, error_message=exc.message)
         except Exception as exc:
             logger.exception("job.crashed", id=job.rid, kind=kind)
-            result = m.Result(id=job.rid, ok=False, error_code="internal", error_message=f"{kind} failed: {exc!r}")
+            result = m.Result(
+                id=job.rid, ok=False, error_code="internal", error_message=f"{kind} failed: {exc!r}"
+            )
         self.log.info("job.finished", id=job.rid, ok=result.ok, seconds=round(time.monotonic() - started, 3))
         self.emit(result)
 

@@ -18,7 +18,6 @@ from sandboxes.base import SandboxFactory
 from tests.fakes import FakeSandbox
 
 
-
 @pytest.fixture(autouse=True)
 def _logging() -> None:
     server.configure_logging("debug", "json", cache=False)
@@ -39,7 +38,9 @@ async def start_server(tmp_path: Path, fakes: list[FakeSandbox]) -> AsyncIterato
     """Start a server with the given settings (FakeSandbox unless told otherwise)."""
     started: list[tuple[TestServer, Client]] = []
 
-    async def start(sandbox_factory: SandboxFactory | None = FakeSandbox, **options: Any) -> tuple[TestServer, Client]:
+    async def start(
+        sandbox_factory: SandboxFactory | None = FakeSandbox, **options: Any
+    ) -> tuple[TestServer, Client]:
         options.setdefault("sandbox", "null")
         options.setdefault("data_dir", tmp_path / "var")
         options.setdefault("admin_token", "admin-secret")

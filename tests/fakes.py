@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from protocol.errors import SandboxBroken
 from sandboxes.base import OutputSink, SandboxSpec, ScrollDirection, StepReporter
@@ -22,7 +22,7 @@ class FakeSandbox:
     """
 
     kind = "fake"
-    instances: list[FakeSandbox] = []
+    instances: ClassVar[list[FakeSandbox]] = []
 
     def __init__(self, spec: SandboxSpec) -> None:
         self.spec = spec

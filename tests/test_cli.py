@@ -28,7 +28,15 @@ class Served:
 
 async def start(*args: str, env: dict[str, str] | None = None) -> Served:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0", *args,
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *args,
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         stdout=asyncio.subprocess.PIPE,
@@ -64,7 +72,9 @@ async def stop(served: Served) -> int:
 
 @pytest.fixture
 async def null_server(tmp_path: Path) -> AsyncIterator[Served]:
-    served = await start("--sandbox", "null", "--data-dir", str(tmp_path), env={"DESKHIVE_ADMIN_TOKEN": "from-env"})
+    served = await start(
+        "--sandbox", "null", "--data-dir", str(tmp_path), env={"DESKHIVE_ADMIN_TOKEN": "from-env"}
+    )
     try:
         yield served
     finally:

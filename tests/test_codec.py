@@ -59,7 +59,9 @@ def test_run_command_fields_are_typed() -> None:
         ('{"type": "cancel", "id": "c"}', ProtocolError, "c"),
     ],
 )
-def test_bad_frames_raise_their_error_code(frame: str, error: type[Exception], request_id: str | None) -> None:
+def test_bad_frames_raise_their_error_code(
+    frame: str, error: type[Exception], request_id: str | None
+) -> None:
     """Every malformed frame raises the protocol error its code names, keeping a valid id."""
     with pytest.raises(error) as caught:
         codec.decode(frame)

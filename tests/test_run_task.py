@@ -17,7 +17,11 @@ MODEL_URL = "https://model.invalid/v1"
 
 
 def _tool_reply(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    call = {"id": f"call-{name}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+    call = {
+        "id": f"call-{name}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments)},
+    }
     return {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [call]}}]}
 
 

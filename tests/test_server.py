@@ -26,7 +26,9 @@ async def _result(conn: Connection, rid: str) -> dict:
 async def test_login_answers_id_token_and_urls(served: tuple) -> None:
     """A login gets a session id of the documented form and a long secret token."""
     _, client = served
-    data = await client.call("POST", "/api/sessions", body={"username": "ada.l-1", "aws_login": "a", "customer_name": "c"})
+    data = await client.call(
+        "POST", "/api/sessions", body={"username": "ada.l-1", "aws_login": "a", "customer_name": "c"}
+    )
     assert re.fullmatch(r"ada\.l-1_\d+_[0-9a-f]{16}", data["session_id"])
     assert len(data["token"]) >= 43 and data["token"] not in data["session_id"]
     assert data["ws_url"].endswith("/ws")
@@ -66,13 +68,15 @@ async def test_quota_of_three_sessions_per_username(served: tuple) -> None:
     await client.login("bob")
 
 
-async def test_logout_ends_session_closes_sockets_and_sandbox(served: tuple, fakes: list[FakeSandbox]) -> None:
+async def test_logout_ends_session_closes_sockets_and_sandbox(
+    served: tuple, fakes: list[FakeSandbox]
+) -> None:
     """Logout closes the session's sockets with 4404, kills its sandbox and voids its token."""
     _, client = served
     login = await client.login("carol")
     async with client.connect(login) as conn:
         await client.logout(login)
-        with pytest.raises(SessionEnded):
+        with pytest.raises(SessionEnded):  # noqa: PT012 - read until the close arrives
             while True:
                 await conn.recv(timeout=5)
     assert fakes[0].closed == 1
@@ -106,9 +110,9 @@ async def test_seed_endpoints_answer_202_and_results_arrive_on_the_socket(served
     async with client.connect(login) as conn:
         rid = (await client.call("POST", "/start-desktop", token=login.token))["request_id"]
         assert (await _result(conn, rid))["ok"] is True
-        rid = (await client.call("POST", "/setup-environment", token=login.token, body={"packages": ["cowsay"]}))[
-            "request_id"
-        ]
+        rid = (
+            await client.call("POST", "/setup-environment", token=login.token, body={"packages": ["cowsay"]})
+        )["request_id"]
         assert (await _result(conn, rid))["ok"] is True
         rid = (await client.call("POST", "/run-task", token=login.token, body={"query": "hi"}))["request_id"]
         failed = await _result(conn, rid)
@@ -247,7 +251,9 @@ async def test_clear_logs_empties_only_this_sessions_journal(served: tuple) -> N
 # Jobs
 
 
-async def test_jobs_run_in_order_while_ping_and_cancel_answer_at_once(served: tuple, fakes: list[FakeSandbox]) -> None:
+async def test_jobs_run_in_order_while_ping_and_cancel_answer_at_once(
+    served: tuple, fakes: list[FakeSandbox]
+) -> None:
     """A held job keeps later jobs waiting while ping answers; cancel ends it and the next runs."""
     _, client = served
     login = await client.login("max")
@@ -284,7 +290,9 @@ async def test_results_say_how_a_job_ended(served: tuple) -> None:
         assert flow["ok"] is False and "nope" in flow["error"]["message"]
 
 
-async def test_kill_desktop_cancels_jobs_and_stops_the_desktop(served: tuple, fakes: list[FakeSandbox]) -> None:
+async def test_kill_desktop_cancels_jobs_and_stops_the_desktop(
+    served: tuple, fakes: list[FakeSandbox]
+) -> None:
     """kill_desktop cancels the running and waiting jobs, then stops the desktop."""
     _, client = served
     login = await client.login("oli")
@@ -332,7 +340,9 @@ async def test_requests_without_id_get_one(served: tuple) -> None:
         (json.dumps({"type": "run_command", "id": "w", "cmd": "x" * 70_000}), "too_large"),
     ],
 )
-async def test_bad_frames_get_an_error_and_the_socket_stays_open(served: tuple, frame: str, code: str) -> None:
+async def test_bad_frames_get_an_error_and_the_socket_stays_open(
+    served: tuple, frame: str, code: str
+) -> None:
     """Each bad frame gets an error with its code and the same socket still answers ping."""
     _, client = served
     login = await client.login("quinn")
@@ -454,9 +464,15 @@ async def test_status_needs_the_admin_token(served: tuple) -> None:
     snapshot = await client.call("GET", "/status", token="admin-secret")
     (session,) = snapshot["sessions"]
     assert session["session_id"] == login.session_id
-    assert {"state", "mailbox_depth", "journal_size", "sockets", "idle_seconds", "sandbox_kind", "sandbox_id"} <= set(
-        session
-    )
+    assert {
+        "state",
+        "mailbox_depth",
+        "journal_size",
+        "sockets",
+        "idle_seconds",
+        "sandbox_kind",
+        "sandbox_id",
+    } <= set(session)
     assert snapshot["totals"]["spawned"] == 1
     assert (await client.call("GET", "/healthz"))["ok"] is True
 
@@ -471,4 +487,3 @@ async def test_shutdown_closes_sockets_with_going_away(start_server: StartServer
         assert msg.type is aiohttp.WSMsgType.CLOSE
         assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
     assert all(sandbox.closed == 1 for sandbox in FakeSandbox.instances)
-

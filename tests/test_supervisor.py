@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -29,13 +29,16 @@ async def supervisor(tmp_path: Path, fakes: list[FakeSandbox]) -> AsyncIterator[
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("session:")]
 
 
-async def _until(predicate: object, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():  # type: ignore[operator]
+async def _until(predicate: Callable[[], bool]) -> None:
+    """Wait, bounded, for a supervisor counter that has no event of its own."""
+    async with asyncio.timeout(5.0):
+        while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
 
-async def test_crashed_actor_restarts_with_its_journal(start_server: StartServer, fakes: list[FakeSandbox]) -> None:
+async def test_crashed_actor_restarts_with_its_journal(
+    start_server: StartServer, fakes: list[FakeSandbox]
+) -> None:
     """An actor that crashes comes back with the same token and journal, and says so in a log event."""
     _, client = await start_server()
     login = await client.login("ann")
@@ -84,7 +87,9 @@ async def test_reaper_ends_idle_sessions_only(tmp_path: Path, fakes: list[FakeSa
     busy = await sup.spawn("dee")
     fakes[1].hold_commands = True
     busy.actor.tell(m.RunCommand(id="long", cmd="sleep 60"))
-    await _until(lambda: idle.actor.info.session_id not in {s["session_id"] for s in sup.status()["sessions"]})
+    await _until(
+        lambda: idle.actor.info.session_id not in {s["session_id"] for s in sup.status()["sessions"]}
+    )
     assert fakes[0].closed == 1
     assert sup.totals.reaped == 1
     assert busy.actor.state == "busy"
@@ -115,7 +120,9 @@ async def test_quota_and_tokens(supervisor: Supervisor) -> None:
         supervisor.by_token("not-a-token")
 
 
-async def test_stop_cancels_a_job_and_closes_the_sandbox_once(supervisor: Supervisor, fakes: list[FakeSandbox]) -> None:
+async def test_stop_cancels_a_job_and_closes_the_sandbox_once(
+    supervisor: Supervisor, fakes: list[FakeSandbox]
+) -> None:
     """Stopping a session cancels its running job and closes its sandbox exactly once."""
     login = await supervisor.spawn("gil")
     fakes[0].hold_commands = True
