@@ -55,7 +55,7 @@ expect.set_options(timeout=10_000)
 class ServerProcess:
     """A `deskhive serve` subprocess; its output is drained so it never blocks."""
 
-    def __init__(self, sandbox: str) -> None:
+    def __init__(self, sandbox: str, *extra: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [
@@ -69,6 +69,7 @@ class ServerProcess:
                 "0",
                 "--sandbox",
                 sandbox,
+                *extra,
             ],
             cwd=ROOT,
             env=env,
@@ -116,8 +117,8 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def serving(sandbox: str, *, skip_if_unavailable: bool = False) -> Iterator[str]:
-    server = ServerProcess(sandbox)
+def serving(sandbox: str, *extra: str, skip_if_unavailable: bool = False) -> Iterator[str]:
+    server = ServerProcess(sandbox, *extra)
     try:
         url = server.wait_listening()
         if url is None:
@@ -134,6 +135,24 @@ def serving(sandbox: str, *, skip_if_unavailable: bool = False) -> Iterator[str]
 @pytest.fixture(scope="module")
 def null_server() -> Iterator[str]:
     with serving("null") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def password_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server with a users file: carol's password is "correct horse"."""
+    hashed = subprocess.run(
+        [sys.executable, "-m", "server", "hash-password"],
+        input="correct horse\n",
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    users = tmp_path_factory.mktemp("users") / "users"
+    users.write_text(f"carol:{hashed}\n")
+    with serving("null", "--users-file", str(users)) as url:
         yield url
 
 
@@ -252,6 +271,41 @@ async def test_bad_username_shows_the_server_error_next_to_the_field(null_server
     await expect(page.get_by_label("Username")).to_be_focused()
     await expect(page.locator("#session-view")).to_be_hidden()
     await screenshot(page, "login-error")
+
+
+async def test_wrong_password_shows_the_error_next_to_the_password(password_server: str, tab: Tab) -> None:
+    """With a users file, a missing password is told under the password field; the right one logs in."""
+    page = tab.page
+    await page.goto(password_server)
+    await page.get_by_label("Username").fill("carol")
+    await page.get_by_label("Username").press("Enter")
+
+    password = page.get_by_label("Password")
+    await expect(page.locator("#login-password-error")).not_to_be_empty()
+    await expect(password).to_have_attribute("aria-invalid", "true")
+    await expect(password).to_be_focused()
+
+    await password.fill("correct horse")
+    await password.press("Enter")
+    await wait_connected(page)
+    await expect(page.locator("#session-user")).to_have_text("carol")
+
+
+async def test_quota_error_is_shown_on_the_form(null_server: str, tab: Tab) -> None:
+    """A username already holding its quota of sessions gets the server's 429 message on the form."""
+    page = tab.page
+    username = unique("quota")
+    async with aiohttp.ClientSession() as http:
+        for _ in range(3):
+            async with http.post(f"{null_server}/api/sessions", json={"username": username}) as answer:
+                assert answer.status == 201
+    await page.goto(null_server)
+    await page.get_by_label("Username").fill(username)
+    await page.get_by_label("Username").press("Enter")
+
+    await expect(page.locator("#login-form-error")).not_to_be_empty()
+    await expect(page.locator("#login-username-error")).to_be_empty()
+    await expect(page.locator("#session-view")).to_be_hidden()
 
 
 async def test_start_desktop_reaches_ready(null_server: str, tab: Tab) -> None:

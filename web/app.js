@@ -1,8 +1,9 @@
-// The deskhive web client: the login form, then one session's desktop,
-// controls, jobs and log. The socket and resume logic live in protocol.js,
-// the log panel in logview.js, what survives a reload in store.js.
+// The deskhive web client: after the login form (login.js), one session's
+// desktop, controls, jobs and log. The socket and resume logic live in
+// protocol.js, the log panel in logview.js, what survives a reload in store.js.
 
-import { ApiError, listWorkflows, login, logout } from "/static/api.js";
+import { ApiError, listWorkflows, logout } from "/static/api.js";
+import { initLogin, showLogin } from "/static/login.js";
 import { LogView } from "/static/logview.js";
 import { SessionLink, socketUrl } from "/static/protocol.js";
 import * as store from "/static/store.js";
@@ -36,93 +37,6 @@ const view = {
 };
 const log = new LogView($("log"), $("log-jump"));
 const jobs = new JobList($("jobs"), $("jobs-empty"), (job) => cancelJob(job));
-
-// --------------------------------------------------------------------------
-// Login
-
-const LOGIN_FIELDS = {
-  username: "login-username",
-  aws_login: "login-aws",
-  customer_name: "login-customer",
-  password: "login-password",
-};
-
-function clearLoginErrors() {
-  for (const inputId of Object.values(LOGIN_FIELDS)) {
-    $(inputId).removeAttribute("aria-invalid");
-    $(`${inputId}-error`).textContent = "";
-  }
-  $("login-form-error").textContent = "";
-  $("login-form-error").classList.remove("info");
-}
-
-/** Which field a 400 is about, from the server's message; the username unless another is named. */
-function fieldOf(error) {
-  const message = error.message.toLowerCase();
-  if (error.status === 401) return "password";
-  if (error.status !== 400) return null;
-  if (message.includes("aws")) return "aws_login";
-  if (message.includes("customer")) return "customer_name";
-  if (message.includes("password")) return "password";
-  return "username";
-}
-
-function showLoginError(error) {
-  const field = fieldOf(error);
-  if (!field) {
-    $("login-form-error").textContent = error.message;
-    return;
-  }
-  const input = $(LOGIN_FIELDS[field]);
-  input.setAttribute("aria-invalid", "true");
-  $(`${LOGIN_FIELDS[field]}-error`).textContent = error.message;
-  if (error.status === 401) $("login-password-optional").textContent = "(this server requires one)";
-  input.focus();
-}
-
-async function submitLogin(event) {
-  event.preventDefault();
-  clearLoginErrors();
-  const form = new FormData($("login-form"));
-  const fields = {};
-  for (const name of Object.keys(LOGIN_FIELDS)) {
-    const value = String(form.get(name) || "").trim();
-    if (value || name === "username") fields[name] = value;
-  }
-  $("login-submit").disabled = true;
-  try {
-    const answer = await login(fields);
-    $("login-password").value = "";
-    const session = {
-      session_id: answer.session_id,
-      token: answer.token,
-      ws_url: answer.ws_url,
-      stream_url: answer.stream_url,
-      username: answer.username || fields.username,
-      state: answer.state || "idle",
-    };
-    store.forgetAll();
-    store.saveSession(session);
-    enterSession(session);
-  } catch (error) {
-    if (!(error instanceof ApiError)) throw error;
-    showLoginError(error);
-  } finally {
-    $("login-submit").disabled = false;
-  }
-}
-
-function showLogin(message) {
-  $("session-view").hidden = true;
-  $("login-view").hidden = false;
-  document.title = "deskhive";
-  clearLoginErrors();
-  if (message) {
-    $("login-form-error").textContent = message;
-    $("login-form-error").classList.add("info");
-  }
-  $("login-username").focus();
-}
 
 // --------------------------------------------------------------------------
 // Session
@@ -246,6 +160,7 @@ function receive(frame) {
       view.welcomeSeq = frame.seq;
       view.wasConnected = true;
       setState(frame.state, frame.stream_url, null);
+      forgetUnconfirmed();
       return;
     case "ack":
       jobs.acked(frame.id);
@@ -321,6 +236,19 @@ function act(frame) {
   const { feedback, tone } = describeResult(frame, request.label, request.type);
   setFeedback(request.origin, feedback, tone);
   if (request.type === "clear_logs" && frame.ok) clearLocalLog();
+}
+
+/**
+ * Requests sent on an earlier socket that the server never acknowledged may
+ * not have reached it; say so where they were sent rather than wait forever.
+ */
+function forgetUnconfirmed() {
+  for (const request of jobs.pending()) {
+    if (request.acked) continue;
+    jobs.finish(request.id);
+    setFeedback(request.origin, `${request.label}: the connection dropped before the server took it; send it again.`, "error");
+  }
+  store.savePending(jobs.pending());
 }
 
 function failed(frame) {
@@ -450,7 +378,7 @@ function runWorkflow(event) {
 }
 
 function wire() {
-  $("login-form").addEventListener("submit", submitLogin);
+  initLogin(enterSession);
   $("logout").addEventListener("click", logOut);
   $("start-desktop").addEventListener("click", () =>
     send("start_desktop", {}, "desktop-feedback", "start desktop"));
