@@ -157,6 +157,13 @@ def password_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def small_journal_server() -> Iterator[str]:
+    """A server keeping only 10 events per session, so a tab away for long misses some."""
+    with serving("null", "--journal-size", "10") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def local_server() -> Iterator[str]:
     with serving("local", skip_if_unavailable=True) as url:
         yield url
@@ -306,6 +313,27 @@ async def test_quota_error_is_shown_on_the_form(null_server: str, tab: Tab) -> N
     await expect(page.locator("#login-form-error")).not_to_be_empty()
     await expect(page.locator("#login-username-error")).to_be_empty()
     await expect(page.locator("#session-view")).to_be_hidden()
+
+
+async def test_keyboard_alone_logs_in_and_starts_the_desktop(null_server: str, tab: Tab) -> None:
+    """Typing, Tab and Enter are enough to log in and reach the first control."""
+    page = tab.page
+    await page.goto(null_server)
+    await expect(page.get_by_label("Username")).to_be_focused()
+    await page.keyboard.type(unique("keys"))
+    for label in ("AWS login", "Customer name", "Password"):
+        await page.keyboard.press("Tab")
+        await expect(page.get_by_label(label)).to_be_focused()
+    await page.keyboard.press("Enter")
+    await wait_connected(page)
+
+    await expect(page.locator("#session-title")).to_be_focused()
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_role("button", name="Log out")).to_be_focused()
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_role("button", name="Start desktop")).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#state-badge")).to_have_text("ready")
 
 
 async def test_start_desktop_reaches_ready(null_server: str, tab: Tab) -> None:
@@ -461,6 +489,25 @@ async def test_log_follows_new_events_until_the_reader_scrolls_up(null_server: s
     await expect(log.locator(".output", has_text="second-batch-4")).to_be_in_viewport()
 
 
+async def test_events_lost_while_away_show_as_a_gap(small_journal_server: str, tab: Tab) -> None:
+    """Coming back after the journal has moved on shows a gap note, then the events still kept."""
+    page = tab.page
+    await log_in(page, small_journal_server, unique("gap"))
+    await run_command(page, "echo kept-in-the-tab")
+    session = await session_of(page)
+
+    await page.goto("about:blank")
+    await run_elsewhere(small_journal_server, session["token"], *(f"echo away-{n}" for n in range(5)))
+    await page.goto(small_journal_server)
+    await wait_connected(page)
+
+    await expect(page.locator("#log .note-gap")).to_have_count(1)
+    await expect(page.locator("#log .note-gap")).to_contain_text("no longer kept")
+    await expect(page.locator("#log .output", has_text="kept-in-the-tab")).to_have_count(1)
+    await expect(page.locator("#log .output", has_text="away-4")).to_have_count(1)
+    await expect(page.locator("#log .output", has_text="away-0")).to_have_count(0)
+
+
 async def test_run_task_without_model_shows_the_error_next_to_the_query(null_server: str, tab: Tab) -> None:
     """run_task on a server without a model endpoint shows its forbidden message next to the query box."""
     page = tab.page
@@ -504,6 +551,40 @@ async def test_logout_and_ended_session_return_to_login(null_server: str, tab: T
 # Tests on the local sandbox
 
 
+async def local_command_failure(base: str) -> str | None:
+    """Why the local sandbox cannot run `true` on this machine, or None when it can."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/api/sessions", json={"username": unique("probe")}) as answer:
+            session = await answer.json()
+        stderr = []
+        async with http.ws_connect(f"{base}/ws") as ws:
+            await ws.send_json({"type": "hello", "token": session["token"]})
+            await ws.send_json({"type": "run_command", "id": "probe", "cmd": "true"})
+            async for message in ws:
+                frame = json.loads(message.data)
+                if frame.get("type") == "output" and frame.get("stream") == "stderr":
+                    stderr.append(frame["data"].strip())
+                if frame.get("type") == "result" and frame.get("id") == "probe":
+                    break
+        async with http.delete(
+            f"{base}/api/sessions/{session['session_id']}",
+            headers={"Authorization": f"Bearer {session['token']}"},
+        ):
+            pass
+    if frame.get("ok"):
+        return None
+    return " ".join(stderr) or json.dumps(frame.get("error"))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def local_commands(local_server: str) -> str:
+    """The local server, once it is seen to run commands here; the test is skipped otherwise."""
+    failure = await local_command_failure(local_server)
+    if failure is not None:
+        pytest.skip(f"the local sandbox cannot run commands on this machine: {failure}")
+    return local_server
+
+
 # True once some canvas of the page holds a pixel that is not black: the
 # VNC client has drawn the remote screen.
 CANVAS_DRAWN_JS = """() => [...document.querySelectorAll('canvas')].some(canvas => {
@@ -542,10 +623,10 @@ async def test_local_desktop_stream_draws(local_server: str, tab: Tab) -> None:
 
 
 @pytest.mark.local
-async def test_cancel_stops_a_running_job(local_server: str, tab: Tab) -> None:
+async def test_cancel_stops_a_running_job(local_commands: str, tab: Tab) -> None:
     """The Cancel button next to a running job ends it with a cancelled result."""
     page = tab.page
-    await log_in(page, local_server, unique("cancel"))
+    await log_in(page, local_commands, unique("cancel"))
     box = page.get_by_role("textbox", name="Command")
     await box.fill("sleep 30")
     await box.press("Enter")

@@ -20,6 +20,15 @@ function truncate(text, length = 200) {
 export function describeResult(result, label) {
   const data = result.data || {};
   const exit = Number.isInteger(result.exit_code) ? ` (exit code ${result.exit_code})` : "";
+  // A command that ran is told by its exit code, whatever ok says.
+  if (!result.error && Number.isInteger(result.exit_code)) {
+    const clean = result.exit_code === 0;
+    return {
+      tone: clean ? "ok" : "warn",
+      text: `${clean ? "✓" : "!"} ${label} exited with code ${result.exit_code}`,
+      feedback: `Exited with code ${result.exit_code}.`,
+    };
+  }
   if (!result.ok) {
     const error = result.error || { code: "internal", message: "failed without a reason" };
     const cancelled = error.code === "cancelled";
@@ -27,14 +36,6 @@ export function describeResult(result, label) {
       tone: cancelled ? "cancelled" : "error",
       text: `✗ ${label} ${cancelled ? "cancelled" : `failed [${error.code}]`}${exit}: ${error.message}`,
       feedback: cancelled ? `Cancelled: ${error.message}` : `${error.message}${exit}`,
-    };
-  }
-  if (Number.isInteger(result.exit_code)) {
-    const clean = result.exit_code === 0;
-    return {
-      tone: clean ? "ok" : "warn",
-      text: `${clean ? "✓" : "!"} ${label} exited with code ${result.exit_code}`,
-      feedback: `Exited with code ${result.exit_code}.`,
     };
   }
   if (typeof data.answer === "string") {
