@@ -1,0 +1,133 @@
+"""A session's desktop: Xvfb, a window manager and x11vnc, each in a jail.
+
+Xvfb runs in its own jail with the session's private X socket folder mounted
+at ``/tmp/.X11-unix``; with its own network namespace its abstract socket is
+out of everybody's reach, so the socket file is the only way in, and only
+jails that mount it can draw. MIT-SHM is off because the jails do not share
+an IPC namespace. x11vnc listens on a unix socket in a folder that no
+sandboxed program of the session can see; only the server connects to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import attrs
+import structlog
+
+from protocol.errors import SandboxBroken
+from sandboxes.local.config import LocalConfig
+from sandboxes.local.jail import DISPLAYS, X11_DIR, Jail, Mount, spawn
+from sandboxes.local.procs import reap
+
+logger = structlog.get_logger()
+
+VNC_DIR = "/run/vnc"
+POLL = 0.005
+
+
+def display_is_free(n: int) -> bool:
+    """No host X server uses display *n* (ours never do, but keep clear of them)."""
+    return not any(os.path.lexists(p) for p in (f"{X11_DIR}/X{n}", f"/tmp/.X{n}-lock"))
+
+
+@attrs.define
+class Desktop:
+    """One running desktop; ``start`` returns it ready, ``stop`` ends it."""
+
+    jail: Jail
+    display: int
+    x11_dir: Path
+    vnc_dir: Path
+    procs: list[asyncio.subprocess.Process] = attrs.field(factory=list)
+
+    @property
+    def x_socket(self) -> Path:
+        return self.x11_dir / f"X{self.display}"
+
+    @property
+    def vnc_socket(self) -> Path:
+        return self.vnc_dir / "sock"
+
+    def x_mount(self) -> Mount:
+        """The display's socket alone, for jails that draw on it."""
+        return Mount(self.x_socket, f"{X11_DIR}/X{self.display}", writable=True)
+
+    @classmethod
+    async def start(cls, jail: Jail, config: LocalConfig, x11_dir: Path, vnc_dir: Path) -> Desktop:
+        display = DISPLAYS.take(config.display_base, config.display_count, display_is_free)
+        desktop = cls(jail=jail, display=display, x11_dir=x11_dir, vnc_dir=vnc_dir)
+        try:
+            try:
+                async with asyncio.timeout(config.start_timeout):
+                    await desktop._start_x(config)
+                    await desktop._start_clients(config)
+            except TimeoutError:
+                raise SandboxBroken(f"the desktop did not start within {config.start_timeout:g} s") from None
+        except BaseException:
+            await desktop.stop_processes()
+            desktop.release()
+            raise
+        return desktop
+
+    async def _start_x(self, config: LocalConfig) -> None:
+        for stale in (self.x_socket, self.vnc_socket):
+            stale.unlink(missing_ok=True)
+        width, height = config.screen
+        xvfb = ["Xvfb", f":{self.display}", "-screen", "0", f"{width}x{height}x{config.depth}"]
+        xvfb += ["-nolisten", "tcp", "-extension", "MIT-SHM", "-noreset"]
+        self.procs.append(await spawn(self.jail, xvfb, mounts=[Mount(self.x11_dir, X11_DIR, writable=True)]))
+        await self._until_accepting(self.x_socket, "Xvfb")
+
+    async def _start_clients(self, config: LocalConfig) -> None:
+        x = [self.x_mount()]
+        self.procs.append(await spawn(self.jail, config.window_manager, mounts=x, display=self.display))
+        vnc = ["x11vnc", "-display", f":{self.display}", "-rfbport", "0", "-unixsock", f"{VNC_DIR}/sock"]
+        vnc += ["-forever", "-shared", "-nopw", "-norc", "-noshm", "-nocmds", "-noremote", "-quiet"]
+        vnc_mounts = [*x, Mount(self.vnc_dir, VNC_DIR, writable=True)]
+        self.procs.append(await spawn(self.jail, vnc, mounts=vnc_mounts, display=self.display))
+        await self._until_accepting(self.vnc_socket, "x11vnc")
+
+    async def _until_accepting(self, path: Path, what: str) -> None:
+        """Poll until *path* accepts a connection; fail if the server died."""
+        started = time.monotonic()
+        while not _accepts(path):
+            if any(p.returncode is not None for p in self.procs):
+                raise SandboxBroken(f"{what} exited while the desktop started")
+            await asyncio.sleep(POLL)
+        logger.debug("sandbox.desktop_piece_ready", piece=what, seconds=round(time.monotonic() - started, 3))
+
+    async def stop_processes(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for proc in self.procs:
+                tg.create_task(reap(proc))
+        self.procs.clear()
+
+    def release(self) -> None:
+        """Give back the display number and remove the sockets."""
+        DISPLAYS.give(self.display)
+        for path in (self.x_socket, self.vnc_socket):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+    def alive(self) -> bool:
+        return all(p.returncode is None for p in self.procs)
+
+
+def _accepts(path: Path) -> bool:
+    # A blocking connect to a unix socket does not wait: it succeeds or fails
+    # at once, so it is fine on the event loop.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.setblocking(False)
+        try:
+            s.connect(str(path))
+        except BlockingIOError:
+            return True  # listening, with a full backlog
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,292 @@
+"""Bubblewrap jails: who a session runs as, and the argv that confines it.
+
+Every process a local sandbox starts (commands, Xvfb, the window manager,
+x11vnc, desktop apps, xdotool) goes through :func:`spawn`, so they all get
+the same confinement: their own PID, mount, IPC, UTS, cgroup and network
+namespaces, a read-only ``/usr``, a private ``/tmp``, only the session's own
+folders mounted, a minimal environment (no server secret leaks in), and, when
+the server runs as root, the session's own unprivileged uid.
+
+Folders are mounted from file descriptors (``--bind-fd``) that the server
+opens: the session's uid then needs no right on the folders above them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+
+from protocol.errors import SandboxBroken
+from sandboxes.base import Limits
+
+HOME = "/home/user"
+X11_DIR = "/tmp/.X11-unix"
+#: Environment variable every session process carries, to find stragglers.
+MARKER_VAR = "DESKHIVE_SANDBOX"
+
+#: Read-only pieces of the host's /etc that programs need (fonts, TLS roots,
+#: Debian's alternatives symlinks, X and browser defaults). Nothing secret.
+SYSTEM_ETC = (
+    "alternatives", "fonts", "ssl", "ca-certificates", "ld.so.cache", "ld.so.conf",
+    "ld.so.conf.d", "localtime", "timezone", "mime.types", "X11", "xdg", "chromium",
+    "chromium.d", "ImageMagick-6", "terminfo", "bash.bashrc", "profile", "inputrc",
+    "nsswitch.conf", "host.conf", "gai.conf", "magic", "python3", "python3.11",
+    "os-release", "debian_version", "gtk-3.0", "vim",
+)  # fmt: skip
+#: Only mounted for a sandbox that has the network.
+NETWORK_ETC = ("resolv.conf", "hosts")
+#: Top-level links of a merged-/usr system.
+USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64"))
+
+
+class NumberPool:
+    """Numbers (uids, X displays) handed out at most once in this process.
+
+    They are host-wide resources, so one pool per process is the right scope;
+    nothing about any user is kept here.
+    """
+
+    def __init__(self) -> None:
+        self._taken: set[int] = set()
+
+    def take(self, first: int, count: int, is_free: Callable[[int], bool]) -> int:
+        for n in range(first, first + count):
+            if n not in self._taken and is_free(n):
+                self._taken.add(n)
+                return n
+        raise SandboxBroken(f"no free number left in {first}..{first + count - 1}")
+
+    def give(self, n: int) -> None:
+        self._taken.discard(n)
+
+
+UIDS = NumberPool()
+DISPLAYS = NumberPool()
+
+
+def uid_is_free(uid: int) -> bool:
+    """A uid no account has and no process runs as."""
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return not any(_real_uid(pid) == uid for pid in _pids())
+    return False
+
+
+@attrs.frozen(kw_only=True)
+class Identity:
+    """The host user a session's processes run as."""
+
+    uid: int
+    gid: int
+    #: True when the server is root and this uid was taken from ``UIDS``.
+    dropped: bool
+
+    @classmethod
+    def acquire(cls, uid_base: int, uid_count: int) -> Identity:
+        if os.geteuid() != 0:
+            return cls(uid=os.getuid(), gid=os.getgid(), dropped=False)
+        uid = UIDS.take(uid_base, uid_count, uid_is_free)
+        return cls(uid=uid, gid=uid, dropped=True)
+
+    def release(self) -> None:
+        if self.dropped:
+            UIDS.give(self.uid)
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        """``Popen`` arguments that switch to this user before exec."""
+        if not self.dropped:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+@attrs.frozen
+class Mount:
+    """A host folder (or socket file) shown inside the jail at *dest*."""
+
+    host: Path
+    dest: str
+    writable: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class Jail:
+    """Everything needed to confine one session's processes."""
+
+    identity: Identity
+    username: str
+    marker: str
+    tmp_bytes: int
+
+    def env(self, display: int | None = None) -> dict[str, str]:
+        env = {
+            "PATH": f"{HOME}/.local/bin:/usr/local/bin:/usr/bin:/bin",
+            "HOME": HOME,
+            "USER": self.username,
+            "LOGNAME": self.username,
+            "SHELL": "/bin/bash",
+            "LANG": "C.UTF-8",
+            "TERM": "xterm-256color",
+            MARKER_VAR: self.marker,
+        }
+        if display is not None:
+            env["DISPLAY"] = f":{display}"
+        return env
+
+    def _identity_files(self) -> tuple[str, str]:
+        uid, gid, name = self.identity.uid, self.identity.gid, self.username
+        passwd = f"root:x:0:0::/root:/usr/sbin/nologin\n{name}:x:{uid}:{gid}::{HOME}:/bin/bash\n"
+        group = f"root:x:0:\n{name}:x:{gid}:\n"
+        return passwd, group
+
+    @contextlib.contextmanager
+    def argv(
+        self,
+        command: Sequence[str],
+        *,
+        mounts: Sequence[Mount] = (),
+        network: bool = False,
+        limits: Limits | None = None,
+    ) -> Iterator[tuple[list[str], list[int]]]:
+        """The full argv and the descriptors it needs, open until exit."""
+        with contextlib.ExitStack() as stack:
+            fds: list[int] = []
+
+            def keep(fd: int) -> str:
+                stack.callback(os.close, fd)
+                fds.append(fd)
+                return str(fd)
+
+            args = [*_prlimit(limits), "bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
+            if network:
+                args.append("--share-net")
+            args += ["--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+            for target, link in USR_LINKS:
+                if os.path.lexists(link):
+                    args += ["--symlink", target, link]
+            args += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.tmp_bytes), "--tmpfs", "/tmp"]
+            for name in SYSTEM_ETC + (NETWORK_ETC if network else ()):
+                args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+            for dest, text in zip(("/etc/passwd", "/etc/group"), self._identity_files(), strict=True):
+                args += ["--ro-bind-data", keep(_data_fd(text)), dest]
+            chdir = "/"
+            for m in mounts:
+                flags = os.O_PATH | (os.O_DIRECTORY if m.host.is_dir() else 0)
+                fd = keep(_open(m.host, flags))
+                args += ["--bind-fd" if m.writable else "--ro-bind-fd", fd, m.dest]
+                chdir = HOME if m.dest == HOME else chdir
+            args += ["--chdir", chdir, "--", *command]
+            yield args, fds
+
+
+def _open(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        raise SandboxBroken(f"cannot open sandbox folder {path}: {exc.strerror}") from exc
+
+
+def _data_fd(text: str) -> int:
+    """A pipe holding *text*, for ``--ro-bind-data`` (small, so it never blocks)."""
+    r, w = os.pipe()
+    try:
+        os.write(w, text.encode())
+    finally:
+        os.close(w)
+    return r
+
+
+def _prlimit(limits: Limits | None) -> list[str]:
+    """``prlimit`` in front of bwrap; a limit of 0 means "not limited"."""
+    if limits is None:
+        return []
+    pairs = (
+        ("cpu", limits.cpu_seconds),
+        ("as", limits.memory_bytes),
+        ("nproc", limits.processes),
+        ("fsize", limits.file_bytes),
+    )
+    return ["prlimit", *(f"--{name}={value}" for name, value in pairs if value > 0), "--"]
+
+
+async def spawn(
+    jail: Jail,
+    command: Sequence[str],
+    *,
+    mounts: Sequence[Mount] = (),
+    display: int | None = None,
+    network: bool = False,
+    limits: Limits | None = None,
+    stdout: int | IO[Any] | None = asyncio.subprocess.DEVNULL,
+    stderr: int | IO[Any] | None = asyncio.subprocess.DEVNULL,
+    extra_env: Mapping[str, str] | None = None,
+) -> asyncio.subprocess.Process:
+    """Start *command* in the jail; its own process group, so it is killed whole."""
+    env = jail.env(display) | dict(extra_env or {})
+    with jail.argv(command, mounts=mounts, network=network, limits=limits) as (argv, fds):
+        try:
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                env=env,
+                pass_fds=fds,
+                start_new_session=True,
+                **jail.identity.popen_kwargs(),
+            )
+        except OSError as exc:
+            raise SandboxBroken(f"cannot start sandboxed {command[0]!r}: {exc}") from exc
+
+
+def _pids() -> Iterator[int]:
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                yield int(entry.name)
+
+
+def _real_uid(pid: int) -> int | None:
+    """The real uid of a live process; ``None`` for zombies and the gone."""
+    uid = None
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"State:") and line.split()[1] in (b"Z", b"X"):
+                    return None
+                if line.startswith(b"Uid:"):
+                    uid = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uid
+
+
+def session_pids(jail: Jail) -> list[int]:
+    """Host pids of every live process of the session: its uid or its marker."""
+    me, needle = os.getpid(), f"\0{MARKER_VAR}={jail.marker}\0".encode()
+    own_uid = jail.identity.uid if jail.identity.dropped else None
+    found = []
+    for pid in _pids():
+        if pid == me:
+            continue
+        uid = _real_uid(pid)
+        if uid is None:
+            continue
+        if uid == own_uid:
+            found.append(pid)
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = b"\0" + f.read() + b"\0"
+        except OSError:
+            continue
+        if needle in environ:
+            found.append(pid)
+    return found

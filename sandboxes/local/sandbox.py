@@ -1,0 +1,350 @@
+"""The local sandbox: bubblewrap jails and an Xvfb desktop on this host.
+
+Layout of a session's folder (``<root>/<session_id>`` or the spec's
+``data_dir``), created on first use and removed by ``close``::
+
+    home/   the session's home, mounted read-write at /home/user in its jails
+    x11/    Xvfb's socket folder; jails that draw get the socket file alone
+    vnc/    x11vnc's unix socket; never mounted in a jail the user's code runs in
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+import structlog
+
+from protocol.errors import CommandTimeout, ProtocolError, SandboxBroken
+from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter, Stream
+from sandboxes.local import tools
+from sandboxes.local.config import LocalConfig
+from sandboxes.local.desktop import Desktop
+from sandboxes.local.jail import HOME, Identity, Jail, Mount, session_pids, spawn
+from sandboxes.local.procs import exit_code, kill_now, pump, reap, terminate
+
+logger = structlog.get_logger()
+
+PIPE = asyncio.subprocess.PIPE
+
+
+class LocalSandbox:
+    """A session's sandbox on this host; see the module docstring for its folders."""
+
+    kind = "local"
+
+    def __init__(self, spec: SandboxSpec, config: LocalConfig) -> None:
+        if "/" in spec.session_id or spec.session_id.startswith("."):
+            raise ProtocolError(f"session id {spec.session_id!r} cannot name a folder")
+        self._spec, self._config = spec, config
+        base = config.root / spec.session_id if config.root is not None else spec.data_dir
+        self._base = base.absolute()
+        self._id = f"local-{secrets.token_hex(6)}"
+        self._jail: Jail | None = None
+        self._desktop: Desktop | None = None
+        self._apps: list[asyncio.subprocess.Process] = []
+        self._commands: set[asyncio.subprocess.Process] = set()
+        self._closed = False
+
+    # -- Sandbox protocol: state -------------------------------------------
+
+    @property
+    def sandbox_id(self) -> str | None:
+        return self._id if self._jail is not None else None
+
+    @property
+    def desktop_running(self) -> bool:
+        return self._desktop is not None and self._desktop.alive()
+
+    @property
+    def stream_url(self) -> str | None:
+        return self._spec.stream_url if self.desktop_running else None
+
+    @property
+    def vnc_endpoint(self) -> str | None:
+        """Path of x11vnc's unix socket while the desktop runs (no password on it)."""
+        return str(self._desktop.vnc_socket) if self._desktop and self.desktop_running else None
+
+    @property
+    def vnc_password(self) -> str | None:
+        """Always ``None``: the socket is the access control, see ``vncproxy``."""
+        return None
+
+    @property
+    def home(self) -> Path:
+        """The home folder on the host (for tests and operators)."""
+        return self._base / "home"
+
+    @property
+    def config(self) -> LocalConfig:
+        return self._config
+
+    @property
+    def jail(self) -> Jail | None:
+        return self._jail
+
+    # -- life cycle ----------------------------------------------------------
+
+    def _ensure(self) -> Jail:
+        """The session's jail, creating its folders and identity on first use."""
+        if self._closed:
+            raise SandboxBroken(f"sandbox {self._id} is closed")
+        if self._jail is not None:
+            return self._jail
+        identity = Identity.acquire(self._config.uid_base, self._config.uid_count)
+        try:
+            # bwrap opens the mounted folders as the session's uid, so every
+            # folder above them must be searchable (o+x) by it; the session
+            # folders themselves are private to that uid.
+            self._base.mkdir(mode=0o711, parents=True, exist_ok=True)
+            if identity.dropped:
+                _check_searchable(self._base)
+            for name in ("home", "x11", "vnc"):
+                folder = self._base / name
+                folder.mkdir(mode=0o700, exist_ok=True)
+                if identity.dropped:
+                    os.chown(folder, identity.uid, identity.gid)
+        except BaseException as exc:
+            identity.release()
+            if not isinstance(exc, OSError):
+                raise
+            raise SandboxBroken(f"cannot create the sandbox folder {self._base}: {exc.strerror}") from exc
+        self._jail = Jail(
+            identity=identity, username=self._spec.username, marker=self._id, tmp_bytes=self._config.tmp_bytes
+        )
+        logger.info("sandbox.created", sandbox_id=self._id, uid=identity.uid, base=str(self._base))
+        return self._jail
+
+    async def start_desktop(self) -> None:
+        if self.desktop_running:
+            return
+        if self._desktop is not None:
+            await self.stop_desktop()
+        jail, started = self._ensure(), time.monotonic()
+        self._desktop = await Desktop.start(jail, self._config, self._base / "x11", self._base / "vnc")
+        seconds = round(time.monotonic() - started, 3)
+        logger.info(
+            "sandbox.desktop_started", sandbox_id=self._id, display=self._desktop.display, seconds=seconds
+        )
+
+    async def stop_desktop(self) -> None:
+        """End the desktop, its apps and any running command of the session."""
+        desktop, self._desktop = self._desktop, None
+        apps, self._apps = self._apps, []
+        if self._jail is None:
+            return
+        procs = [*apps, *self._commands, *(desktop.procs if desktop else [])]
+        try:
+            stragglers = await terminate(self._jail, procs, grace=self._config.kill_grace)
+        finally:
+            if desktop is not None:
+                desktop.release()
+        logger.info("sandbox.desktop_stopped", sandbox_id=self._id, stragglers=stragglers)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.stop_desktop()
+        except Exception:
+            logger.exception("sandbox.close_failed", sandbox_id=self._id)
+        finally:
+            self._kill_everything_now()
+            self._remove_folder()
+            if self._jail is not None:
+                self._jail.identity.release()
+        logger.info("sandbox.closed", sandbox_id=self._id)
+
+    def _kill_everything_now(self) -> None:
+        # Synchronous, so that it also happens when close() itself is cancelled.
+        for proc in [*self._apps, *self._commands]:
+            kill_now(proc)
+        if self._jail is not None:
+            for pid in session_pids(self._jail):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, 9)
+
+    def _remove_folder(self) -> None:
+        def note(_fn: Callable[..., object], path: str, exc: BaseException) -> None:
+            logger.warning("sandbox.remove_failed", path=path, error=str(exc))
+
+        if not self._base.exists():
+            return
+        # rmtree does not follow the symlinks a session may have left in its home.
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(self._base, onexc=note)
+        else:
+            shutil.rmtree(self._base, onerror=lambda fn, path, info: note(fn, path, info[1]))
+
+    # -- commands --------------------------------------------------------------
+
+    def _mounts(self) -> tuple[list[Mount], int | None]:
+        mounts = [Mount(self.home, HOME, writable=True)]
+        if self._desktop is not None and self.desktop_running:
+            return [*mounts, self._desktop.x_mount()], self._desktop.display
+        return mounts, None
+
+    async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:
+        return await self.exec(["/bin/bash", "-c", cmd], timeout=timeout, on_output=on_output)
+
+    async def exec(
+        self, argv: Sequence[str], *, timeout: float, on_output: OutputSink, network: bool | None = None
+    ) -> int:
+        """Run *argv* in a jail with the home (and display) mounted; its exit code."""
+        jail = self._ensure()
+        mounts, display = self._mounts()
+        net = self._config.network_on if network is None else network
+        proc = await spawn(
+            jail, argv, mounts=mounts, display=display, network=net, limits=self._config.limits,
+            stdout=PIPE, stderr=PIPE,
+        )  # fmt: skip
+        self._commands.add(proc)
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                await _pump_both(proc, on_output)
+                return exit_code(await proc.wait())
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise CommandTimeout(f"command timed out after {timeout:g} s") from None
+        finally:
+            self._commands.discard(proc)
+            await reap(proc)
+
+    async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
+        await tools.setup(self, packages, report)
+
+    # -- desktop ---------------------------------------------------------------
+
+    def _need_desktop(self) -> Desktop:
+        if self._desktop is None or not self.desktop_running:
+            raise SandboxBroken(f"sandbox {self._id} has no running desktop")
+        return self._desktop
+
+    async def _tool(self, argv: Sequence[str]) -> bytes:
+        """Run a desktop helper (xdotool, import) in a jail; its stdout."""
+        desktop, jail = self._need_desktop(), self._ensure()
+        proc = await spawn(
+            jail, argv, mounts=[desktop.x_mount()], display=desktop.display, stdout=PIPE, stderr=PIPE
+        )
+        try:
+            async with asyncio.timeout(self._config.tool_timeout):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            raise SandboxBroken(f"{argv[0]} did not finish within {self._config.tool_timeout:g} s") from None
+        finally:
+            await reap(proc)
+        if proc.returncode != 0:
+            detail = err.decode(errors="replace").strip()[-300:]
+            raise SandboxBroken(f"{argv[0]} failed with exit code {proc.returncode}: {detail}")
+        return out
+
+    async def screenshot(self) -> bytes:
+        display = self._need_desktop().display
+        png = await self._tool(["import", "-display", f":{display}", "-window", "root", "png:-"])
+        if not png.startswith(b"\x89PNG"):
+            raise SandboxBroken("import did not return a PNG")
+        return png
+
+    async def xdotool(self, *args: str) -> str:
+        """Run xdotool on the desktop; its output (also for tests)."""
+        return (await self._tool(["xdotool", *args])).decode(errors="replace")
+
+    async def left_click(self, x: int, y: int) -> None:
+        await self.xdotool("mousemove", str(int(x)), str(int(y)), "click", "1")
+
+    async def double_click(self, x: int, y: int) -> None:
+        await self.xdotool("mousemove", str(int(x)), str(int(y)), "click", "--repeat", "2", "1")
+
+    async def right_click(self, x: int, y: int) -> None:
+        await self.xdotool("mousemove", str(int(x)), str(int(y)), "click", "3")
+
+    async def move_mouse(self, x: int, y: int) -> None:
+        await self.xdotool("mousemove", str(int(x)), str(int(y)))
+
+    async def scroll(self, direction: ScrollDirection = "down", amount: int = 1) -> None:
+        button = tools.SCROLL_BUTTONS.get(direction)
+        if button is None:
+            raise ProtocolError(f"scroll direction {direction!r} is not up, down, left or right")
+        await self.xdotool("click", "--repeat", str(max(1, int(amount))), button)
+
+    async def write(self, text: str) -> None:
+        if text:
+            await self.xdotool("type", "--delay", "8", "--", text)
+
+    async def press(self, keys: str | Sequence[str]) -> None:
+        await self.xdotool("key", "--", tools.key_chord(keys))
+
+    async def open(self, url_or_file: str) -> None:
+        if not url_or_file or url_or_file.startswith("-"):
+            raise ProtocolError(f"cannot open {url_or_file!r}")
+        await self._launch([*tools.browser_argv(self._config.browser), url_or_file])
+
+    async def launch(self, app: str) -> None:
+        argv = shlex.split(app)
+        if not argv:
+            raise ProtocolError("launch needs an application name")
+        if argv[0] in tools.BROWSER_NAMES:
+            argv = [*tools.browser_argv(self._config.browser), *argv[1:]]
+        await self._launch(argv)
+
+    async def _launch(self, argv: Sequence[str]) -> None:
+        """Start a desktop app in a jail and leave it running until the desktop stops."""
+        desktop, jail = self._need_desktop(), self._ensure()
+        self._apps = [p for p in self._apps if p.returncode is None]
+        app_limits = attrs.evolve(self._config.limits, cpu_seconds=0, memory_bytes=0)
+        mounts = [Mount(self.home, HOME, writable=True), desktop.x_mount()]
+        proc = await spawn(
+            jail,
+            argv,
+            mounts=mounts,
+            display=desktop.display,
+            network=self._config.network_on,
+            limits=app_limits,
+        )
+        self._apps.append(proc)
+        logger.info("sandbox.app_launched", sandbox_id=self._id, app=argv[0], pid=proc.pid)
+
+
+def _check_searchable(folder: Path) -> None:
+    for path in [folder, *folder.parents]:
+        if not path.stat().st_mode & 0o001:
+            raise SandboxBroken(
+                f"{path} is not searchable by other users, so sandboxed uids cannot reach {folder}: "
+                "choose a sandbox root whose parents all have o+x"
+            )
+
+
+async def _pump_both(proc: asyncio.subprocess.Process, sink: OutputSink) -> None:
+    """Stream stdout and stderr apart, both at once, until both close."""
+    streams: tuple[tuple[asyncio.StreamReader | None, Stream], ...] = (
+        (proc.stdout, "stdout"),
+        (proc.stderr, "stderr"),
+    )
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for reader, name in streams:
+                tg.create_task(pump(reader, name, sink))
+    except BaseExceptionGroup as group:
+        # The sink's own error (say, an output cap) reaches the caller as is.
+        raise group.exceptions[0] from None
+
+
+def local_factory(config: LocalConfig) -> SandboxFactory:
+    """A factory making one ``LocalSandbox`` per session, all sharing *config*."""
+
+    def factory(spec: SandboxSpec) -> LocalSandbox:
+        return LocalSandbox(spec, config)
+
+    return factory
