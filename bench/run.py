@@ -481,6 +481,7 @@ async def local_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
     figures, detail = [], {}
     for name, unit, target, op, words in LOCAL_FIGURES:
         func = next((f for n, f in funcs.items() if any(w in n for w in words)), None)
+        funcs = {n: f for n, f in funcs.items() if f is not func}  # one figure per function
         if func is None:
             figures.append(
                 Figure(name, None, unit, target, op, note=f"not measured yet (functions: {sorted(funcs)})")
@@ -498,6 +499,11 @@ async def local_figure(
         value = await asyncio.wait_for(func(), 60.0)
     except Exception as exc:  # noqa: BLE001 (root, packages or a slow box: the rest still runs)
         return Figure(name, None, unit, target, op, note=f"skipped: {type(exc).__name__}: {exc}")
+    if isinstance(value, dict):  # a record of one number is that number
+        numbers = [v for v in value.values() if isinstance(v, int | float)]
+        value = numbers[0] if len(numbers) == 1 else value
+    if value is None:
+        return Figure(name, None, unit, target, op, note="skipped: not available on this machine")
     if isinstance(value, int | float):
         return Figure(name, float(value), unit, target, op)
     return Figure(name, None, unit, target, op, note=f"unrecognised result {value!r}"[:200])
