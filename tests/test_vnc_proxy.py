@@ -7,7 +7,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -25,9 +25,16 @@ Connect = Callable[[str], Awaitable[aiohttp.ClientWebSocketResponse]]
 
 
 @pytest.fixture
-async def desktop() -> AsyncIterator[LocalSandbox]:
-    root = Path(tempfile.mkdtemp(prefix="deskhive-test-"))
-    root.chmod(0o711)
+def root() -> Iterator[Path]:
+    """A sandbox root every uid can traverse (pytest's own tmp folders are 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="deskhive-test-"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+async def desktop(root: Path) -> AsyncIterator[LocalSandbox]:
     spec = SandboxSpec(session_id="vnc_1700000000_00000000000000ff", username="vnc", data_dir=root)
     sandbox = LocalSandbox(spec, LocalConfig(root=root))
     try:
@@ -37,7 +44,6 @@ async def desktop() -> AsyncIterator[LocalSandbox]:
     finally:
         async with asyncio.timeout(10):
             await sandbox.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
