@@ -45,13 +45,13 @@ class Settings:
     sweep_interval: float = 300.0
     admin_token: str | None = None
     journal_size: int = 1000
-    users_file: Path | None = None
-    data_dir: Path = Path("var")
+    users_file: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    data_dir: Path = attrs.field(default=Path("var"), converter=Path)
     mailbox_size: int = 1000
     sessions_per_user: int = 3
     command_timeout: float = 600.0
     output_limit: int = 10 * 1024 * 1024
-    workflows_dir: Path = Path(__file__).parent / "workflows"
+    workflows_dir: Path = attrs.field(default=Path(__file__).parent / "workflows", converter=Path)
     model_url: str | None = None
     model: str = "gpt-4o"
     model_key: str | None = None
