@@ -45,7 +45,7 @@ sys.path[:0] = [p for p in (str(ROOT), str(HERE)) if p not in sys.path]
 
 PY: Final = sys.executable
 RESULTS: Final = HERE / "results.json"
-TOTAL_TIMEOUT_S: Final = 170.0
+TOTAL_TIMEOUT_S: Final = 165.0
 START_TIMEOUT_S: Final = 20.0
 STOP_TIMEOUT_S: Final = 5.0
 
@@ -370,7 +370,7 @@ async def idle_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
             str(LOGIN_CONCURRENCY),
         ]
         async with child("load", args, LOAD_CPU) as load:
-            report = await load.json_line(90.0)
+            report = await load.json_line(60.0)
         server_cpu = (desk.cpu_seconds() - cpu0) / max(report["seconds"], 1e-9)
         after = desk.rss_kib()
     per_session = (after - before) / IDLE_SESSIONS
@@ -461,13 +461,15 @@ def timed_ms(fn: Callable[[], object]) -> float:
 # ----------------------------------------------------------------------------
 # The local sandbox (bench/local_bench.py, when it exists)
 
-#: (figure, unit, target, op, words its function's name has)
-LOCAL_FIGURES: Final = (
-    ("desktop start-to-ready median", "s", 1.0, "<", ("ready",)),
-    ("bwrap `true` vs plain subprocess", "x", 3.0, "<=", ("bwrap", "overhead")),
-    ("memory, one idle desktop", "MiB", None, "<=", ("one", "idle", "single")),
-    ("memory, 20 desktops", "MiB", None, "<=", ("20", "twenty", "many")),
+#: (figure, unit, target, op, function of bench/local_bench.py, its arguments, scale to the unit)
+LocalFigure = tuple[str, str, float | None, str, str, dict[str, int], float]
+LOCAL_FIGURES: Final[tuple[LocalFigure, ...]] = (
+    ("desktop start-to-ready median", "s", 1.0, "<", "desktop_start_seconds", {}, 1.0),
+    ("bwrap `true` vs plain subprocess", "x", 3.0, "<=", "bwrap_overhead_ratio", {}, 1.0),
+    ("memory, one idle desktop", "MiB", None, "<=", "idle_desktops_rss_bytes", {"n": 1}, 2.0**-20),
+    ("memory, 20 idle desktops", "MiB", None, "<=", "idle_desktops_rss_bytes", {"n": 20}, 2.0**-20),
 )
+LOCAL_CALL_TIMEOUT_S: Final = 60.0
 
 
 async def local_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
@@ -475,52 +477,43 @@ async def local_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
         module = importlib.import_module("local_bench")
     except ImportError as exc:
         return local_skipped(f"not measured yet (bench/local_bench.py: {exc})"), {}
-    funcs = {
-        n: f for n, f in vars(module).items() if inspect.iscoroutinefunction(f) and not n.startswith("_")
-    }
-    figures, detail = [], {}
-    for name, unit, target, op, words in LOCAL_FIGURES:
-        func = next((f for n, f in funcs.items() if any(w in n for w in words)), None)
-        funcs = {n: f for n, f in funcs.items() if f is not func}  # one figure per function
-        if func is None:
-            figures.append(
-                Figure(name, None, unit, target, op, note=f"not measured yet (functions: {sorted(funcs)})")
-            )
+    figures = []
+    for name, unit, target, op, func_name, kwargs, scale in LOCAL_FIGURES:
+        func = getattr(module, func_name, None)
+        if not inspect.iscoroutinefunction(func):
+            figures.append(Figure(name, None, unit, target, op, note=f"not measured yet (no {func_name})"))
             continue
-        figures.append(await local_figure(name, unit, target, op, func))
-        detail[name] = {"function": func.__name__, "value": figures[-1].value, "note": figures[-1].note}
-    return figures, detail
+        figures.append(await local_figure(name, unit, target, op, func(**kwargs), scale))
+    return figures, {f.name: {"value": f.value, "note": f.note} for f in figures}
 
 
 async def local_figure(
-    name: str, unit: str, target: float | None, op: str, func: Callable[[], Awaitable[Any]]
+    name: str, unit: str, target: float | None, op: str, call: Awaitable[Any], scale: float
 ) -> Figure:
     try:
-        value = await asyncio.wait_for(func(), 60.0)
+        value = await asyncio.wait_for(call, LOCAL_CALL_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 (root, packages or a slow box: the rest still runs)
-        return Figure(name, None, unit, target, op, note=f"skipped: {type(exc).__name__}: {exc}")
-    if isinstance(value, dict):  # a record of one number is that number
-        numbers = [v for v in value.values() if isinstance(v, int | float)]
-        value = numbers[0] if len(numbers) == 1 else value
+        return Figure(name, None, unit, target, op, note=f"skipped: {type(exc).__name__}: {exc}"[:200])
     if value is None:
         return Figure(name, None, unit, target, op, note="skipped: not available on this machine")
     if isinstance(value, int | float):
-        return Figure(name, float(value), unit, target, op)
+        return Figure(name, float(value) * scale, unit, target, op)
     return Figure(name, None, unit, target, op, note=f"unrecognised result {value!r}"[:200])
 
 
 def local_skipped(why: str) -> list[Figure]:
-    return [Figure(name, None, unit, target, op, note=why) for name, unit, target, op, _ in LOCAL_FIGURES]
+    return [Figure(name, None, unit, target, op, note=why) for name, unit, target, op, *_ in LOCAL_FIGURES]
 
 
 # ----------------------------------------------------------------------------
 
 
+#: (name, stage, most seconds it may take)
 STAGES: Final = (
-    ("ping", ping_stage),
-    ("idle sessions", idle_stage),
-    ("sweep", sweep_stage),
-    ("local", local_stage),
+    ("ping", ping_stage, 75.0),
+    ("idle sessions", idle_stage, 45.0),
+    ("sweep", sweep_stage, 40.0),
+    ("local", local_stage, 60.0),
 )
 
 
@@ -528,11 +521,18 @@ async def run_all() -> tuple[list[Figure], dict[str, Any]]:
     figures: list[Figure] = []
     details: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="deskhive-bench-") as tmp:
-        for name, stage in STAGES:
+        deadline = time.perf_counter() + TOTAL_TIMEOUT_S
+        for name, stage, budget in STAGES:
             print(f"== {name}", flush=True)
             started = time.perf_counter()
+            # A late stage gets what is left: the table is printed either way.
+            seconds = max(1.0, min(budget, deadline - started))
             try:
-                got, detail = await stage(tmp)
+                async with asyncio.timeout(seconds):
+                    got, detail = await stage(tmp)
+            except TimeoutError:
+                took = time.perf_counter() - started
+                got, detail = [Figure(name, None, "", note=f"failed: timed out after {took:.0f} s")], {}
             except Exception as exc:  # noqa: BLE001 (one broken stage must not hide the others)
                 got, detail = [Figure(name, None, "", note=f"failed: {type(exc).__name__}: {exc}"[:300])], {}
             figures += got
@@ -542,8 +542,7 @@ async def run_all() -> tuple[list[Figure], dict[str, Any]]:
 
 async def main() -> int:
     configure_quiet_logging()
-    async with asyncio.timeout(TOTAL_TIMEOUT_S):
-        figures, details = await run_all()
+    figures, details = await run_all()
     print_table(figures)
     pressure = cpu_pressure()
     if pressure is not None and pressure > 10:
