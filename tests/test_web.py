@@ -585,16 +585,19 @@ async def local_commands(local_server: str) -> str:
     return local_server
 
 
-# True once some canvas of the page holds a pixel that is not black: the
-# VNC client has drawn the remote screen.
-CANVAS_DRAWN_JS = """() => [...document.querySelectorAll('canvas')].some(canvas => {
+# True once some canvas of the page holds a pixel of the colour asked for:
+# the VNC client has drawn that part of the remote screen.
+CANVAS_SHOWS_JS = """([r, g, b]) => [...document.querySelectorAll('canvas')].some(canvas => {
     if (!canvas.width || !canvas.height) return false;
     const { data } = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height);
-    for (let i = 0; i < data.length; i += 4 * 97) {
-        if (data[i] || data[i + 1] || data[i + 2]) return true;
+    for (let i = 0; i < data.length; i += 4 * 53) {
+        if (data[i] === r && data[i + 1] === g && data[i + 2] === b) return true;
     }
     return false;
 })"""
+DESKTOP_BLUE = (0x3A, 0x6E, 0xA5)
+XTERM_WHITE = (0xFF, 0xFF, 0xFF)
+XTERM_TEXT = (0x00, 0x00, 0x00)
 
 
 async def desktop_route_exists(base: str, session_id: str) -> bool:
@@ -603,28 +606,41 @@ async def desktop_route_exists(base: str, session_id: str) -> bool:
 
 
 @pytest.mark.local
-async def test_local_desktop_stream_draws(local_server: str, tab: Tab) -> None:
-    """On the local sandbox a started desktop shows in the page's noVNC frame and draws."""
+async def test_local_desktop_stream_draws(local_commands: str, tab: Tab) -> None:
+    """On the local sandbox a started desktop shows in the page's noVNC frame, which draws what runs on it."""
     page = tab.page
-    await log_in(page, local_server, unique("desk"))
+    await log_in(page, local_commands, unique("desk"))
     session = await session_of(page)
-    if not await desktop_route_exists(local_server, session["session_id"]):
+    if not await desktop_route_exists(local_commands, session["session_id"]):
         pytest.skip("the server has no /desktop/{session_id} route yet")
 
     await page.get_by_role("button", name="Start desktop").click()
     await expect(page.locator("#state-badge")).to_have_text("ready", timeout=40_000)
     await expect(page.locator("#desktop-frame")).to_be_visible()
-
     frame = page.frame_locator("#desktop-frame")
     await expect(frame.locator("canvas").first).to_be_visible(timeout=20_000)
     desktop = next(f for f in page.frames if "/desktop/" in f.url)
-    await desktop.wait_for_function(CANVAS_DRAWN_JS, timeout=20_000)
+
+    # A bare X desktop is black, like a canvas that drew nothing: paint it.
+    await run_command(page, "xsetroot -solid '#3a6ea5'")
+    await desktop.wait_for_function(CANVAS_SHOWS_JS, arg=DESKTOP_BLUE, timeout=20_000)
     await screenshot(page, "desktop")
+
+    # A window that stays open is a job that runs until it is cancelled.
+    box = page.get_by_role("textbox", name="Command")
+    await box.fill("xterm -geometry 96x26+40+40 -e top")
+    await box.press("Enter")
+    await desktop.wait_for_function(CANVAS_SHOWS_JS, arg=XTERM_WHITE, timeout=20_000)
+    await desktop.wait_for_function(CANVAS_SHOWS_JS, arg=XTERM_TEXT, timeout=20_000)
+    await screenshot(page, "desktop-busy")
+    job = page.locator("#jobs .job", has_text="xterm")
+    await job.get_by_role("button", name=re.compile("Cancel")).click()
+    await expect(job).to_have_count(0)
 
 
 @pytest.mark.local
 async def test_cancel_stops_a_running_job(local_commands: str, tab: Tab) -> None:
-    """The Cancel button next to a running job ends it with a cancelled result."""
+    """The Cancel button of a running job, still there after a reload, ends it with a cancelled result."""
     page = tab.page
     await log_in(page, local_commands, unique("cancel"))
     box = page.get_by_role("textbox", name="Command")
@@ -632,8 +648,15 @@ async def test_cancel_stops_a_running_job(local_commands: str, tab: Tab) -> None
     await box.press("Enter")
 
     job = page.locator("#jobs .job", has_text="sleep 30")
-    await expect(job).to_contain_text("accepted")
-    await expect(page.locator("#state-badge")).to_have_text(re.compile("busy|starting|ready"))
+    await expect(job).to_contain_text("running")
+    await expect(page.locator("#state-badge")).to_have_text("busy")
+    await expect(page.locator("#current-command")).to_contain_text("sleep 30")
+    await screenshot(page, "job-running")
+
+    await page.reload()
+    await wait_connected(page)
+    await expect(job).to_contain_text("running")
+    await expect(page.locator("#current-command")).to_contain_text("sleep 30")
     await job.get_by_role("button", name=re.compile("Cancel")).click()
 
     await expect(job).to_have_count(0)

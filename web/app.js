@@ -17,7 +17,7 @@ const DESKTOP_MESSAGES = {
   idle: "No desktop is running. Start one to see it here.",
   starting: "Starting the desktop…",
   ready: "The desktop is ready, but this sandbox has no stream to show.",
-  busy: "The desktop is busy, but this sandbox has no stream to show.",
+  busy: "A job is running; there is no desktop stream to show.",
   stopping: "Stopping the desktop…",
   closed: "This session has ended.",
   failed: "This session failed. Log out and log in again.",
@@ -32,6 +32,8 @@ const view = {
   history: [], // journal events shown, oldest first, as saved in the tab
   lastSeq: 0,
   welcomeSeq: 0, // events at or below it are replayed history, not news
+  state: "idle",
+  lastState: null, // the newest state event seen: welcome lacks its current_command
   wasConnected: false,
   saveTimer: null,
 };
@@ -59,6 +61,7 @@ function enterSession(session) {
 
   log.clear();
   for (const frame of view.history) draw(frame);
+  view.lastState = view.history.findLast((frame) => frame.type === "state") || null;
   loadWorkflows();
 
   openLink();
@@ -83,7 +86,7 @@ function leave(message) {
   if (!view.session) return;
   view.link?.stop();
   clearTimeout(view.saveTimer);
-  Object.assign(view, { session: null, link: null, history: [], lastSeq: 0, welcomeSeq: 0 });
+  Object.assign(view, { session: null, link: null, history: [], lastSeq: 0, welcomeSeq: 0, lastState: null });
   store.forgetAll();
   jobs.restore([]);
   log.clear();
@@ -132,7 +135,8 @@ function setState(state, streamUrl, currentCommand) {
   const badge = $("state-badge");
   badge.textContent = state;
   badge.className = `badge state-${state}`;
-  $("current-command").textContent = currentCommand ? `running: ${currentCommand}` : "";
+  view.state = state;
+  setCurrentCommand(currentCommand);
   if (view.session) view.session.stream_url = streamUrl;
 
   const live = LIVE_STATES.has(state) && Boolean(streamUrl);
@@ -151,6 +155,11 @@ function setState(state, streamUrl, currentCommand) {
   $("desktop-message").textContent = DESKTOP_MESSAGES[state] || `State: ${state}`;
 }
 
+function setCurrentCommand(currentCommand) {
+  $("current-command").textContent = currentCommand ? `running: ${currentCommand}` : "";
+  jobs.running(currentCommand);
+}
+
 // --------------------------------------------------------------------------
 // Events from the server
 
@@ -159,12 +168,17 @@ function receive(frame) {
     case "welcome":
       view.welcomeSeq = frame.seq;
       view.wasConnected = true;
-      setState(frame.state, frame.stream_url, null);
+      // welcome has no current_command; the newest state event seen has it.
+      setState(frame.state, frame.stream_url,
+        view.lastState?.state === frame.state ? view.lastState.current_command : null);
       forgetUnconfirmed();
       return;
-    case "ack":
-      jobs.acked(frame.id);
+    case "ack": {
+      const request = jobs.acked(frame.id);
+      store.savePending(jobs.pending());
+      if (request) setFeedback(request.origin, `${request.label}: accepted.`, "pending");
       return;
+    }
     case "error":
       failed(frame);
       return;
@@ -188,6 +202,8 @@ function receive(frame) {
 
 /** Keeps a journal event for the next reload of this tab. */
 function remember(frame) {
+  // Only log events carry a time; the others keep the time they arrived.
+  if (!frame.ts) frame._received = new Date().toISOString();
   view.history.push(frame);
   if (Number.isInteger(frame.seq)) view.lastSeq = frame.seq;
   clearTimeout(view.saveTimer);
@@ -209,15 +225,17 @@ function draw(frame) {
       log.output(frame);
       break;
     case "state":
-      log.note("state", `state: ${frame.state}${frame.current_command ? ` · ${frame.current_command}` : ""}`, frame.seq);
+      log.note("state", `state: ${frame.state}${frame.current_command ? ` · ${frame.current_command}` : ""}`,
+        frame.seq, frame._received);
       break;
     case "result": {
       const { text, tone } = describeResult(frame, frame._label || `request ${frame.id}`);
-      log.note(tone, text, frame.seq);
+      log.note(tone, text, frame.seq, frame._received);
       break;
     }
     case "gap":
-      log.note("gap", `Events ${frame.from_seq} to ${frame.to_seq} are no longer kept by the server and cannot be shown.`);
+      log.note("gap", `Events ${frame.from_seq} to ${frame.to_seq} are no longer kept by the server and cannot be shown.`,
+        undefined, frame._received);
       break;
     default:
       break;
@@ -226,8 +244,11 @@ function draw(frame) {
 
 /** What an event changes beyond the log: the badge, the desktop, a request's answer. */
 function act(frame) {
-  if (frame.type === "state" && frame.seq > view.welcomeSeq) {
-    setState(frame.state, frame.stream_url, frame.current_command);
+  if (frame.type === "state") {
+    view.lastState = frame;
+    // Replayed states are history: only the command still running can be learnt from them.
+    if (frame.seq > view.welcomeSeq) setState(frame.state, frame.stream_url, frame.current_command);
+    else if (frame.state === view.state) setCurrentCommand(frame.current_command);
   }
   if (frame.type !== "result") return;
   const request = jobs.finish(frame.id);
@@ -271,12 +292,12 @@ function clearLocalLog() {
 // Requests
 
 /** Sends one request, answering in the feedback line *origin*; false when offline. */
-function send(type, fields, origin, label) {
+function send(type, fields, origin, label, command = type) {
   if (!view.link || !view.link.connected) {
     setFeedback(origin, "Not connected to the server yet; try again in a moment.", "error");
     return false;
   }
-  const request = jobs.add(type, label, origin);
+  const request = jobs.add(type, label, origin, command);
   view.link.send({ type, id: request.id, ...fields });
   store.savePending(jobs.pending());
   setFeedback(origin, `${label}: sent…`, "pending");
@@ -320,7 +341,9 @@ async function loadWorkflows() {
 
 function describeWorkflow() {
   const option = $("workflow-name").selectedOptions[0];
-  $("workflow-description").textContent = option ? option.dataset.description || "" : "";
+  const description = option ? option.dataset.description || "" : "";
+  $("workflow-description").textContent = description;
+  $("workflow-description").title = description; // the line may be cut short
 }
 
 // --------------------------------------------------------------------------
@@ -336,7 +359,7 @@ function runCommand(event) {
     setFeedback("command-feedback", "Type a command first.", "error");
     return;
   }
-  if (send("run_command", { cmd }, "command-feedback", `$ ${cmd}`)) {
+  if (send("run_command", { cmd }, "command-feedback", `$ ${cmd}`, cmd)) {
     commandHistory.entries.push(cmd);
     commandHistory.index = commandHistory.entries.length;
     input.value = "";

@@ -98,8 +98,8 @@ export class LogView {
   }
 
   /** A line the page writes itself: state changes, results, gaps, connection notes. */
-  note(kind, text, seq) {
-    const row = this.row(`entry note note-${kind}`, seq);
+  note(kind, text, seq, ts) {
+    const row = this.row(`entry note note-${kind}`, seq, ts);
     row.append(this.span("message", text));
     this.add(row);
   }

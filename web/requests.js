@@ -61,20 +61,46 @@ export class JobList {
     this.requests = new Map(); // id -> {id, type, label, origin, acked}
     this.rows = new Map(); // id -> <li>, kept so focus survives updates
     this.counter = 0;
+    this.current = null; // the state's current_command
   }
 
-  add(type, label, origin) {
+  /** A new request; *command* is how the server names it in `current_command` while it runs. */
+  add(type, label, origin, command = type) {
     this.counter += 1;
-    const request = { id: `${ID_PREFIX}-${this.counter}`, type, label, origin, acked: false };
+    const request = { id: `${ID_PREFIX}-${this.counter}`, type, label, origin, command, acked: false };
     this.requests.set(request.id, request);
     this.render();
     return request;
   }
 
+  /**
+   * Marks which job runs, from the state's `current_command`: jobs run in
+   * the order they arrived, so it is the oldest of ours that it names.
+   */
+  running(currentCommand) {
+    this.current = currentCommand || null;
+    this.render();
+  }
+
+  statusOf(job, runningId) {
+    if (!job.acked) return "sent";
+    return job.id === runningId ? "running" : "waiting";
+  }
+
+  runningId() {
+    const current = this.current;
+    if (!current) return null;
+    const job = this.pending().find((request) => request.acked && (
+      current === request.command || current.startsWith(`${request.type}:`)));
+    return job ? job.id : null;
+  }
+
+  /** Marks request *id* as taken by the server; answers it (or null when it is not ours). */
   acked(id) {
-    const request = this.requests.get(id);
+    const request = this.requests.get(id) || null;
     if (request) request.acked = true;
     this.render();
+    return request;
   }
 
   /** Forgets request *id*, answering what it was (or null when it is not ours). */
@@ -107,9 +133,10 @@ export class JobList {
         this.rows.delete(id);
       }
     }
+    const runningId = this.runningId();
     for (const job of jobs) {
       const row = this.rows.get(job.id) || this.row(job);
-      row.querySelector(".job-status").textContent = job.acked ? "accepted" : "sent";
+      row.querySelector(".job-status").textContent = this.statusOf(job, runningId);
       // New rows go last, in the order of sending; moving a row would drop its focus.
       if (!row.isConnected) this.list.append(row);
     }
