@@ -42,7 +42,8 @@ export function describeResult(result, label) {
     return { tone: "ok", text: `✓ ${label}: ${data.answer}`, feedback: `Answer: ${truncate(data.answer)}` };
   }
   if (data.workflow) {
-    const steps = Array.isArray(data.steps) ? ` (${data.steps.length} steps)` : "";
+    const count = Array.isArray(data.steps) ? data.steps.length : data.steps;
+    const steps = Number.isInteger(count) ? ` (${count} steps)` : "";
     return { tone: "ok", text: `✓ workflow ${data.workflow} finished${steps}`, feedback: `Finished${steps}.` };
   }
   return { tone: "ok", text: `✓ ${label}: done`, feedback: `${label[0].toUpperCase()}${label.slice(1)}: done.` };
