@@ -205,6 +205,8 @@ function remember(frame) {
   // Only log events carry a time; the others keep the time they arrived.
   if (!frame.ts) frame._received = new Date().toISOString();
   view.history.push(frame);
+  // The tab keeps no more than it can save; the log panel has its own bound.
+  if (view.history.length > store.HISTORY_MAX_EVENTS) view.history.shift();
   if (Number.isInteger(frame.seq)) view.lastSeq = frame.seq;
   clearTimeout(view.saveTimer);
   view.saveTimer = setTimeout(saveHistory, HISTORY_SAVE_DELAY_MS);
@@ -254,7 +256,7 @@ function act(frame) {
   const request = jobs.finish(frame.id);
   store.savePending(jobs.pending());
   if (!request) return;
-  const { feedback, tone } = describeResult(frame, request.label, request.type);
+  const { feedback, tone } = describeResult(frame, request.label);
   setFeedback(request.origin, feedback, tone);
   if (request.type === "clear_logs" && frame.ok) clearLocalLog();
 }

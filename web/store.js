@@ -10,7 +10,7 @@ const PENDING_KEY = "deskhive.pending";
 // The server keeps 1000 events by default; keeping as many here lets a
 // reload show what the page showed. The size bound keeps clear of the
 // browser's quota (about 5 MB of UTF-16 per origin).
-const HISTORY_MAX_EVENTS = 1000;
+export const HISTORY_MAX_EVENTS = 1000;
 const HISTORY_MAX_CHARS = 1_500_000;
 
 function read(key) {
