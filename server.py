@@ -78,38 +78,55 @@ def _ws_header(length: int) -> bytes:
 
 
 class WsPeer:
-    """A WebSocket as the actor sees it: ``deliver`` writes without suspending.
+    """A WebSocket as the actor sees it: ``deliver`` never suspends.
 
-    Frames go straight to the transport (one header, one shared payload), so
-    a broadcast never yields to the event loop halfway and every socket of a
-    session gets events in ``seq`` order. A socket whose unsent output passes
-    ``SLOW_PEER_BYTES`` is aborted instead of stalling the session.
+    Frames are framed here (RFC 6455, one shared payload per broadcast) and
+    collected until the end of the current event-loop turn, then written with
+    one ``writelines``: a burst of replies costs one system call, a broadcast
+    never yields halfway, and every socket of a session gets its frames in
+    ``seq`` order. Error replies take the same path, so nothing overtakes an
+    event. A socket whose unsent output passes ``SLOW_PEER_BYTES`` is aborted
+    rather than left to stall the session; its client resumes from its seq.
     """
 
-    __slots__ = ("__weakref__", "_transport", "_ws", "remote")
+    __slots__ = ("__weakref__", "_loop", "_pending", "_pending_bytes", "_transport", "_ws", "remote")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self._ws = ws
         self._transport = request.transport
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self.remote = request.remote
 
     def deliver(self, frame: bytes) -> bool:
         transport = self._transport
         if transport is None or transport.is_closing() or self._ws.closed:
             return False
-        if transport.get_write_buffer_size() > SLOW_PEER_BYTES:
+        if transport.get_write_buffer_size() + self._pending_bytes > SLOW_PEER_BYTES:
             logger.warning("ws.slow_peer_dropped", peer=self.remote)
+            self._pending.clear()
             transport.abort()
             return False
-        transport.writelines((_ws_header(len(frame)), frame))
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending += (_ws_header(len(frame)), frame)
+        self._pending_bytes += len(frame)
         return True
 
+    def flush(self) -> None:
+        """Write what ``deliver`` collected (dropped if the socket closed since)."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        transport = self._transport
+        if pending and transport is not None and not transport.is_closing() and not self._ws.closed:
+            transport.writelines(pending)
+
+    def send_error(self, exc: GatewayError) -> None:
+        self.deliver(codec.encode(codec.error_for(exc)))
+
     async def close(self, code: int, reason: str) -> None:
+        self.flush()
         await self._ws.close(code=code, message=reason.encode()[:120])
-
-
-async def _send_error(ws: web.WebSocketResponse, exc: GatewayError) -> None:
-    await ws.send_str(codec.encode(codec.error_for(exc)).decode())
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -125,9 +142,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         try:
             async for frame in ws:
                 if frame.type is WSMsgType.TEXT:
-                    await _forward(ws, actor, peer, frame.data)
+                    await _forward(actor, peer, frame.data)
                 elif frame.type is WSMsgType.BINARY:
-                    await _send_error(ws, ProtocolError("binary frames are not part of the protocol"))
+                    peer.send_error(ProtocolError("binary frames are not part of the protocol"))
         finally:
             actor.detach(peer)
     return ws
@@ -151,26 +168,26 @@ async def _hello(ws: web.WebSocketResponse, peer: WsPeer, supervisor: Supervisor
         actor = supervisor.by_token(hello.token)
         actor.attach(peer, hello.last_seq)
     except SessionNotFound as exc:
-        await _send_error(ws, exc)
-        await ws.close(code=CLOSE_NOT_FOUND, message=exc.message.encode()[:120])
+        peer.send_error(exc)
+        await peer.close(CLOSE_NOT_FOUND, exc.message)
         return None
     except GatewayError as exc:
-        await _send_error(ws, exc)
-        await ws.close(code=CLOSE_UNAUTHORIZED, message=exc.message.encode()[:120])
+        peer.send_error(exc)
+        await peer.close(CLOSE_UNAUTHORIZED, exc.message)
         return None
     return actor
 
 
-async def _forward(ws: web.WebSocketResponse, actor: SessionActor, peer: WsPeer, data: str) -> None:
+async def _forward(actor: SessionActor, peer: WsPeer, data: str) -> None:
     try:
         msg = codec.decode(data)
         if isinstance(msg, m.Hello):
             raise ProtocolError("this socket is already bound to a session")
         actor.tell(msg, peer)
     except SessionNotFound as exc:
-        await ws.close(code=CLOSE_NOT_FOUND, message=exc.message.encode()[:120])
+        await peer.close(CLOSE_NOT_FOUND, exc.message)
     except GatewayError as exc:
-        await _send_error(ws, exc)
+        peer.send_error(exc)
 
 
 async def close_sockets(app: web.Application) -> None:
@@ -261,13 +278,13 @@ async def login(request: web.Request) -> web.Response:
     session = await request.app[SUPERVISOR].spawn(username, aws_login=aws_login, customer_name=customer_name)
     actor = session.actor
     sid = actor.info.session_id
-    ws_url = request.url.with_scheme("wss" if request.secure else "ws").with_path("/ws").with_query(None)
+    ws_url = f"{'wss' if request.secure else 'ws'}://{request.host}/ws"
     logger.info("session.created", session_id=sid, username=username, peer=request.remote)
     return _json(
         {
             "session_id": sid,
             "token": session.token,
-            "ws_url": str(ws_url),
+            "ws_url": ws_url,
             "stream_url": actor.sandbox.stream_url or _stream_url(request.app, sid),
             "username": username,
             "state": actor.state,

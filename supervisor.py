@@ -90,6 +90,7 @@ class Supervisor:
         self._running = asyncio.Event()
         self._stop = asyncio.Event()
         self._accepting = True
+        self._sessions_dir = config.data_dir / "sessions"
         self.started_at = time.monotonic()
 
     # ------------------------------------------------------------------
@@ -157,7 +158,7 @@ class Supervisor:
         spec = SandboxSpec(
             session_id=sid,
             username=username,
-            data_dir=self.config.data_dir / "sessions" / sid,
+            data_dir=self._sessions_dir / sid,
             stream_url=self._stream_url(sid) if self._stream_url else None,
         )
         actor = SessionActor(info, self._sandbox_factory(spec), self.config.actor)
@@ -166,8 +167,12 @@ class Supervisor:
         self._by_token[info.token_hash] = actor
         self._tasks[sid] = self._tg.create_task(self._supervise(actor), name=f"session:{sid}")
         self.totals.spawned += 1
-        async with asyncio.timeout(_SPAWN_TIMEOUT_S):
-            await actor.started.wait()
+        # The new task's first step runs before we resume, so the timeout is
+        # only armed when the actor did not start in that step.
+        await asyncio.sleep(0)
+        if not actor.started.is_set():
+            async with asyncio.timeout(_SPAWN_TIMEOUT_S):
+                await actor.started.wait()
         return Login(actor=actor, token=token)
 
     def by_token(self, token: str) -> SessionActor:

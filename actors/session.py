@@ -132,10 +132,7 @@ class SessionActor:
         self.sandbox = sandbox
         self.config = config
         self.journal = Journal(config.journal_size, config.journal_bytes)
-        #: Logger whose events land in this session's journal and sockets.
-        self.log: Any = structlog.wrap_logger(
-            _JournalSink(self), processors=_SESSION_PROCESSORS, wrapper_class=_SessionLogger
-        )
+        self._log: Any = None
         self.started = asyncio.Event()
         self.stop_requested_at: float | None = None
         self.stop_reason: str | None = None
@@ -152,6 +149,14 @@ class SessionActor:
         self._last_active = time.monotonic()
         self.frames_in = 0
         self.jobs_run = 0
+
+    @property
+    def log(self) -> Any:
+        """Logger whose events land in this session's journal and sockets."""
+        # Made on first use: most idle sessions never log, and logins are hot.
+        if self._log is None:
+            self._log = _SessionLogger(_JournalSink(self), _SESSION_PROCESSORS, {})  # type: ignore[call-arg]
+        return self._log
 
     # ------------------------------------------------------------------
     # Called from other tasks (the server's handlers, the supervisor)
@@ -283,12 +288,20 @@ class SessionActor:
         self._tg = None
 
     async def _loop(self) -> None:
+        mailbox = self._mailbox
         while True:
-            msg, origin = await self._mailbox.get()
-            if isinstance(msg, Stop):
-                logger.debug("actor.stopping", reason=msg.reason)
-                return
-            self._handle(msg, origin)
+            msg, origin = await mailbox.get()
+            # Handle whatever else is already waiting before sleeping again:
+            # one wake-up per burst instead of one per message.
+            while True:
+                if isinstance(msg, Stop):
+                    logger.debug("actor.stopping", reason=msg.reason)
+                    return
+                self._handle(msg, origin)
+                try:
+                    msg, origin = mailbox.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
 
     def _handle(self, msg: m.Request, origin: Peer | None) -> None:
         if isinstance(msg, m.Ping):
