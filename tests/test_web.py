@@ -657,6 +657,21 @@ async def test_local_desktop_stream_draws(local_commands: str, tab: Tab) -> None
 
 
 @pytest.mark.local
+async def test_stdout_stderr_and_exit_code_are_told_apart(local_commands: str, tab: Tab) -> None:
+    """A command's stdout and stderr land in rows marked as such; a failing exit code shows as a warning."""
+    page = tab.page
+    await log_in(page, local_commands, unique("streams"))
+    await run_command(page, "echo to-stdout; echo to-stderr >&2; exit 3")
+
+    await expect(page.locator("#log .output.stdout")).to_contain_text("to-stdout")
+    await expect(page.locator("#log .output.stderr")).to_contain_text("to-stderr")
+    await expect(page.locator("#log .output.stderr .tag")).to_have_text("stderr")
+    await expect(page.locator("#log .note-warn").last).to_contain_text("exited with code 3")
+    await expect(page.locator("#command-feedback")).to_have_text("Exited with code 3.")
+    await screenshot(page, "streams")
+
+
+@pytest.mark.local
 async def test_cancel_stops_a_running_job(local_commands: str, tab: Tab) -> None:
     """The Cancel button of a running job, still there after a reload, ends it with a cancelled result."""
     page = tab.page
