@@ -205,7 +205,8 @@ async def test_desktop_screenshot_changes_after_typing(make: Make) -> None:
     assert sandbox.desktop_running and sandbox.vnc_endpoint is not None
     await sandbox.launch("xterm")
     async with asyncio.timeout(15):
-        await sandbox.xdotool("search", "--sync", "--onlyvisible", "--class", "xterm")
+        # Focus the xterm first: typed keys go to the focused window only.
+        await sandbox.xdotool("search", "--sync", "--onlyvisible", "--class", "xterm", "windowfocus")
         before = await screenshot_when_stable(sandbox)
         assert before.startswith(b"\x89PNG\r\n\x1a\n")
         await sandbox.write("echo hello from the sandbox")

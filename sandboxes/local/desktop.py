@@ -29,6 +29,7 @@ logger = structlog.get_logger()
 
 VNC_DIR = "/run/vnc"
 POLL = 0.005
+OWN_HOME = {"HOME": "/tmp"}
 
 
 def display_is_free(n: int) -> bool:
@@ -86,12 +87,28 @@ class Desktop:
 
     async def _start_clients(self, config: LocalConfig) -> None:
         x = [self.x_mount()]
-        self.procs.append(await spawn(self.jail, config.window_manager, mounts=x, display=self.display))
+        # The desktop's own programs get a HOME on their private /tmp: no
+        # access to the session's files, and a writable HOME (openbox stalls
+        # for seconds at start without one).
+        self.procs.append(
+            await spawn(self.jail, config.window_manager, mounts=x, display=self.display, extra_env=OWN_HOME)
+        )
         vnc = ["x11vnc", "-display", f":{self.display}", "-rfbport", "0", "-unixsock", f"{VNC_DIR}/sock"]
         vnc += ["-forever", "-shared", "-nopw", "-norc", "-noshm", "-nocmds", "-noremote", "-quiet"]
         vnc_mounts = [*x, Mount(self.vnc_dir, VNC_DIR, writable=True)]
-        self.procs.append(await spawn(self.jail, vnc, mounts=vnc_mounts, display=self.display))
-        await self._until_accepting(self.vnc_socket, "x11vnc")
+        # x11vnc rarely dies of an X I/O error right at start; one retry covers it.
+        for attempt in (1, 2):
+            proc = await spawn(self.jail, vnc, mounts=vnc_mounts, display=self.display, extra_env=OWN_HOME)
+            self.procs.append(proc)
+            try:
+                await self._until_accepting(self.vnc_socket, "x11vnc")
+            except SandboxBroken:
+                if attempt == 2 or proc.returncode is None:
+                    raise
+                self.procs.remove(proc)
+                logger.warning("sandbox.x11vnc_retry", display=self.display, exit_code=proc.returncode)
+            else:
+                return
 
     async def _until_accepting(self, path: Path, what: str) -> None:
         """Poll until *path* accepts a connection; fail if the server died."""

@@ -40,6 +40,9 @@ SYSTEM_ETC = (
     "nsswitch.conf", "host.conf", "gai.conf", "magic", "python3", "python3.11",
     "os-release", "debian_version", "gtk-3.0", "vim",
 )  # fmt: skip
+#: Other read-only host files: fontconfig's system cache, without which every
+#: program using fonts (the window manager, browsers) rescans them all at start.
+SYSTEM_OTHER = ("/var/cache/fontconfig",)
 #: Only mounted for a sandbox that has the network.
 NETWORK_ETC = ("resolv.conf", "hosts")
 #: Top-level links of a merged-/usr system.
@@ -174,6 +177,8 @@ class Jail:
             args += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.tmp_bytes), "--tmpfs", "/tmp"]
             for name in SYSTEM_ETC + (NETWORK_ETC if network else ()):
                 args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+            for path in SYSTEM_OTHER:
+                args += ["--ro-bind-try", path, path]
             for dest, text in zip(("/etc/passwd", "/etc/group"), self._identity_files(), strict=True):
                 args += ["--ro-bind-data", keep(_data_fd(text)), dest]
             chdir = "/"
