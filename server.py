@@ -285,7 +285,7 @@ async def login(request: web.Request) -> web.Response:
             "session_id": sid,
             "token": session.token,
             "ws_url": ws_url,
-            "stream_url": actor.sandbox.stream_url or _stream_url(request.app, sid),
+            "stream_url": actor.sandbox.stream_url,
             "username": username,
             "state": actor.state,
         },

@@ -51,8 +51,8 @@ class JobContext:
     config: JobConfig
     log: Any  # the session's structlog logger
     emit: Callable[[m.Event], None]
-    #: Tells the actor the job entered a phase (``starting``, ``stopping``)
-    #: or left it (``None``); the session's state follows.
+    #: Tells the actor a job entered the desktop's ``starting`` phase or left
+    #: it (``None``): a workflow's desktop step; the session's state follows.
     set_phase: Callable[[str | None], None]
     _output_bytes: int = 0
     _truncated: bool = False
@@ -130,11 +130,7 @@ async def start_desktop(ctx: JobContext) -> str | None:
 
 
 async def stop_desktop(ctx: JobContext) -> None:
-    ctx.set_phase("stopping")
-    try:
-        await ctx.sandbox.stop_desktop()
-    finally:
-        ctx.set_phase(None)
+    await ctx.sandbox.stop_desktop()
 
 
 async def setup(ctx: JobContext, packages: tuple[str, ...]) -> None:

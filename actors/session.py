@@ -224,13 +224,21 @@ class SessionActor:
     def state(self) -> m.SessionState:
         if self._ended is not None:
             return "failed" if self._ended == "failed" else "closed"
+        if self.stop_requested_at is not None:
+            return "stopping"
+        running = self.sandbox.desktop_running
+        job = self._current.msg if self._current is not None else None
+        # Starting and killing the desktop show as such from the job's first
+        # moment to its last, with no "busy" in between.
+        if isinstance(job, m.StartDesktop):
+            return "ready" if running else "starting"
+        if isinstance(job, m.KillDesktop):
+            return "stopping" if running else "idle"
         if self._phase == "starting":
             return "starting"
-        if self._phase == "stopping" or self.stop_requested_at is not None:
-            return "stopping"
-        if self._current is not None:
+        if job is not None:
             return "busy"
-        return "ready" if self.sandbox.desktop_running else "idle"
+        return "ready" if running else "idle"
 
     def idle_seconds(self, now: float) -> float:
         """Seconds since the last client frame; 0 while a job runs."""

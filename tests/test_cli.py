@@ -58,8 +58,8 @@ async def start(*args: str, env: dict[str, str] | None = None) -> Served:
     return Served(proc, url.group(1), admin.group(1), banner)
 
 
-async def stop(served: Served) -> int:
-    if served.proc.returncode is None:
+async def stop(served: Served, *, signalled: bool = False) -> int:
+    if served.proc.returncode is None and not signalled:
         served.proc.send_signal(signal.SIGTERM)
     try:
         async with asyncio.timeout(20):
@@ -114,7 +114,7 @@ async def test_sigterm_ends_sessions_and_leaves_nothing_behind(null_server: Serv
             while msg.type is aiohttp.WSMsgType.TEXT:
                 msg = await conn.ws.receive(timeout=10)
             assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
-    assert await stop(null_server) == 0
+    assert await stop(null_server, signalled=True) == 0
     assert _children_of(null_server.proc.pid) == []
 
 
