@@ -36,6 +36,16 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+def default_data_dir() -> Path:
+    """``/var/lib/deskhive`` for a root server, ``./var`` otherwise.
+
+    Sandboxed processes run as other, unprivileged users, and bubblewrap opens
+    their folders as those users: every folder above the data folder must be
+    enterable by them, which a checkout under ``/root`` is not.
+    """
+    return Path("/var/lib/deskhive") if os.geteuid() == 0 else Path("var")
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -46,7 +56,7 @@ class Settings:
     admin_token: str | None = None
     journal_size: int = 1000
     users_file: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
-    data_dir: Path = attrs.field(default=Path("var"), converter=Path)
+    data_dir: Path = attrs.field(factory=lambda: default_data_dir(), converter=Path)
     mailbox_size: int = 1000
     sessions_per_user: int = 3
     command_timeout: float = 600.0
@@ -70,7 +80,7 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ("admin_token", str, "bearer token for /status (random and printed when unset)"),
     ("journal_size", _positive(int), "events kept per session for replay"),
     ("users_file", Path, "file of 'username:scrypt$...' lines; unset means demo mode"),
-    ("data_dir", Path, "folder for per-session data (local sandbox homes)"),
+    ("data_dir", Path, "folder for per-session data (default /var/lib/deskhive as root, else ./var)"),
     ("mailbox_size", _positive(int), "messages a session's mailbox holds before 'busy'"),
     ("sessions_per_user", _positive(int), "sessions one username may hold at once"),
     ("command_timeout", _positive(float), "default command timeout, seconds"),

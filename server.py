@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import secrets
 import signal
 import struct
@@ -35,6 +36,7 @@ from protocol.errors import (
     Forbidden,
     FrameTooLarge,
     GatewayError,
+    NotConfigured,
     ProtocolError,
     SessionNotFound,
     Unauthorized,
@@ -388,7 +390,22 @@ def _sandbox_factory(settings: Settings) -> SandboxFactory:
         return e2b_factory()
     from sandboxes.local import LocalConfig, local_factory
 
-    return local_factory(LocalConfig(root=settings.data_dir / "sandboxes", network=settings.sandbox_network))
+    root = settings.data_dir / "sandboxes"
+    if os.geteuid() == 0:
+        _check_enterable(root)
+    return local_factory(LocalConfig(root=root, network=settings.sandbox_network))
+
+
+def _check_enterable(folder: Path) -> None:
+    """Fail at start-up, not at the first command, on a folder sandboxes cannot reach."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)
+    for part in (folder.resolve(), *folder.resolve().parents):
+        if not part.stat().st_mode & 0o001:
+            raise NotConfigured(
+                f"data folder {folder}: {part} is not enterable by other users, and sandboxed "
+                "commands run as other users; choose another --data-dir or chmod o+x it"
+            )
 
 
 def _model(settings: Settings) -> Any:
