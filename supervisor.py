@@ -219,7 +219,7 @@ class Supervisor:
                 if now - actor.stop_requested_at > grace:
                     self._tasks[sid].cancel("did not stop in time")
             elif actor.idle_seconds(now) > timeout:
-                actor.request_stop("idle")
+                actor.request_stop("idle", now)
                 reaped += 1
         self.totals.reaped += reaped
         if reaped:

@@ -14,6 +14,7 @@ TaskGroup; ``ping``, ``get_state``, ``cancel``, ``clear_logs`` and
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import MutableMapping
@@ -80,6 +81,12 @@ class Stop:
     """Poison pill: finish what came before, cancel jobs, end the incarnation."""
 
     reason: str
+
+
+@functools.lru_cache(maxsize=64)
+def _stop_envelope(reason: str) -> tuple[Stop, None]:
+    # One per reason: a sweep may stop ten thousand sessions at once.
+    return Stop(reason), None
 
 
 @attrs.define(slots=True, eq=False)
@@ -182,12 +189,15 @@ class SessionActor:
         self._mailbox.put_nowait((msg, origin))
         return msg.id
 
-    def request_stop(self, reason: str) -> None:
-        """Ask the actor to end the session once earlier messages are handled."""
+    def request_stop(self, reason: str, now: float | None = None) -> None:
+        """Ask the actor to end the session once earlier messages are handled.
+
+        The bound does not apply: a full mailbox must still take its ``Stop``.
+        """
         if self.stop_requested_at is None:
-            self.stop_requested_at = time.monotonic()
+            self.stop_requested_at = time.monotonic() if now is None else now
             self.stop_reason = reason
-            self._mailbox.put_nowait((Stop(reason), None))
+            self._mailbox.put_nowait(_stop_envelope(reason))
 
     def attach(self, peer: Peer, last_seq: int | None) -> None:
         """Bind *peer*: welcome, gap, replay after *last_seq*, then live events.

@@ -1,8 +1,10 @@
-"""The baseline for the ping figures: a plain aiohttp WebSocket echo server.
+"""The baselines: a plain aiohttp WebSocket echo, and a plain login handler.
 
-It does the least an aiohttp WebSocket server can do per frame, so the ratio
-of deskhive's ping throughput to this one's shows what the session layer
-(decode, mailbox, actor, encode) costs on top of aiohttp itself.
+The echo does the least an aiohttp WebSocket server can do per frame, so the
+ratio of deskhive's ping throughput to this one's shows what the session
+layer (decode, mailbox, actor, encode) costs on top of aiohttp itself. The
+login handler (``POST /api/sessions``) reads the JSON body and answers 201
+with a fresh token and nothing else: what any aiohttp login costs here.
 
     python bench/echo_baseline.py [--host 127.0.0.1] [--port 0]
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import signal
 
 from aiohttp import web
@@ -27,9 +30,15 @@ async def echo(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def login(request: web.Request) -> web.Response:
+    body = await request.json()
+    answer = {"session_id": body["username"], "token": secrets.token_urlsafe(32), "ws_url": "", "stream_url": None}
+    return web.json_response(answer, status=201)
+
+
 async def serve(host: str, port: int) -> None:
     app = web.Application()
-    app.add_routes([web.get("/ws", echo)])
+    app.add_routes([web.get("/ws", echo), web.post("/api/sessions", login)])
     # No access log: deskhive's server runs without one too.
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

@@ -353,7 +353,18 @@ def ping_figures(runs: list[dict[str, Any]]) -> list[Figure]:
 # 10,000 idle sessions: memory and login rate
 
 
+async def baseline_login_rate() -> dict[str, Any]:
+    """The same login load against a plain aiohttp handler, in this run."""
+    async with child("echo", [str(HERE / "echo_baseline.py")], SERVER_CPU) as echo:
+        url = await url_of(echo)
+        args = [str(HERE / "load.py"), "logins", "--deskhive-url", url, "--count", str(IDLE_SESSIONS)]
+        async with child("load", [*args, "--concurrency", str(LOGIN_CONCURRENCY)], LOAD_CPU) as load:
+            report: dict[str, Any] = await load.json_line(60.0)
+    return report
+
+
 async def idle_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
+    baseline = await baseline_login_rate()
     async with child("deskhive", deskhive_args(tmp), SERVER_CPU) as desk:
         url = await url_of(desk)
         await asyncio.sleep(0.5)  # let start-up garbage settle before the baseline
@@ -374,7 +385,13 @@ async def idle_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
         server_cpu = (desk.cpu_seconds() - cpu0) / max(report["seconds"], 1e-9)
         after = desk.rss_kib()
     per_session = (after - before) / IDLE_SESSIONS
-    detail = {"rss_before_kib": before, "rss_after_kib": after, "logins": report, "server_cpu": server_cpu}
+    detail = {
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "logins": report,
+        "baseline_logins": baseline,
+        "server_cpu": server_cpu,
+    }
     bad = report["ok"] != IDLE_SESSIONS
     return [
         Figure(
@@ -397,6 +414,8 @@ async def idle_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
                 + (f"; statuses {report['statuses']}" if bad else "")
             ),
         ),
+        Figure("login rate, plain aiohttp handler", baseline["rate"], "logins/s"),
+        Figure("login rate vs plain aiohttp handler", report["rate"] / baseline["rate"], "x"),
         Figure(
             "server CPU per login",
             1e3 * server_cpu * report["seconds"] / max(report["ok"], 1),
