@@ -257,7 +257,7 @@ class E2BSandbox:
         self,
         cmd: str,
         *,
-        timeout: float,  # noqa: ASYNC109 - the Sandbox Protocol's signature
+        timeout: float,
         on_output: OutputSink,
     ) -> int:
         """Run *cmd* through bash in the sandbox, streaming its output."""

@@ -51,7 +51,7 @@ class RecordingDesktop:
     async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
         self.calls.append(("setup", (tuple(packages),)))
 
-    async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:  # noqa: ASYNC109
+    async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:
         self.calls.append(("run", (cmd, timeout)))
         chunks, code = self.scripts.get(cmd, ([], 0))
         for stream, data in chunks:
