@@ -157,6 +157,8 @@ class Jail:
         mounts: Sequence[Mount] = (),
         network: bool = False,
         limits: Limits | None = None,
+        files: Mapping[str, bytes] | None = None,
+        as_pid_1: bool = False,
     ) -> Iterator[tuple[list[str], list[int]]]:
         """The full argv and the descriptors it needs, open until exit."""
         with contextlib.ExitStack() as stack:
@@ -168,6 +170,8 @@ class Jail:
                 return str(fd)
 
             args = [*_prlimit(limits), "bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
+            if as_pid_1:
+                args.append("--as-pid-1")
             if network:
                 args.append("--share-net")
             args += ["--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
@@ -180,7 +184,9 @@ class Jail:
             for path in SYSTEM_OTHER:
                 args += ["--ro-bind-try", path, path]
             for dest, text in zip(("/etc/passwd", "/etc/group"), self._identity_files(), strict=True):
-                args += ["--ro-bind-data", keep(_data_fd(text)), dest]
+                args += ["--ro-bind-data", keep(_data_fd(text.encode())), dest]
+            for dest, data in (files or {}).items():
+                args += ["--ro-bind-data", keep(_data_fd(data)), dest]
             chdir = "/"
             for m in mounts:
                 flags = os.O_PATH | (os.O_DIRECTORY if m.host.is_dir() else 0)
@@ -198,11 +204,13 @@ def _open(path: Path, flags: int) -> int:
         raise SandboxBroken(f"cannot open sandbox folder {path}: {exc.strerror}") from exc
 
 
-def _data_fd(text: str) -> int:
-    """A pipe holding *text*, for ``--ro-bind-data`` (small, so it never blocks)."""
+def _data_fd(data: bytes) -> int:
+    """A pipe holding *data*, for ``--ro-bind-data`` (under a pipe's 64 KiB, so it never blocks)."""
+    if len(data) > 60_000:
+        raise ValueError("a file for --ro-bind-data must fit in a pipe")
     r, w = os.pipe()
     try:
-        os.write(w, text.encode())
+        os.write(w, data)
     finally:
         os.close(w)
     return r
@@ -232,10 +240,16 @@ async def spawn(
     stdout: int | IO[Any] | None = asyncio.subprocess.DEVNULL,
     stderr: int | IO[Any] | None = asyncio.subprocess.DEVNULL,
     extra_env: Mapping[str, str] | None = None,
+    files: Mapping[str, bytes] | None = None,
+    pass_fds: Sequence[int] = (),
+    as_pid_1: bool = False,
 ) -> asyncio.subprocess.Process:
     """Start *command* in the jail; its own process group, so it is killed whole."""
     env = jail.env(display) | dict(extra_env or {})
-    with jail.argv(command, mounts=mounts, network=network, limits=limits) as (argv, fds):
+    confined = jail.argv(
+        command, mounts=mounts, network=network, limits=limits, files=files, as_pid_1=as_pid_1
+    )
+    with confined as (argv, fds):
         try:
             return await asyncio.create_subprocess_exec(
                 *argv,
@@ -243,7 +257,7 @@ async def spawn(
                 stdout=stdout,
                 stderr=stderr,
                 env=env,
-                pass_fds=fds,
+                pass_fds=[*fds, *pass_fds],
                 start_new_session=True,
                 **jail.identity.popen_kwargs(),
             )

@@ -69,7 +69,7 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-async def _wait_gone(pids: list[int], timeout: float) -> None:
+async def wait_gone(pids: list[int], timeout: float) -> None:
     # Not our children (they live in the jails' namespaces), so no wait():
     # a short poll of /proc, bounded by *timeout*.
     for _ in range(max(1, round(timeout / POLL))):
@@ -87,9 +87,15 @@ async def terminate(jail: Jail, procs: Iterable[asyncio.subprocess.Process], *, 
     """
     procs = list(procs)
     outer = {p.pid for p in procs}
-    inner = [pid for pid in session_pids(jail) if pid not in outer and _comm(pid) != "bwrap"]
+    # Not the jails' own processes: bwrap, and a long-lived jail's spawner
+    # (the direct child of its outer bwrap, which a SIGTERM never stops).
+    inner = [
+        pid
+        for pid in session_pids(jail)
+        if pid not in outer and _comm(pid) != "bwrap" and _ppid(pid) not in outer
+    ]
     _signal_all(inner, signal.SIGTERM)
-    await _wait_gone(inner, grace)
+    await wait_gone(inner, grace)
     for proc in procs:
         kill_now(proc)
     async with asyncio.TaskGroup() as tg:
@@ -97,8 +103,16 @@ async def terminate(jail: Jail, procs: Iterable[asyncio.subprocess.Process], *, 
             tg.create_task(reap(proc))
     stragglers = session_pids(jail)
     _signal_all(stragglers, signal.SIGKILL)
-    await _wait_gone(stragglers, REAP_TIMEOUT)
+    await wait_gone(stragglers, REAP_TIMEOUT)
     return len(stragglers)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _comm(pid: int) -> str:
