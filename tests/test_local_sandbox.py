@@ -74,8 +74,10 @@ async def run(sandbox: LocalSandbox, cmd: str, timeout: float = 20) -> tuple[int
 
 
 def leftovers(sandbox: LocalSandbox) -> list[int]:
+    """Session processes besides the command jail itself (its bwrap and spawner)."""
     assert sandbox.jail is not None
-    return session_pids(sandbox.jail)
+    own = sandbox.command_jail_pids()
+    return [pid for pid in session_pids(sandbox.jail) if pid not in own]
 
 
 async def test_output_streams_while_the_command_runs(make: Make) -> None:

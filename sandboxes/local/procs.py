@@ -133,3 +133,18 @@ async def pump(reader: asyncio.StreamReader | None, stream: Stream, sink: Output
             await sink(stream, text)
     if tail := decoder.decode(b"", final=True):
         await sink(stream, tail)
+
+
+async def pump_both(proc: asyncio.subprocess.Process, sink: OutputSink) -> None:
+    """Stream stdout and stderr apart, both at once, until both close."""
+    streams: tuple[tuple[asyncio.StreamReader | None, Stream], ...] = (
+        (proc.stdout, "stdout"),
+        (proc.stderr, "stderr"),
+    )
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for reader, name in streams:
+                tg.create_task(pump(reader, name, sink))
+    except BaseExceptionGroup as group:
+        # The sink's own error (say, an output cap) reaches the caller as is.
+        raise group.exceptions[0] from None

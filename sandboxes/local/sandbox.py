@@ -4,8 +4,15 @@ Layout of a session's folder (``<root>/<session_id>`` or the spec's
 ``data_dir``), created on first use and removed by ``close``::
 
     home/   the session's home, mounted read-write at /home/user in its jails
-    x11/    Xvfb's socket folder; jails that draw get the socket file alone
+    x11/    Xvfb's socket folder; desktop jails get the socket file alone, the
+            command jail the folder read-only (the socket appears when the
+            desktop starts after the jail)
     vnc/    x11vnc's unix socket; never mounted in a jail the user's code runs in
+
+Commands run in one long-lived jail per session (see ``cmdjail``), whose
+``/tmp`` therefore lasts from one command to the next, like a machine's, until
+the desktop stops or the session closes: both end that jail with everything
+in it, including what commands left running in the background.
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ import attrs
 import structlog
 
 from protocol.errors import CommandTimeout, ProtocolError, SandboxBroken
-from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter, Stream
+from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.local import tools
+from sandboxes.local.cmdjail import CommandJail
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
-from sandboxes.local.jail import HOME, Identity, Jail, Mount, session_pids, spawn
-from sandboxes.local.procs import exit_code, kill_now, pump, reap, terminate
+from sandboxes.local.jail import HOME, X11_DIR, Identity, Jail, Mount, session_pids, spawn
+from sandboxes.local.procs import exit_code, kill_now, pump_both, reap, terminate
 
 logger = structlog.get_logger()
 
@@ -53,6 +61,9 @@ class LocalSandbox:
         self._desktop: Desktop | None = None
         self._apps: list[asyncio.subprocess.Process] = []
         self._commands: set[asyncio.subprocess.Process] = set()
+        #: The jail the session's commands run in, started at the first one.
+        self._cmd_jail: CommandJail | None = None
+        self._cmd_lock = asyncio.Lock()
         self._closed = False
 
     # -- Sandbox protocol: state -------------------------------------------
@@ -91,6 +102,11 @@ class LocalSandbox:
     @property
     def jail(self) -> Jail | None:
         return self._jail
+
+    def command_jail_pids(self) -> set[int]:
+        """Host pids of the command jail itself (bwrap, spawner), for tests and operators."""
+        cmd_jail = self._cmd_jail
+        return cmd_jail.pids() if cmd_jail is not None and cmd_jail.ended is None else set()
 
     # -- life cycle ----------------------------------------------------------
 
@@ -140,12 +156,19 @@ class LocalSandbox:
         """End the desktop, its apps and any running command of the session."""
         desktop, self._desktop = self._desktop, None
         apps, self._apps = self._apps, []
+        cmd_jail, self._cmd_jail = self._cmd_jail, None
         if self._jail is None:
             return
         procs = [*apps, *self._commands, *(desktop.procs if desktop else [])]
+        if cmd_jail is not None:
+            # Its running commands answer 137, as with any SIGKILLed jail.
+            cmd_jail.stopping = True
+            procs.append(cmd_jail.proc)
         try:
             stragglers = await terminate(self._jail, procs, grace=self._config.kill_grace)
         finally:
+            if cmd_jail is not None:
+                await cmd_jail.close()
             if desktop is not None:
                 desktop.release()
         logger.info("sandbox.desktop_stopped", sandbox_id=self._id, stragglers=stragglers)
@@ -169,6 +192,9 @@ class LocalSandbox:
         # Synchronous, so that it also happens when close() itself is cancelled.
         for proc in [*self._apps, *self._commands]:
             kill_now(proc)
+        cmd_jail, self._cmd_jail = self._cmd_jail, None
+        if cmd_jail is not None:
+            cmd_jail.abort()
         if self._jail is not None:
             for pid in session_pids(self._jail):
                 with contextlib.suppress(OSError):
@@ -197,13 +223,59 @@ class LocalSandbox:
     async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:
         return await self.exec(["/bin/bash", "-c", cmd], timeout=timeout, on_output=on_output)
 
+    async def _command_jail(self) -> CommandJail:
+        """The session's command jail, started (again) when there is none alive."""
+        jail = self._ensure()
+        try:
+            async with asyncio.timeout(self._config.start_timeout * 2), self._cmd_lock:
+                return await self._start_command_jail(jail)
+        except TimeoutError:
+            raise SandboxBroken("the sandbox's command jail did not become ready in time") from None
+
+    async def _start_command_jail(self, jail: Jail) -> CommandJail:
+        """The live command jail, or a new one in place of a dead one (under the lock)."""
+        old = self._cmd_jail
+        if old is not None and old.ended is None:
+            return old
+        if old is not None:
+            await old.close()
+            logger.warning("sandbox.command_jail_restarted", sandbox_id=self._id, reason=old.ended)
+        # The X socket folder read-only: the display's socket can be used
+        # (connect needs no write on the mount) but not replaced.
+        mounts = [Mount(self.home, HOME, writable=True), Mount(self._base / "x11", X11_DIR)]
+        started = time.monotonic()
+        new = await CommandJail.start(
+            jail,
+            mounts=mounts,
+            network=self._config.network_on,
+            limits=self._config.limits,
+            timeout=self._config.start_timeout,
+        )
+        if self._closed:
+            await new.close()
+            raise SandboxBroken(f"sandbox {self._id} is closed")
+        self._cmd_jail = new
+        seconds = round(time.monotonic() - started, 3)
+        logger.info("sandbox.command_jail_started", sandbox_id=self._id, pid=new.proc.pid, seconds=seconds)
+        return new
+
     async def exec(
         self, argv: Sequence[str], *, timeout: float, on_output: OutputSink, network: bool | None = None
     ) -> int:
-        """Run *argv* in a jail with the home (and display) mounted; its exit code."""
+        """Run *argv* with the home (and display) mounted; its exit code.
+
+        Commands with the session's usual network setting run in its
+        long-lived command jail; cancelling or timing out one kills its
+        process group. Others get a jail of their own, killed whole.
+        """
+        net = self._config.network_on if network is None else network
+        if net == self._config.network_on:
+            cmd_jail = await self._command_jail()
+            display = self._desktop.display if self._desktop is not None and self.desktop_running else None
+            env = self._ensure().env(display)
+            return await cmd_jail.run(argv, env=env, cwd=HOME, timeout=timeout, on_output=on_output)
         jail = self._ensure()
         mounts, display = self._mounts()
-        net = self._config.network_on if network is None else network
         proc = await spawn(
             jail, argv, mounts=mounts, display=display, network=net, limits=self._config.limits,
             stdout=PIPE, stderr=PIPE,
@@ -212,7 +284,7 @@ class LocalSandbox:
         deadline = asyncio.timeout(timeout)
         try:
             async with deadline:
-                await _pump_both(proc, on_output)
+                await pump_both(proc, on_output)
                 return exit_code(await proc.wait())
         except TimeoutError:
             if not deadline.expired():
@@ -324,21 +396,6 @@ def _check_searchable(folder: Path) -> None:
                 f"{path} is not searchable by other users, so sandboxed uids cannot reach {folder}: "
                 "choose a sandbox root whose parents all have o+x"
             )
-
-
-async def _pump_both(proc: asyncio.subprocess.Process, sink: OutputSink) -> None:
-    """Stream stdout and stderr apart, both at once, until both close."""
-    streams: tuple[tuple[asyncio.StreamReader | None, Stream], ...] = (
-        (proc.stdout, "stdout"),
-        (proc.stderr, "stderr"),
-    )
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for reader, name in streams:
-                tg.create_task(pump(reader, name, sink))
-    except BaseExceptionGroup as group:
-        # The sink's own error (say, an output cap) reaches the caller as is.
-        raise group.exceptions[0] from None
 
 
 def local_factory(config: LocalConfig) -> SandboxFactory:
