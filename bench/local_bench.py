@@ -57,20 +57,52 @@ async def desktop_start_seconds(runs: int = 10) -> float:
     return statistics.median(times)
 
 
-async def bwrap_overhead_ratio(runs: int = 30) -> float:
-    """Median time of ``true`` run in a jail over the median of a plain ``true``."""
+async def _plain_true() -> None:
+    """A plain ``true`` with its output piped and read, as a command's is."""
+    proc = await asyncio.create_subprocess_exec(
+        "true",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await proc.communicate()
+
+
+async def bwrap_overhead_ratio(runs: int = 200) -> float:
+    """What a session pays per command in steady state, as a ratio.
+
+    Median time of ``true`` through ``LocalSandbox.run`` with the session's
+    jail already up, over the median of a plain ``true`` started with pipes.
+    The jail's one-off start is ``jail_start_seconds``.
+    """
     plain, jailed = [], []
     async with _sandboxes(1) as (sandbox,):
-        await sandbox.run("true", timeout=10, on_output=_ignore)  # warm up: folders and uid
+        await sandbox.run("true", timeout=10, on_output=_ignore)  # warm up: folders, uid, the jail
         for _ in range(runs):
             started = time.perf_counter()
-            proc = await asyncio.create_subprocess_exec("/bin/true")
-            await proc.wait()
+            await _plain_true()
             plain.append(time.perf_counter() - started)
             started = time.perf_counter()
-            await sandbox.exec(["/bin/true"], timeout=10, on_output=_ignore)
+            await sandbox.run("true", timeout=10, on_output=_ignore)
             jailed.append(time.perf_counter() - started)
     return statistics.median(jailed) / statistics.median(plain)
+
+
+async def jail_start_seconds(runs: int = 20) -> float:
+    """Median seconds of a session's first ``true``: its jail's start plus the command.
+
+    Each round stops the desktop (which ends the command jail), so the next
+    command starts a new jail.
+    """
+    times = []
+    async with _sandboxes(1) as (sandbox,):
+        await sandbox.run("true", timeout=10, on_output=_ignore)  # folders and uid are not the jail
+        for _ in range(runs):
+            await sandbox.stop_desktop()
+            started = time.perf_counter()
+            await sandbox.run("true", timeout=10, on_output=_ignore)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def _pss_bytes(pids: list[int]) -> int:
@@ -98,7 +130,8 @@ async def idle_desktops_pss_bytes(n: int = 1) -> int:
 
 async def main() -> None:
     print(f"desktop start to ready, median: {await desktop_start_seconds():.3f} s")
-    print(f"bwrap overhead on `true`: x{await bwrap_overhead_ratio():.1f}")
+    print(f"bwrap overhead on `true` (warm jail): x{await bwrap_overhead_ratio():.1f}")
+    print(f"command jail start (first `true`), median: {await jail_start_seconds() * 1000:.1f} ms")
     print(f"one idle desktop: {await idle_desktops_pss_bytes(1) / 2**20:.1f} MiB")
     print(f"20 idle desktops: {await idle_desktops_pss_bytes(20) / 2**20:.1f} MiB")
 
