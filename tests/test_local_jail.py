@@ -123,6 +123,16 @@ async def test_background_processes_are_killed_at_close(make: Make) -> None:
     assert session_pids(jail) == []
 
 
+async def test_a_background_process_holding_the_output_does_not_hold_the_command(make: Make) -> None:
+    """The command is over when its shell exits, even if a child it left keeps its pipes open."""
+    sandbox = make("ada")
+    started = time.monotonic()
+    code, out = await run(sandbox, "(sleep 100 &); sleep 101 & echo done; echo err >&2", timeout=10)
+    assert (code, out.text("stdout"), out.text("stderr")) == (0, "done\n", "err\n")
+    assert time.monotonic() - started < 5
+    assert len(leftovers(sandbox)) == 2
+
+
 async def test_stop_desktop_ends_background_processes_and_a_new_jail_follows(make: Make) -> None:
     """stop_desktop ends the command jail too; the next command starts a fresh one."""
     sandbox = make("ada")
