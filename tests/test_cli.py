@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -149,3 +150,39 @@ async def test_users_file_requires_the_right_password(tmp_path: Path) -> None:
             await client.login("ada", password="s3cret")
     finally:
         assert await stop(served) == 0
+
+
+def _processes_marked(sandbox_id: str) -> list[int]:
+    """Live processes whose environment carries the sandbox's marker."""
+    needle = f"DESKHIVE_SANDBOX={sandbox_id}\0".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                marked = needle in (entry / "environ").read_bytes()
+                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                continue
+            if marked and not zombie:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.local
+@pytest.mark.skipif(shutil.which("bwrap") is None or os.geteuid() != 0, reason="needs root and bubblewrap")
+async def test_sigterm_kills_every_local_sandbox_process() -> None:
+    """SIGTERM with live local desktops and background commands leaves no sandbox process behind."""
+    served = await start("--sandbox", "local")
+    try:
+        async with Client(served.url) as client:
+            login = await client.login("sig")
+            async with client.connect(login) as conn:
+                assert (await conn.result(await conn.send("start_desktop"), timeout=30))["ok"]
+                started = await conn.result(await conn.send("run_command", cmd="(sleep 1000 &) ; echo $$"))
+                assert started["exit_code"] == 0
+            status = await client.call("GET", "/status", token=served.admin)
+            sandbox_id = status["sessions"][0]["sandbox_id"]
+            assert _processes_marked(sandbox_id), "the test must see the session's processes"
+    finally:
+        assert await stop(served) == 0
+    assert _processes_marked(sandbox_id) == []
