@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import structlog
@@ -14,8 +16,11 @@ from aiohttp.test_utils import TestServer
 import server
 from client import Client
 from config import Settings
-from sandboxes.base import SandboxFactory
+from sandboxes.base import SandboxFactory, SandboxSpec
 from tests.fakes import FakeSandbox
+
+if TYPE_CHECKING:
+    from sandboxes.local import LocalSandbox
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +69,38 @@ async def start_server(tmp_path: Path, fakes: list[FakeSandbox]) -> AsyncIterato
 async def served(start_server: StartServer) -> tuple[TestServer, Client]:
     """A server with the fake sandbox and default settings."""
     return await start_server()
+
+
+# ----------------------------------------------------------------------------
+# Local sandboxes, made directly (no server)
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A sandbox root every uid can traverse (pytest's own tmp folders are 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="deskhive-test-"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+MakeLocal = Callable[..., "LocalSandbox"]
+
+
+@pytest.fixture
+async def make(root: Path) -> AsyncIterator[MakeLocal]:
+    """Make local sandboxes under *root* (config fields as keywords); all closed after the test."""
+    from sandboxes.local import LocalConfig, LocalSandbox
+
+    made: list[LocalSandbox] = []
+
+    def factory(name: str, **config: Any) -> LocalSandbox:
+        spec = SandboxSpec(session_id=f"{name}_1700000000_{len(made):016x}", username=name, data_dir=root)
+        sandbox = LocalSandbox(spec, LocalConfig(root=root / "sandboxes", **config))
+        made.append(sandbox)
+        return sandbox
+
+    yield factory
+    async with asyncio.timeout(20):
+        for sandbox in made:
+            await sandbox.close()

@@ -6,16 +6,14 @@ import asyncio
 import os
 import shutil
 import signal
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from protocol.errors import CommandTimeout, SandboxBroken
-from sandboxes.base import SandboxSpec
-from sandboxes.local import LocalConfig, LocalSandbox, cmdjail
+from sandboxes.local import LocalSandbox, cmdjail
 from sandboxes.local.jail import session_pids
 from sandboxes.local.procs import REAP_TIMEOUT
 from tests.test_local_sandbox import Output, leftovers, run
@@ -23,31 +21,6 @@ from tests.test_local_sandbox import Output, leftovers, run
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 
 Make = Callable[..., LocalSandbox]
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    """A sandbox root every uid can traverse (pytest's own tmp folders are 0700)."""
-    folder = Path(tempfile.mkdtemp(prefix="deskhive-test-"))
-    folder.chmod(0o711)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-async def make(root: Path) -> AsyncIterator[Make]:
-    made: list[LocalSandbox] = []
-
-    def factory(name: str, **config: object) -> LocalSandbox:
-        spec = SandboxSpec(session_id=f"{name}_1700000000_{len(made):016x}", username=name, data_dir=root)
-        sandbox = LocalSandbox(spec, LocalConfig(root=root / "sandboxes", **config))  # type: ignore[arg-type]
-        made.append(sandbox)
-        return sandbox
-
-    yield factory
-    async with asyncio.timeout(20):
-        for sandbox in made:
-            await sandbox.close()
 
 
 def spawner_pid(sandbox: LocalSandbox) -> int:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from protocol.errors import CommandTimeout, SandboxBroken
-from sandboxes.base import SandboxSpec, Stream
-from sandboxes.local import LocalConfig, LocalSandbox
+from sandboxes.base import Stream
+from sandboxes.local import LocalSandbox
 from sandboxes.local.jail import UIDS, session_pids
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
@@ -40,31 +38,6 @@ class Output:
         while needle not in self.text():
             self.changed.clear()
             await self.changed.wait()
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    """A sandbox root every uid can traverse (pytest's own tmp folders are 0700)."""
-    folder = Path(tempfile.mkdtemp(prefix="deskhive-test-"))
-    folder.chmod(0o711)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-async def make(root: Path) -> AsyncIterator[Make]:
-    made: list[LocalSandbox] = []
-
-    def factory(name: str) -> LocalSandbox:
-        spec = SandboxSpec(session_id=f"{name}_1700000000_{len(made):016x}", username=name, data_dir=root)
-        sandbox = LocalSandbox(spec, LocalConfig(root=root / "sandboxes"))
-        made.append(sandbox)
-        return sandbox
-
-    yield factory
-    async with asyncio.timeout(20):
-        for sandbox in made:
-            await sandbox.close()
 
 
 async def run(sandbox: LocalSandbox, cmd: str, timeout: float = 20) -> tuple[int, Output]:

@@ -6,8 +6,7 @@ import asyncio
 import re
 import shutil
 import struct
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -22,15 +21,6 @@ from sandboxes.local.vncproxy import pipe
 pytestmark = pytest.mark.skipif(shutil.which("x11vnc") is None, reason="x11vnc is not installed")
 
 Connect = Callable[[str], Awaitable[aiohttp.ClientWebSocketResponse]]
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    """A sandbox root every uid can traverse (pytest's own tmp folders are 0700)."""
-    folder = Path(tempfile.mkdtemp(prefix="deskhive-test-"))
-    folder.chmod(0o711)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
