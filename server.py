@@ -264,10 +264,11 @@ def _session(request: web.Request) -> SessionActor:
     return request.app[SUPERVISOR].by_token(token)
 
 
-def _stream_url(app: web.Application, session_id: str) -> str | None:
+def _stream_url(app: web.Application, session_id: str, mode: auth.StreamMode = "control") -> str | None:
+    """The noVNC page of a desktop this server streams itself (``None`` for others)."""
     if app[SETTINGS].sandbox != "local":
         return None
-    return f"/desktop/{session_id}#token={app[STREAM_TOKENS].token(session_id)}"
+    return f"/desktop/{session_id}#token={app[STREAM_TOKENS].token(session_id, mode)}"
 
 
 async def login(request: web.Request) -> web.Response:
@@ -289,6 +290,8 @@ async def login(request: web.Request) -> web.Response:
             "token": session.token,
             "ws_url": ws_url,
             "stream_url": actor.sandbox.stream_url,
+            # A link to share: it shows the desktop but its input is dropped.
+            "view_url": _stream_url(request.app, sid, "view"),
             "username": username,
             "state": actor.state,
         },

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 import server
-from client import Client, ClientError, Connection, SessionEnded
+from client import Client, ClientError, Connection, Login, SessionEnded
 from tests.conftest import StartServer
 from tests.fakes import FakeSandbox
 
@@ -487,3 +490,25 @@ async def test_shutdown_closes_sockets_with_going_away(start_server: StartServer
         assert msg.type is aiohttp.WSMsgType.CLOSE
         assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
     assert all(sandbox.closed == 1 for sandbox in FakeSandbox.instances)
+
+
+@pytest.mark.local
+@pytest.mark.skipif(shutil.which("x11vnc") is None or os.geteuid() != 0, reason="needs root and x11vnc")
+async def test_desktop_stream_needs_its_token(start_server: StartServer, root: Path) -> None:
+    """The desktop proxy speaks RFB for the control and the view-only token and refuses a wrong one."""
+    test_server, client = await start_server(sandbox_factory=None, sandbox="local", data_dir=root)
+    data = await client.call("POST", "/api/sessions", body={"username": "vnc"})
+    login = Login(data["session_id"], data["token"], data["ws_url"], data["stream_url"])
+    async with client.connect(login) as conn:
+        started = await conn.result(await conn.send("start_desktop"), timeout=30)
+    control = started["data"]["stream_url"].split("#token=")[1]
+    view = data["view_url"].split("#token=")[1]
+    assert control != view
+    socket_url = str(test_server.make_url(f"/desktop/{login.session_id}/websockify"))
+    for token in (control, view):
+        async with client.http.ws_connect(f"{socket_url}?token={token}") as ws:
+            greeting = await ws.receive(timeout=10)
+            assert greeting.data.startswith(b"RFB 003.00")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.http.ws_connect(f"{socket_url}?token=wrong")
+    assert refused.value.status == 401
