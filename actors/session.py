@@ -174,7 +174,8 @@ class SessionActor:
         Raises ``SessionClosed`` once the session ended and ``MailboxFull``
         at the mailbox's bound.
         """
-        if self._ended is not None:
+        if self._ended is not None or self.stop_requested_at is not None:
+            # After the Stop nothing would be handled: say so rather than drop it.
             raise SessionClosed(f"session {self.info.session_id} is closed", request_id=msg.id)
         if self._mailbox.qsize() >= self.config.mailbox_size:
             raise MailboxFull(

@@ -150,3 +150,14 @@ async def test_mailbox_bound(tmp_path: Path, fakes: list[FakeSandbox]) -> None:
     assert caught.value.code == "busy" and caught.value.request_id == "x"
     await sup.aclose()
     await asyncio.wait_for(task, 10)
+
+
+async def test_requests_after_a_stop_are_refused(supervisor: Supervisor, fakes: list[FakeSandbox]) -> None:
+    """Once a session is told to stop, new requests get SessionClosed instead of vanishing."""
+    login = await supervisor.spawn("ivy")
+    fakes[0].hold_commands = True
+    login.actor.tell(m.RunCommand(id="j", cmd="sleep 60"))
+    await asyncio.wait_for(fakes[0].command_started.wait(), 5)
+    login.actor.request_stop("logout")
+    with pytest.raises(SessionClosed):
+        login.actor.tell(m.Ping(id="late"))
