@@ -46,6 +46,9 @@ def _text(max_chars: int, *, required: bool = True, nonempty: bool = True) -> Re
             raise _bad(key, "a string")
         if nonempty and not value.strip():
             raise _bad(key, "a non-empty string")
+        if "\x00" in value:
+            # Text ends up in argv, a shell or a model prompt: none takes NUL.
+            raise _bad(key, "text without NUL characters")
         if len(value) > max_chars:
             raise _bad(key, f"at most {max_chars} characters")
         return value

@@ -57,6 +57,7 @@ def test_run_command_fields_are_typed() -> None:
         ('{"type": "hello", "token": "t", "last_seq": true}', ProtocolError, None),
         ('{"type": "setup_environment", "packages": ["rm -rf /"]}', ProtocolError, None),
         ('{"type": "cancel", "id": "c"}', ProtocolError, "c"),
+        ('{"type": "run_command", "id": "n", "cmd": "echo a\\u0000b"}', ProtocolError, "n"),
     ],
 )
 def test_bad_frames_raise_their_error_code(

@@ -177,3 +177,13 @@ async def test_a_spawner_that_never_starts_is_reported(
     with pytest.raises(SandboxBroken, match="did not start within"):
         await run(sandbox, "true")
     assert leftovers(sandbox) == []
+
+
+async def test_a_command_the_spawner_cannot_start_answers_at_once(make: Make) -> None:
+    """A command that cannot be started (a NUL in it) ends with 126 at once and the jail keeps working."""
+    sandbox = make("nul")
+    async with asyncio.timeout(10):
+        code, out = await run(sandbox, "echo a\x00b")
+        assert code == 126
+        assert "cannot run" in out.text()
+        assert (await run(sandbox, "echo fine"))[0] == 0

@@ -131,10 +131,11 @@ def main() -> None:
             os.set_inheritable(f, False)
         try:
             pid = start(req, fds[0], fds[1])
-        except OSError as exc:
-            os.write(
-                fds[1], f"sandbox: cannot run {req['argv'][0]}: {exc.strerror}\n".encode(errors="replace")
-            )
+        except (OSError, ValueError) as exc:
+            # Every run request gets a status, or the server would wait for it
+            # until the command's timeout (ValueError: a NUL in argv or env).
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            os.write(fds[1], f"sandbox: cannot run {req['argv'][0]}: {reason}\n".encode(errors="replace"))
             send({"id": ident, "status": 127 if isinstance(exc, FileNotFoundError) else 126})
             return
         jobs[pid], groups[ident] = ident, pid
