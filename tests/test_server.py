@@ -14,6 +14,7 @@ import pytest
 
 import server
 from client import Client, ClientError, Connection, Login, SessionEnded
+from protocol import codec
 from tests.conftest import StartServer
 from tests.fakes import FakeSandbox
 
@@ -512,3 +513,42 @@ async def test_desktop_stream_needs_its_token(start_server: StartServer, root: P
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await client.http.ws_connect(f"{socket_url}?token=wrong")
     assert refused.value.status == 401
+
+
+async def test_random_frames_never_hurt_the_session(served: tuple) -> None:
+    """Hundreds of malformed or odd frames leave the socket, the actor and the session working."""
+    import random
+
+    _, client = served
+    login = await client.login("fuzz")
+    rng = random.Random(7)
+    values: list[object] = [
+        None,
+        True,
+        0,
+        -1,
+        2**70,
+        1.5,
+        "",
+        " ",
+        "x" * 70,
+        "é\u2028",
+        [],
+        {},
+        [1],
+        {"a": 1},
+    ]
+    kinds = [*codec.MESSAGE_TYPES, "", "PING", None, 3]
+    fields = ["id", "cmd", "query", "target", "timeout", "packages", "workflow", "last_seq", "token", "type"]
+    async with client.connect(login) as conn:
+        assert conn.ws is not None
+        for _ in range(300):
+            frame = {key: rng.choice(values) for key in rng.sample(fields, rng.randint(0, 4))}
+            frame["type"] = rng.choice(kinds)
+            if frame["type"] in {"run_task", "run_workflow", "setup_environment", "start_desktop"}:
+                frame["type"] = "get_state"  # jobs are exercised elsewhere; here only the front door
+            await conn.ws.send_str(json.dumps(frame))
+        await conn.send("ping", id="after-fuzz")
+        assert await conn.wait_for(lambda e: e.get("id") == "after-fuzz" and e["type"] == "pong", 20)
+    async with client.connect(login) as conn:
+        await conn.result(await conn.send("run_command", cmd="echo still here"))
