@@ -28,6 +28,17 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _at_least(kind: Callable[[str], Any], least: int, why: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least} ({why}), not {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _flag(text: str) -> bool:
     if text.lower() in {"1", "true", "yes", "on"}:
         return True
@@ -66,6 +77,10 @@ class Settings:
     model: str = "gpt-4o"
     model_key: str | None = None
     sandbox_network: bool = False
+    command_cpu_seconds: int = 600
+    command_memory: int = 2 * 1024**3
+    command_processes: int = 256
+    command_file_size: int = 1024**3
     log_level: str = "info"
     log_format: str = "auto"
 
@@ -90,6 +105,14 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ("model", str, "model name for run_task"),
     ("model_key", str, "API key for the model endpoint"),
     ("sandbox_network", _flag, "give local sandboxes a network (off by default)"),
+    ("command_cpu_seconds", _positive(int), "CPU seconds a local sandbox command may use"),
+    ("command_memory", _positive(int), "bytes of address space a local sandbox command may use"),
+    ("command_processes", _positive(int), "processes a local sandbox session may run at once"),
+    (
+        "command_file_size",
+        _at_least(int, 64 * 1024, "the sandbox writes its own start-up files under it"),
+        "largest file a local sandbox command may write, bytes",
+    ),
     ("log_level", str, "debug, info, warning or error"),
     ("log_format", str, "json, console or auto (console on a terminal)"),
 )

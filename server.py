@@ -42,7 +42,7 @@ from protocol.errors import (
     SessionNotFound,
     Unauthorized,
 )
-from sandboxes.base import SandboxFactory
+from sandboxes.base import Limits, SandboxFactory
 from supervisor import Supervisor, SupervisorConfig
 
 logger = structlog.get_logger("deskhive.server")
@@ -397,7 +397,13 @@ def _sandbox_factory(settings: Settings) -> SandboxFactory:
     root = settings.data_dir / "sandboxes"
     if os.geteuid() == 0:
         _check_enterable(root)
-    return local_factory(LocalConfig(root=root, network=settings.sandbox_network))
+    limits = Limits(
+        cpu_seconds=settings.command_cpu_seconds,
+        memory_bytes=settings.command_memory,
+        processes=settings.command_processes,
+        file_bytes=settings.command_file_size,
+    )
+    return local_factory(LocalConfig(root=root, limits=limits, network=settings.sandbox_network))
 
 
 def _check_enterable(folder: Path) -> None:

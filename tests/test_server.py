@@ -552,3 +552,22 @@ async def test_random_frames_never_hurt_the_session(served: tuple) -> None:
         assert await conn.wait_for(lambda e: e.get("id") == "after-fuzz" and e["type"] == "pong", 20)
     async with client.connect(login) as conn:
         await conn.result(await conn.send("run_command", cmd="echo still here"))
+
+
+@pytest.mark.local
+@pytest.mark.skipif(shutil.which("bwrap") is None or os.geteuid() != 0, reason="needs root and bubblewrap")
+async def test_command_limits_come_from_the_settings(start_server: StartServer, root: Path) -> None:
+    """--command-file-size stops a command that writes a larger file; a smaller one is fine."""
+    _, client = await start_server(
+        sandbox_factory=None, sandbox="local", data_dir=root, command_file_size=1_000_000
+    )
+    login = await client.login("lim")
+    async with client.connect(login) as conn:
+        small = await conn.result(
+            await conn.send("run_command", cmd="head -c 1000 /dev/zero > small"), timeout=30
+        )
+        large = await conn.result(
+            await conn.send("run_command", cmd="head -c 2000000 /dev/zero > large"), timeout=30
+        )
+    assert small["exit_code"] == 0
+    assert large["exit_code"] != 0
