@@ -374,7 +374,11 @@ async def desktop_socket(request: web.Request) -> web.StreamResponse:
     request.app[SOCKETS].add(ws)
     with structlog.contextvars.bound_contextvars(session_id=actor.info.session_id, stream=mode):
         await pipe(
-            ws, endpoint, view_only=mode == "view", password=getattr(actor.sandbox, "vnc_password", None)
+            ws,
+            endpoint,
+            view_only=mode == "view",
+            password=getattr(actor.sandbox, "vnc_password", None),
+            on_input=actor.touch,
         )
     return ws
 

@@ -190,6 +190,10 @@ class SessionActor:
         self._mailbox.put_nowait((msg, origin))
         return msg.id
 
+    def touch(self) -> None:
+        """Count as activity: someone is working on the session outside its mailbox."""
+        self._last_active = time.monotonic()
+
     def request_stop(self, reason: str, now: float | None = None) -> None:
         """Ask the actor to end the session once earlier messages are handled.
 

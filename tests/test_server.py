@@ -571,3 +571,34 @@ async def test_command_limits_come_from_the_settings(start_server: StartServer, 
         )
     assert small["exit_code"] == 0
     assert large["exit_code"] != 0
+
+
+@pytest.mark.local
+@pytest.mark.skipif(shutil.which("x11vnc") is None or os.geteuid() != 0, reason="needs root and x11vnc")
+async def test_working_on_the_desktop_keeps_the_session_alive(start_server: StartServer, root: Path) -> None:
+    """Pointer input through the desktop stream counts as activity; without it the session is reaped."""
+    from tests.test_vnc_proxy import Viewer
+
+    test_server, client = await start_server(
+        sandbox_factory=None, sandbox="local", data_dir=root, idle_timeout=1.0, sweep_interval=0.1
+    )
+    login = await client.login("busy")
+    async with client.connect(login) as conn:
+        started = await conn.result(await conn.send("start_desktop"), timeout=30)
+    token = started["data"]["stream_url"].split("#token=")[1]
+    url = str(test_server.make_url(f"/desktop/{login.session_id}/websockify?token={token}"))
+
+    async def alive() -> bool:
+        status = await client.call("GET", "/status", token="admin-secret")
+        return any(s["session_id"] == login.session_id for s in status["sessions"])
+
+    async with client.http.ws_connect(url) as ws:
+        viewer = Viewer(ws)
+        await viewer.handshake()
+        for step in range(10):  # 2 s of work, twice the idle timeout
+            await viewer.pointer(10 + step, 10)
+            await asyncio.sleep(0.2)
+        assert await alive()
+    async with asyncio.timeout(10):
+        while await alive():  # noqa: ASYNC110 - the reaper has no event to wait on
+            await asyncio.sleep(0.1)

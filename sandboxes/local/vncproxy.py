@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import structlog
@@ -60,12 +60,19 @@ class WsBytes:
 
 
 async def pipe(
-    ws: web.WebSocketResponse, endpoint: Endpoint, *, view_only: bool, password: str | None
+    ws: web.WebSocketResponse,
+    endpoint: Endpoint,
+    *,
+    view_only: bool,
+    password: str | None,
+    on_input: Callable[[], None] | None = None,
 ) -> None:
     """Pipe *ws* to the VNC server at *endpoint* until either side closes.
 
     *password* must be ``None``: the proxy asks the VNC server for security
-    type None and refuses a server that wants VNC authentication.
+    type None and refuses a server that wants VNC authentication. *on_input*
+    is called for each key, pointer or clipboard message passed on: a person
+    working on the desktop is activity of the session.
     """
     try:
         reader, writer = await _connect(endpoint)
@@ -79,7 +86,9 @@ async def pipe(
             await _server_handshake(reader, writer, password)
             await _client_handshake(ws, client)
         logger.info("vncproxy.connected", view_only=view_only)
-        await _first_done(_client_to_server(client, writer, view_only), _server_to_client(reader, ws))
+        await _first_done(
+            _client_to_server(client, writer, view_only, on_input), _server_to_client(reader, ws)
+        )
     except (ClientGone, ConnectionError, asyncio.IncompleteReadError):
         pass
     except (SandboxBroken, TimeoutError) as exc:
@@ -161,14 +170,19 @@ async def _server_to_client(reader: asyncio.StreamReader, ws: web.WebSocketRespo
         await ws.send_bytes(data)
 
 
-async def _client_to_server(client: WsBytes, writer: asyncio.StreamWriter, view_only: bool) -> None:
+async def _client_to_server(
+    client: WsBytes, writer: asyncio.StreamWriter, view_only: bool, on_input: Callable[[], None] | None
+) -> None:
     # ClientInit: one byte, "shared"; always shared so no viewer drops the others.
     await client.read_exact(1)
     writer.write(b"\x01")
     while True:
         message = await _client_message(client)
-        if view_only and message[0] in ACTING:
-            continue
+        if message[0] in ACTING:
+            if view_only:
+                continue
+            if on_input is not None:
+                on_input()
         writer.write(message)
         await writer.drain()
 
