@@ -1,7 +1,8 @@
 """What each job does, given the session's sandbox.
 
 A job is a request that runs one at a time per session (see
-:data:`protocol.messages.JOB_TYPES`). :func:`execute` runs one and returns
+:data:`protocol.messages.JOB_TYPES`; ``kill_desktop`` also runs here, put first
+in line by the actor). :func:`execute` runs one and returns
 its :class:`~protocol.messages.Result`; failures are raised as
 :class:`~protocol.errors.GatewayError` and turned into results by the actor.
 """
@@ -51,9 +52,9 @@ class JobContext:
     config: JobConfig
     log: Any  # the session's structlog logger
     emit: Callable[[m.Event], None]
-    #: Tells the actor a job entered the desktop's ``starting`` phase or left
-    #: it (``None``): a workflow's desktop step; the session's state follows.
-    set_phase: Callable[[str | None], None]
+    #: Tells the actor a workflow's desktop step started or finished starting
+    #: the desktop; the session's state follows.
+    set_starting: Callable[[bool], None]
     _output_bytes: int = 0
     _truncated: bool = False
 
@@ -95,10 +96,13 @@ def describe(job: m.Job | m.KillDesktop) -> str:
             return "screenshot"
 
 
-async def execute(job: m.Job, ctx: JobContext) -> m.Result:
+async def execute(job: m.Job | m.KillDesktop, ctx: JobContext) -> m.Result:
     """Run one job to its result."""
     rid = ctx.request_id
     match job:
+        case m.KillDesktop():
+            await ctx.sandbox.stop_desktop()
+            return m.Result(id=rid, ok=True, data={})
         case m.StartDesktop():
             return m.Result(id=rid, ok=True, data={"stream_url": await start_desktop(ctx)})
         case m.SetupEnvironment(packages=packages):
@@ -121,16 +125,12 @@ async def execute(job: m.Job, ctx: JobContext) -> m.Result:
 
 async def start_desktop(ctx: JobContext) -> str | None:
     if not ctx.sandbox.desktop_running:
-        ctx.set_phase("starting")
+        ctx.set_starting(True)
         try:
             await ctx.sandbox.start_desktop()
         finally:
-            ctx.set_phase(None)
+            ctx.set_starting(False)
     return ctx.sandbox.stream_url
-
-
-async def stop_desktop(ctx: JobContext) -> None:
-    await ctx.sandbox.stop_desktop()
 
 
 async def setup(ctx: JobContext, packages: tuple[str, ...]) -> None:

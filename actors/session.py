@@ -149,7 +149,8 @@ class SessionActor:
         self._current: _Job | None = None
         self._runner: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
-        self._phase: str | None = None
+        #: A workflow's desktop step is starting the desktop.
+        self._starting = False
         self._ended: str | None = None  # "closed" or "failed" once the session ended
         self._published: tuple[str, str | None, str | None] | None = None
         self._next_rid = 0
@@ -249,7 +250,7 @@ class SessionActor:
             return "ready" if running else "starting"
         if isinstance(job, m.KillDesktop):
             return "stopping" if running else "idle"
-        if self._phase == "starting":
+        if self._starting:
             return "starting"
         if job is not None:
             return "busy"
@@ -300,7 +301,7 @@ class SessionActor:
     async def run(self) -> None:
         """Handle messages until a ``Stop``; a crash propagates to the supervisor."""
         structlog.contextvars.bind_contextvars(session_id=self.info.session_id)
-        self._current, self._pending, self._phase = None, deque(), None
+        self._current, self._pending, self._starting = None, deque(), False
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             self.started.set()
@@ -415,14 +416,10 @@ class SessionActor:
             config=self.config.jobs,
             log=self.log,
             emit=self.emit,
-            set_phase=self._set_phase,
+            set_starting=self._set_starting,
         )
         try:
-            if isinstance(job.msg, m.KillDesktop):
-                await jobs.stop_desktop(ctx)
-                result = m.Result(id=job.rid, ok=True, data={})
-            else:
-                result = await jobs.execute(job.msg, ctx)
+            result = await jobs.execute(job.msg, ctx)
         except asyncio.CancelledError:
             self._emit_cancelled(job.rid, job.cancelled_by or "cancelled")
             raise
@@ -436,8 +433,8 @@ class SessionActor:
         self.log.info("job.finished", id=job.rid, ok=result.ok, seconds=round(time.monotonic() - started, 3))
         self.emit(result)
 
-    def _set_phase(self, phase: str | None) -> None:
-        self._phase = phase
+    def _set_starting(self, starting: bool) -> None:
+        self._starting = starting
         self._publish_state()
 
     # ------------------------------------------------------------------
