@@ -4,10 +4,11 @@
 # install them (not root, or no apt-get).
 set -eu
 
+# x11-xserver-utils: xsetroot, which the desktop stream test paints with.
 # xfonts-base: Xvfb cannot start without the core "fixed" font, and
 # --no-install-recommends would leave it out. python3: Debian's interpreter
 # runs each session's command spawner inside its jail (never the server's venv).
-PACKAGES="python3 bubblewrap xvfb xfonts-base x11vnc xdotool novnc imagemagick xterm openbox chromium fonts-dejavu-core util-linux"
+PACKAGES="python3 bubblewrap xvfb xfonts-base x11vnc x11-xserver-utils xdotool novnc imagemagick xterm openbox chromium fonts-dejavu-core util-linux"
 
 # One dpkg-query for all: names it does not list as installed are missing.
 # shellcheck disable=SC2086  # the list is meant to split into words
