@@ -52,6 +52,7 @@ NETWORK_ETC = ("resolv.conf", "hosts")
 #: Started by absolute path: the environment handed to it is the session's.
 BWRAP = "/usr/bin/bwrap"
 SH = "/bin/sh"
+CHROMIUM_D = "/etc/chromium.d"
 #: Waits for one line "go" on stdin, then runs the rest of argv with stdin on
 #: /dev/null; anything else (the server gave up) ends it before it ran anything.
 _JOIN_THEN_EXEC = 'read -r go && [ "$go" = go ] && exec "$@" </dev/null; exit 125'
@@ -185,12 +186,8 @@ class Jail:
                 return str(fd)
 
             args = [*_prlimit(limits), BWRAP, "--unshare-all", *seccomp.bwrap_userns_args(BWRAP)]
-            args += [
-                "--die-with-parent",
-                "--new-session",
-                "--seccomp",
-                keep(_data_fd(seccomp.host_program())),
-            ]
+            seccomp_fd = keep(_data_fd(seccomp.host_program()))
+            args += ["--die-with-parent", "--new-session", "--seccomp", seccomp_fd]
             if as_pid_1:
                 args.append("--as-pid-1")
             if network:
@@ -210,6 +207,7 @@ class Jail:
                 args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
             for path in SYSTEM_OTHER:
                 args += ["--ro-bind-try", path, path]
+            args += _chromium_without_its_sandbox(keep)
             for dest, text in zip(("/etc/passwd", "/etc/group"), self._identity_files(), strict=True):
                 args += ["--ro-bind-data", keep(_data_fd(text.encode())), dest]
             for dest, data in (files or {}).items():
@@ -222,6 +220,24 @@ class Jail:
                 chdir = HOME if m.dest == HOME else chdir
             args += ["--chdir", chdir, "--", *command]
             yield args, fds
+
+
+def _chromium_without_its_sandbox(keep: Callable[[int], str]) -> list[str]:
+    """Debian's chromium launcher reads ``/etc/chromium.d``: add ``--no-sandbox`` there.
+
+    Chromium's own sandbox needs a new user namespace, which the jail refuses;
+    without this flag it would refuse to start ("No usable sandbox!"). The jail
+    is the boundary: its renderers share the session's uid, as its commands do.
+    """
+    try:
+        names = sorted(os.listdir(CHROMIUM_D))
+    except OSError:
+        return []
+    args = ["--size", "65536", "--tmpfs", CHROMIUM_D]
+    for name in names:
+        args += ["--ro-bind-try", f"{CHROMIUM_D}/{name}", f"{CHROMIUM_D}/{name}"]
+    flags = b'export CHROMIUM_FLAGS="$CHROMIUM_FLAGS --no-sandbox"\n'
+    return [*args, "--ro-bind-data", keep(_data_fd(flags)), f"{CHROMIUM_D}/zz-deskhive-no-sandbox"]
 
 
 def _open(path: Path, flags: int) -> int:
