@@ -33,8 +33,19 @@ class LocalConfig:
     window_manager: tuple[str, ...] = ("openbox",)
     #: Browser used by ``open`` and by ``launch("browser")``.
     browser: str = "chromium"
-    #: Size of each sandbox's private ``/tmp`` (a tmpfs).
+    #: Size of each jail's private ``/tmp``, ``/dev/shm`` and ``/`` (tmpfs
+    #: mounts: their pages also count toward the session's memory bound).
     tmp_bytes: int = 512 * 1024**2
+    shm_bytes: int = 256 * 1024**2
+    root_bytes: int = 16 * 1024**2
+    #: Bounds on each session as a whole (all its processes together, in
+    #: one cgroup): memory including its tmpfs, processes, and a CPU weight
+    #: (cgroup v2's scale, equal for every session so each busy one gets the
+    #: same share). ``cgroups=False`` keeps the per-process limits only.
+    cgroups: bool = True
+    session_memory_bytes: int = 4 * 1024**3
+    session_processes: int = 512
+    session_cpu_weight: int = 100
     #: Bound on the desktop's start, from spawning Xvfb to x11vnc answering.
     start_timeout: float = 10.0
     #: Time a process gets between SIGTERM and SIGKILL.

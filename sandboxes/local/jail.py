@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +26,8 @@ import attrs
 
 from protocol.errors import SandboxBroken
 from sandboxes.base import Limits
+from sandboxes.local import seccomp
+from sandboxes.local.cgroups import SessionCgroup
 
 HOME = "/home/user"
 X11_DIR = "/tmp/.X11-unix"
@@ -46,6 +49,13 @@ SYSTEM_OTHER = ("/var/cache/fontconfig",)
 #: Only mounted for a sandbox that has the network.
 NETWORK_ETC = ("resolv.conf", "hosts")
 #: Top-level links of a merged-/usr system.
+#: Started by absolute path: the environment handed to it is the session's.
+BWRAP = "/usr/bin/bwrap"
+SH = "/bin/sh"
+CHROMIUM_D = "/etc/chromium.d"
+#: Waits for one line "go" on stdin, then runs the rest of argv with stdin on
+#: /dev/null; anything else (the server gave up) ends it before it ran anything.
+_JOIN_THEN_EXEC = 'read -r go && [ "$go" = go ] && exec "$@" </dev/null; exit 125'
 USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64"))
 
 
@@ -126,7 +136,13 @@ class Jail:
     identity: Identity
     username: str
     marker: str
+    #: Sizes of the jail's tmpfs mounts: ``/tmp``, ``/dev/shm`` and ``/``.
     tmp_bytes: int
+    shm_bytes: int
+    root_bytes: int
+    #: The session's cgroup, which every process joins before it runs; ``None``
+    #: where the host has none we can use.
+    cgroup: SessionCgroup | None = None
 
     def env(self, display: int | None = None) -> dict[str, str]:
         env = {
@@ -169,20 +185,29 @@ class Jail:
                 fds.append(fd)
                 return str(fd)
 
-            args = [*_prlimit(limits), "bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
+            args = [*_prlimit(limits), BWRAP, "--unshare-all", *seccomp.bwrap_userns_args(BWRAP)]
+            seccomp_fd = keep(_data_fd(seccomp.host_program()))
+            args += ["--die-with-parent", "--new-session", "--seccomp", seccomp_fd]
             if as_pid_1:
                 args.append("--as-pid-1")
             if network:
                 args.append("--share-net")
+            # A bounded tmpfs over bwrap's own (unbounded) root, before anything is mounted on it.
+            args += ["--size", str(self.root_bytes), "--tmpfs", "/"]
             args += ["--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
             for target, link in USR_LINKS:
                 if os.path.lexists(link):
                     args += ["--symlink", target, link]
-            args += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.tmp_bytes), "--tmpfs", "/tmp"]
+            # bwrap's /dev is an unbounded tmpfs: read-only (its devices still
+            # work), with a bounded /dev/shm of its own.
+            args += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
+            args += ["--size", str(self.shm_bytes), "--tmpfs", "/dev/shm"]
+            args += ["--size", str(self.tmp_bytes), "--tmpfs", "/tmp"]
             for name in SYSTEM_ETC + (NETWORK_ETC if network else ()):
                 args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
             for path in SYSTEM_OTHER:
                 args += ["--ro-bind-try", path, path]
+            args += _chromium_without_its_sandbox(keep)
             for dest, text in zip(("/etc/passwd", "/etc/group"), self._identity_files(), strict=True):
                 args += ["--ro-bind-data", keep(_data_fd(text.encode())), dest]
             for dest, data in (files or {}).items():
@@ -195,6 +220,24 @@ class Jail:
                 chdir = HOME if m.dest == HOME else chdir
             args += ["--chdir", chdir, "--", *command]
             yield args, fds
+
+
+def _chromium_without_its_sandbox(keep: Callable[[int], str]) -> list[str]:
+    """Debian's chromium launcher reads ``/etc/chromium.d``: add ``--no-sandbox`` there.
+
+    Chromium's own sandbox needs a new user namespace, which the jail refuses;
+    without this flag it would refuse to start ("No usable sandbox!"). The jail
+    is the boundary: its renderers share the session's uid, as its commands do.
+    """
+    try:
+        names = sorted(os.listdir(CHROMIUM_D))
+    except OSError:
+        return []
+    args = ["--size", "65536", "--tmpfs", CHROMIUM_D]
+    for name in names:
+        args += ["--ro-bind-try", f"{CHROMIUM_D}/{name}", f"{CHROMIUM_D}/{name}"]
+    flags = b'export CHROMIUM_FLAGS="$CHROMIUM_FLAGS --no-sandbox"\n'
+    return [*args, "--ro-bind-data", keep(_data_fd(flags)), f"{CHROMIUM_D}/zz-deskhive-no-sandbox"]
 
 
 def _open(path: Path, flags: int) -> int:
@@ -244,16 +287,23 @@ async def spawn(
     pass_fds: Sequence[int] = (),
     as_pid_1: bool = False,
 ) -> asyncio.subprocess.Process:
-    """Start *command* in the jail; its own process group, so it is killed whole."""
+    """Start *command* in the jail; its own process group, so it is killed whole.
+
+    With a session cgroup, the process first waits on its stdin (a small
+    shell, ours) while the server moves it into the cgroup, so prlimit, bwrap
+    and all that follows run bounded from their first instruction.
+    """
     env = jail.env(display) | dict(extra_env or {})
     confined = jail.argv(
         command, mounts=mounts, network=network, limits=limits, files=files, as_pid_1=as_pid_1
     )
-    with confined as (argv, fds):
+    with confined as (argv, fds), _gate(jail.cgroup) as gate:
+        prefix = [SH, "-c", _JOIN_THEN_EXEC, "sh"] if gate is not None else []
         try:
-            return await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
+                *prefix,
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=gate[0] if gate is not None else asyncio.subprocess.DEVNULL,
                 stdout=stdout,
                 stderr=stderr,
                 env=env,
@@ -263,6 +313,38 @@ async def spawn(
             )
         except OSError as exc:
             raise SandboxBroken(f"cannot start sandboxed {command[0]!r}: {exc}") from exc
+        if gate is not None and jail.cgroup is not None:
+            _join(proc, jail.cgroup, gate[1], command[0])
+        return proc
+
+
+@contextlib.contextmanager
+def _gate(cgroup: SessionCgroup | None) -> Iterator[tuple[int, int] | None]:
+    """A pipe (read end for the child's stdin, write end for the go) while a cgroup is to be joined."""
+    if cgroup is None:
+        yield None
+        return
+    r, w = os.pipe()
+    try:
+        yield r, w
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _join(proc: asyncio.subprocess.Process, cgroup: SessionCgroup, go: int, name: str) -> None:
+    """Move the waiting *proc* into *cgroup*, then let it go; kill it if it cannot join.
+
+    Should the server fail between the two, closing *go* unwritten ends the
+    child before it ran anything of the session's.
+    """
+    try:
+        cgroup.add(proc.pid)
+        os.write(go, b"go\n")  # 3 bytes into an empty pipe: never blocks
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise SandboxBroken(f"cannot put sandboxed {name!r} in the session's cgroup: {exc.strerror}") from exc
 
 
 def _pids() -> Iterator[int]:

@@ -33,7 +33,7 @@ import structlog
 
 from protocol.errors import CommandTimeout, ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
-from sandboxes.local import tools
+from sandboxes.local import cgroups, tools
 from sandboxes.local.cmdjail import CommandJail
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
@@ -134,9 +134,16 @@ class LocalSandbox:
             if not isinstance(exc, OSError):
                 raise
             raise SandboxBroken(f"cannot create the sandbox folder {self._base}: {exc.strerror}") from exc
+        config = self._config
+        try:
+            cgroup = cgroups.for_session(config, self._id)
+        except BaseException:
+            identity.release()
+            raise
         self._jail = Jail(
-            identity=identity, username=self._spec.username, marker=self._id, tmp_bytes=self._config.tmp_bytes
-        )
+            identity=identity, username=self._spec.username, marker=self._id, tmp_bytes=config.tmp_bytes,
+            shm_bytes=config.shm_bytes, root_bytes=config.root_bytes, cgroup=cgroup,
+        )  # fmt: skip
         logger.info("sandbox.created", sandbox_id=self._id, uid=identity.uid, base=str(self._base))
         return self._jail
 
@@ -185,6 +192,8 @@ class LocalSandbox:
             self._kill_everything_now()
             self._remove_folder()
             if self._jail is not None:
+                if self._jail.cgroup is not None:
+                    await cgroups.close(self._jail.cgroup)
                 self._jail.identity.release()
         logger.info("sandbox.closed", sandbox_id=self._id)
 
@@ -196,6 +205,8 @@ class LocalSandbox:
         if cmd_jail is not None:
             cmd_jail.abort()
         if self._jail is not None:
+            if self._jail.cgroup is not None:
+                self._jail.cgroup.kill()
             for pid in session_pids(self._jail):
                 with contextlib.suppress(OSError):
                     os.kill(pid, 9)
@@ -400,6 +411,9 @@ def _check_searchable(folder: Path) -> None:
 
 def local_factory(config: LocalConfig) -> SandboxFactory:
     """A factory making one ``LocalSandbox`` per session, all sharing *config*."""
+
+    if config.cgroups:
+        cgroups.shared()  # probed at start-up, so that a host without them is said at once
 
     def factory(spec: SandboxSpec) -> LocalSandbox:
         return LocalSandbox(spec, config)
