@@ -48,7 +48,6 @@ SYSTEM_ETC = (
 SYSTEM_OTHER = ("/var/cache/fontconfig",)
 #: Only mounted for a sandbox that has the network.
 NETWORK_ETC = ("resolv.conf", "hosts")
-#: Top-level links of a merged-/usr system.
 #: Started by absolute path: the environment handed to it is the session's.
 BWRAP = "/usr/bin/bwrap"
 SH = "/bin/sh"
@@ -56,6 +55,7 @@ CHROMIUM_D = "/etc/chromium.d"
 #: Waits for one line "go" on stdin, then runs the rest of argv with stdin on
 #: /dev/null; anything else (the server gave up) ends it before it ran anything.
 _JOIN_THEN_EXEC = 'read -r go && [ "$go" = go ] && exec "$@" </dev/null; exit 125'
+#: Top-level links of a merged-/usr system.
 USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64"))
 
 
