@@ -18,17 +18,6 @@ from protocol.messages import Event
 
 
 @attrs.frozen
-class Replay:
-    """What a socket resuming after ``last_seq`` is owed."""
-
-    #: ``(from_seq, to_seq)`` of events that left the journal, if any.
-    gap: tuple[int, int] | None
-    frames: list[bytes]
-    #: The journal's newest ``seq``: the socket is caught up to it.
-    upto: int
-
-
-@attrs.frozen
 class Batch:
     """The next part of a paced replay: a gap, then frames, from one ``seq`` on."""
 
@@ -79,14 +68,6 @@ class Journal:
         """Forget every event; ``seq`` keeps counting from where it was."""
         self._frames.clear()
         self._bytes = 0
-
-    def since(self, last_seq: int) -> Replay:
-        """Every kept event after *last_seq*, and the gap before them."""
-        last_seq = min(last_seq, self.last_seq)
-        first = self.first_seq
-        gap = (last_seq + 1, first - 1) if last_seq + 1 < first else None
-        frames = list(islice(self._frames, max(0, last_seq + 1 - first), None))
-        return Replay(gap=gap, frames=frames, upto=self.last_seq)
 
     def read(self, next_seq: int, budget: int) -> Batch:
         """Kept events from *next_seq* on, about *budget* bytes of them (at least one).

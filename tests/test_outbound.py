@@ -273,3 +273,20 @@ def test_close_codes_are_the_documented_numbers(code: CloseCode) -> None:
         "RATE_LIMITED": 4429,
     }
     assert documented[code.name] == code.value
+
+
+def test_journal_reads_in_parts_and_reports_what_left_as_a_gap() -> None:
+    """A paced read takes about its budget (at least one event) and names events that left as a gap."""
+    from actors.journal import Journal
+    from protocol import messages as m
+
+    journal = Journal(max_events=5, max_bytes=1 << 20)
+    for n in range(8):
+        journal.append(m.Output(id="r", stream="stdout", data=str(n) * 100))
+    size = len(journal.read(4, 1 << 20).frames[0])
+    part = journal.read(4, 2 * size)
+    assert (part.gap, len(part.frames), part.next_seq) == (None, 2, 6)
+    late = journal.read(2, 1)
+    assert (late.gap, len(late.frames), late.next_seq) == ((2, 3), 1, 5)
+    done = journal.read(9, 1 << 20)
+    assert (done.gap, done.frames, done.next_seq) == (None, [], 9)
