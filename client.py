@@ -23,6 +23,8 @@ from typing import Any, Self
 import aiohttp
 import attrs
 
+from protocol.closecodes import CloseCode
+
 Event = dict[str, Any]
 
 
@@ -187,6 +189,6 @@ class Connection:
             return event
         # A CLOSE message carries the server's code; close_code may not yet.
         code = msg.data if msg.type is aiohttp.WSMsgType.CLOSE else (self.ws.close_code or 0)
-        if code == 4404:
+        if code == CloseCode.NOT_FOUND:
             raise SessionEnded(code, "not_found", str(msg.extra or "session ended"))
         raise ClientError(code, "closed", f"socket closed ({msg.type.name}, {msg.extra!r})")

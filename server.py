@@ -12,10 +12,8 @@ import asyncio
 import gc
 import hmac
 import logging
-import os
 import secrets
 import signal
-import struct
 import sys
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -24,26 +22,28 @@ from typing import Any, Final
 
 import aiohttp
 import structlog
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
 import auth
-from actors.jobs import JobConfig
-from actors.session import ActorConfig, SessionActor
+import wiring
+from actors.session import SessionActor
 from actors.workflows import Workflow, describe, load_workflows
 from config import Settings, from_args, parser
 from protocol import codec
 from protocol import messages as m
+from protocol.closecodes import CloseCode
 from protocol.errors import (
     Forbidden,
     FrameTooLarge,
     GatewayError,
-    NotConfigured,
     ProtocolError,
     SessionNotFound,
+    TooManySockets,
     Unauthorized,
 )
-from sandboxes.base import Limits, SandboxFactory
-from supervisor import Supervisor, SupervisorConfig
+from sandboxes.base import SandboxFactory, StreamedSandbox
+from supervisor import Supervisor
+from wspeer import WsPeer
 
 logger = structlog.get_logger("deskhive.server")
 
@@ -52,15 +52,12 @@ NOVNC_DIR: Final = Path("/usr/share/novnc")
 HELLO_TIMEOUT_S: Final = 10.0
 #: Frames over this close the socket (1009); frames over 64 KiB get ``too_large``.
 HARD_FRAME_LIMIT: Final = 1024 * 1024
-#: A socket with this much unsent output is too slow to keep up: it is dropped
-#: and may resume from its last ``seq``.
-SLOW_PEER_BYTES: Final = 64 * 1024 * 1024
-CLOSE_UNAUTHORIZED: Final = 4401
-CLOSE_NOT_FOUND: Final = 4404
+#: Shutdown gives the close handshakes of all sockets together this long.
+SHUTDOWN_CLOSE_S: Final = 3.0
 
 SUPERVISOR: Final = web.AppKey("supervisor", Supervisor)
 SETTINGS: Final = web.AppKey("settings", Settings)
-SOCKETS: Final = web.AppKey[weakref.WeakSet[web.WebSocketResponse]]("sockets")
+SOCKETS: Final = web.AppKey[weakref.WeakSet[WsPeer]]("sockets")
 USERS: Final = web.AppKey[auth.UsersFile | None]("users")
 STREAM_TOKENS: Final = web.AppKey("stream_tokens", auth.StreamTokens)
 ADMIN_TOKEN: Final = web.AppKey("admin_token", str)
@@ -71,98 +68,42 @@ WORKFLOWS: Final = web.AppKey[Mapping[str, Workflow]]("workflows")
 # Sockets
 
 
-def _ws_header(length: int) -> bytes:
-    # RFC 6455 §5.2: FIN + text opcode; servers send unmasked frames.
-    if length < 126:
-        return struct.pack("!BB", 0x81, length)
-    if length < 65536:
-        return struct.pack("!BBH", 0x81, 126, length)
-    return struct.pack("!BBQ", 0x81, 127, length)
-
-
-class WsPeer:
-    """A WebSocket as the actor sees it: ``deliver`` never suspends.
-
-    Frames are framed here (RFC 6455, one shared payload per broadcast) and
-    collected until the end of the current event-loop turn, then written with
-    one ``writelines``: a burst of replies costs one system call, a broadcast
-    never yields halfway, and every socket of a session gets its frames in
-    ``seq`` order. Error replies take the same path, so nothing overtakes an
-    event. A socket whose unsent output passes ``SLOW_PEER_BYTES`` is aborted
-    rather than left to stall the session; its client resumes from its seq.
-    """
-
-    __slots__ = ("__weakref__", "_loop", "_pending", "_pending_bytes", "_transport", "_ws", "remote")
-
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
-        self._ws = ws
-        self._transport = request.transport
-        self._loop = asyncio.get_running_loop()
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self.remote = request.remote
-
-    def deliver(self, frame: bytes) -> bool:
-        transport = self._transport
-        if transport is None or transport.is_closing() or self._ws.closed:
-            return False
-        if transport.get_write_buffer_size() + self._pending_bytes > SLOW_PEER_BYTES:
-            logger.warning("ws.slow_peer_dropped", peer=self.remote)
-            self._pending.clear()
-            transport.abort()
-            return False
-        if not self._pending:
-            self._loop.call_soon(self.flush)
-        self._pending += (_ws_header(len(frame)), frame)
-        self._pending_bytes += len(frame)
-        return True
-
-    def flush(self) -> None:
-        """Write what ``deliver`` collected (dropped if the socket closed since)."""
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        transport = self._transport
-        if pending and transport is not None and not transport.is_closing() and not self._ws.closed:
-            transport.writelines(pending)
-
-    def send_error(self, exc: GatewayError) -> None:
-        self.deliver(codec.encode(codec.error_for(exc)))
-
-    async def close(self, code: int, reason: str) -> None:
-        self.flush()
-        await self._ws.close(code=code, message=reason.encode()[:120])
-
-
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     """``GET /ws``: hello, then forward every frame to the session's actor."""
     ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, compress=False, heartbeat=30.0)
-    await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
-    peer = WsPeer(ws, request)
+    peer = WsPeer(ws, request, await ws.prepare(request))
+    request.app[SOCKETS].add(peer)
     actor = await _hello(ws, peer, request.app[SUPERVISOR])
     if actor is None:
         return ws
-    with structlog.contextvars.bound_contextvars(session_id=actor.info.session_id, peer=request.remote):
-        try:
-            async for frame in ws:
-                if frame.type is WSMsgType.TEXT:
-                    await _forward(actor, peer, frame.data)
-                elif frame.type is WSMsgType.BINARY:
-                    peer.send_error(ProtocolError("binary frames are not part of the protocol"))
-        finally:
-            actor.detach(peer)
+    sid = actor.info.session_id
+    with structlog.contextvars.bound_contextvars(session_id=sid, peer=request.remote):
+        # The socket's own task sends the rest of a replay and closes it on
+        # overflow; it ends with the socket.
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(peer.run(), name=f"ws-out:{sid}")
+            try:
+                async for frame in ws:
+                    if frame.type is WSMsgType.TEXT:
+                        await _forward(actor, peer, frame.data)
+                    elif frame.type is WSMsgType.BINARY:
+                        peer.send_error(ProtocolError("binary frames are not part of the protocol"))
+            finally:
+                actor.detach(peer)
+                peer.stop()
     return ws
 
 
 async def _hello(ws: web.WebSocketResponse, peer: WsPeer, supervisor: Supervisor) -> SessionActor | None:
-    """Bind the socket to a session, or close it with 4401/4404."""
+    """Bind the socket to a session, or close it with 4401, 4404 or 4429."""
     try:
         async with asyncio.timeout(HELLO_TIMEOUT_S):
             frame = await ws.receive()
     except TimeoutError:
-        await ws.close(code=CLOSE_UNAUTHORIZED, message=b"no hello within 10 s")
+        await peer.close(CloseCode.UNAUTHORIZED, "no hello within 10 s")
         return None
     if frame.type is not WSMsgType.TEXT:
-        await ws.close(code=CLOSE_UNAUTHORIZED, message=b"the first frame must be a hello")
+        await peer.close(CloseCode.UNAUTHORIZED, "the first frame must be a hello")
         return None
     try:
         hello = codec.decode(frame.data)
@@ -170,15 +111,19 @@ async def _hello(ws: web.WebSocketResponse, peer: WsPeer, supervisor: Supervisor
             raise Unauthorized("the first frame must be a hello", request_id=getattr(hello, "id", None))
         actor = supervisor.by_token(hello.token)
         actor.attach(peer, hello.last_seq)
-    except SessionNotFound as exc:
-        peer.send_error(exc)
-        await peer.close(CLOSE_NOT_FOUND, exc.message)
-        return None
     except GatewayError as exc:
         peer.send_error(exc)
-        await peer.close(CLOSE_UNAUTHORIZED, exc.message)
+        await peer.close(_hello_close_code(exc), exc.message)
         return None
     return actor
+
+
+def _hello_close_code(exc: GatewayError) -> CloseCode:
+    if isinstance(exc, SessionNotFound):
+        return CloseCode.NOT_FOUND
+    if isinstance(exc, TooManySockets):
+        return CloseCode.RATE_LIMITED
+    return CloseCode.UNAUTHORIZED
 
 
 async def _forward(actor: SessionActor, peer: WsPeer, data: str) -> None:
@@ -188,16 +133,21 @@ async def _forward(actor: SessionActor, peer: WsPeer, data: str) -> None:
             raise ProtocolError("this socket is already bound to a session")
         actor.tell(msg, peer)
     except SessionNotFound as exc:
-        await peer.close(CLOSE_NOT_FOUND, exc.message)
+        await peer.close(CloseCode.NOT_FOUND, exc.message)
     except GatewayError as exc:
         peer.send_error(exc)
 
 
 async def close_sockets(app: web.Application) -> None:
-    """``on_shutdown``: tell every client the server is going away."""
+    """``on_shutdown``: tell every client the server is going away, all at once.
+
+    Each close is bounded and cut when it overruns, so a hundred clients that
+    never answer cost one deadline, not a hundred.
+    """
     sockets = app[SOCKETS]
-    for ws in list(sockets):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    async with asyncio.TaskGroup() as tg:
+        for peer in list(sockets):
+            tg.create_task(peer.close(CloseCode.GOING_AWAY, "server shutdown", timeout=SHUTDOWN_CLOSE_S))
 
 
 # ----------------------------------------------------------------------------
@@ -366,18 +316,19 @@ async def desktop_socket(request: web.Request) -> web.StreamResponse:
 
     actor = _desktop_session(request)
     mode = request.app[STREAM_TOKENS].mode(actor.info.session_id, request.query.get("token", ""))
-    endpoint = getattr(actor.sandbox, "vnc_endpoint", None)
-    if endpoint is None:
+    sandbox = actor.sandbox
+    if not isinstance(sandbox, StreamedSandbox) or (endpoint := sandbox.vnc_endpoint) is None:
         raise web.HTTPConflict(reason="the desktop is not running")
     ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=HARD_FRAME_LIMIT, compress=False)
-    await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
+    # Registered only so that shutdown closes it with the others.
+    closer = WsPeer(ws, request, await ws.prepare(request))
+    request.app[SOCKETS].add(closer)
     with structlog.contextvars.bound_contextvars(session_id=actor.info.session_id, stream=mode):
         await pipe(
             ws,
             endpoint,
             view_only=mode == "view",
-            password=getattr(actor.sandbox, "vnc_password", None),
+            password=sandbox.vnc_password,
             on_input=actor.touch,
         )
     return ws
@@ -387,70 +338,11 @@ async def desktop_socket(request: web.Request) -> web.StreamResponse:
 # The application
 
 
-def _sandbox_factory(settings: Settings) -> SandboxFactory:
-    if settings.sandbox == "null":
-        from sandboxes.null import NullSandbox
-
-        return NullSandbox
-    if settings.sandbox == "e2b":
-        from sandboxes.e2b import e2b_factory
-
-        return e2b_factory()
-    from sandboxes.local import LocalConfig, local_factory
-
-    root = settings.data_dir / "sandboxes"
-    if os.geteuid() == 0:
-        _check_enterable(root)
-    limits = Limits(
-        cpu_seconds=settings.command_cpu_seconds,
-        memory_bytes=settings.command_memory,
-        processes=settings.command_processes,
-        file_bytes=settings.command_file_size,
-    )
-    return local_factory(LocalConfig(root=root, limits=limits, network=settings.sandbox_network))
-
-
-def _check_enterable(folder: Path) -> None:
-    """Fail at start-up, not at the first command, on a folder sandboxes cannot reach."""
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o755)
-    for part in (folder.resolve(), *folder.resolve().parents):
-        if not part.stat().st_mode & 0o001:
-            raise NotConfigured(
-                f"data folder {folder}: {part} is not enterable by other users, and sandboxed "
-                "commands run as other users; choose another --data-dir or chmod o+x it"
-            )
-
-
-def _model(settings: Settings) -> Any:
-    if not settings.model_url:
-        return None
-    from agent import ModelConfig
-
-    return ModelConfig(url=settings.model_url, model=settings.model, api_key=settings.model_key)
-
-
 async def _run_supervisor(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: the supervisor lives exactly as long as the app serves."""
     settings = app[SETTINGS]
     async with aiohttp.ClientSession() as http:
-        config = SupervisorConfig(
-            idle_timeout=settings.idle_timeout,
-            sweep_interval=settings.sweep_interval,
-            sessions_per_user=settings.sessions_per_user,
-            data_dir=settings.data_dir,
-            actor=ActorConfig(
-                mailbox_size=settings.mailbox_size,
-                journal_size=settings.journal_size,
-                jobs=JobConfig(
-                    command_timeout=settings.command_timeout,
-                    output_limit=settings.output_limit,
-                    model=_model(settings),
-                    workflows=app[WORKFLOWS],
-                    http=http,
-                ),
-            ),
-        )
+        config = wiring.supervisor_config(settings, app[WORKFLOWS], http)
         supervisor = Supervisor(config, app[SANDBOX_FACTORY], stream_url=lambda sid: _stream_url(app, sid))
         app[SUPERVISOR] = supervisor
         task = asyncio.create_task(supervisor.run(), name="supervisor")
@@ -468,7 +360,7 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
     app[USERS] = auth.UsersFile.load(settings.users_file) if settings.users_file else None
     app[STREAM_TOKENS] = auth.StreamTokens()
     app[ADMIN_TOKEN] = settings.admin_token or secrets.token_urlsafe(24)
-    app[SANDBOX_FACTORY] = sandbox_factory or _sandbox_factory(settings)
+    app[SANDBOX_FACTORY] = sandbox_factory or wiring.sandbox_factory(settings)
     app[WORKFLOWS] = load_workflows(settings.workflows_dir)
     app.cleanup_ctx.append(_run_supervisor)
     app.on_shutdown.append(close_sockets)

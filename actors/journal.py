@@ -18,14 +18,14 @@ from protocol.messages import Event
 
 
 @attrs.frozen
-class Replay:
-    """What a socket resuming after ``last_seq`` is owed."""
+class Batch:
+    """The next part of a paced replay: a gap, then frames, from one ``seq`` on."""
 
-    #: ``(from_seq, to_seq)`` of events that left the journal, if any.
+    #: ``(from_seq, to_seq)`` of events that left the journal before they were read.
     gap: tuple[int, int] | None
     frames: list[bytes]
-    #: The journal's newest ``seq``: the socket is caught up to it.
-    upto: int
+    #: The ``seq`` to read from next time (``last_seq + 1`` once caught up).
+    next_seq: int
 
 
 class Journal:
@@ -69,10 +69,20 @@ class Journal:
         self._frames.clear()
         self._bytes = 0
 
-    def since(self, last_seq: int) -> Replay:
-        """Every kept event after *last_seq*, and the gap before them."""
-        last_seq = min(last_seq, self.last_seq)
+    def read(self, next_seq: int, budget: int) -> Batch:
+        """Kept events from *next_seq* on, about *budget* bytes of them (at least one).
+
+        A socket that is behind calls this each time its transport drains, so
+        a replay of the whole journal never sits in memory twice; events that
+        left the journal meanwhile come back as the batch's gap.
+        """
         first = self.first_seq
-        gap = (last_seq + 1, first - 1) if last_seq + 1 < first else None
-        frames = list(islice(self._frames, max(0, last_seq + 1 - first), None))
-        return Replay(gap=gap, frames=frames, upto=self.last_seq)
+        gap = (next_seq, first - 1) if next_seq < first else None
+        frames: list[bytes] = []
+        size = 0
+        for frame in islice(self._frames, max(0, next_seq - first), None):
+            if frames and size + len(frame) > budget:
+                break
+            frames.append(frame)
+            size += len(frame)
+        return Batch(gap=gap, frames=frames, next_seq=max(next_seq, first) + len(frames))

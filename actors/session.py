@@ -28,13 +28,14 @@ from actors.journal import Journal
 from actors.peer import Peer
 from protocol import codec
 from protocol import messages as m
-from protocol.errors import Cancelled, GatewayError, JobNotFound, MailboxFull, SessionClosed
+from protocol.closecodes import CloseCode
+from protocol.errors import Cancelled, GatewayError, JobNotFound, MailboxFull, SessionClosed, TooManySockets
 from sandboxes.base import Sandbox
 
 logger = structlog.get_logger("deskhive.actor")
 
-#: WebSocket close code for sockets of a session that ended.
-CLOSE_SESSION_ENDED: Final = 4404
+#: Sockets watching one session at once (owner's and guests' together).
+SOCKETS_PER_SESSION: Final = 16
 _CLOSE_TIMEOUT_S: Final = 2.0
 
 
@@ -209,12 +210,17 @@ class SessionActor:
         """Bind *peer*: welcome, gap, replay after *last_seq*, then live events.
 
         Runs without suspending, so no event can slip between the replay and
-        the live stream.
+        the live stream; a long replay goes on as the socket drains (the peer
+        reads the journal), and live events wait their turn there.
         """
         if self._ended is not None:
             raise SessionClosed(f"session {self.info.session_id} is closed")
+        if len(self._peers) >= SOCKETS_PER_SESSION:
+            raise TooManySockets(
+                f"session {self.info.session_id} already has {SOCKETS_PER_SESSION} sockets, "
+                f"the limit per session"
+            )
         self._last_active = time.monotonic()
-        replay = self.journal.since(last_seq or 0)
         peer.deliver(
             codec.encode(
                 m.Welcome(
@@ -222,15 +228,12 @@ class SessionActor:
                     username=self.info.username,
                     state=self.state,
                     stream_url=self.sandbox.stream_url,
-                    seq=replay.upto,
+                    seq=self.journal.last_seq,
                     resumed=last_seq is not None,
                 )
             )
         )
-        if replay.gap is not None:
-            peer.deliver(codec.encode(m.Gap(from_seq=replay.gap[0], to_seq=replay.gap[1])))
-        for frame in replay.frames:
-            peer.deliver(frame)
+        peer.follow(self.journal, last_seq or 0)
         self._peers.add(peer)
 
     def detach(self, peer: Peer) -> None:
@@ -282,8 +285,9 @@ class SessionActor:
     def emit(self, event: m.Event) -> None:
         """Journal *event* and send it to every socket of this session."""
         frame = self.journal.append(event)
+        seq = self.journal.last_seq
         for peer in tuple(self._peers):
-            if not peer.deliver(frame):
+            if not peer.notify(seq, frame):
                 self._peers.discard(peer)
 
     def _publish_state(self, request_id: str | None = None) -> None:
@@ -449,6 +453,6 @@ class SessionActor:
         for peer in peers:
             try:
                 async with asyncio.timeout(_CLOSE_TIMEOUT_S):
-                    await peer.close(CLOSE_SESSION_ENDED, f"session ended: {reason}")
+                    await peer.close(CloseCode.NOT_FOUND, f"session ended: {reason}")
             except TimeoutError:
                 logger.warning("actor.close_timeout", peer=repr(peer))

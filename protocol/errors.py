@@ -92,6 +92,10 @@ class QuotaExceeded(GatewayError):
     status = 429
 
 
+class TooManySockets(QuotaExceeded):
+    """A ``hello`` for a session already watched by as many sockets as it may have."""
+
+
 class CommandTimeout(GatewayError, TimeoutError):
     """A command or job that outlived its timeout."""
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import attrs
 
@@ -105,6 +105,26 @@ class Sandbox(Protocol):
 
     async def close(self) -> None:
         """Free everything the sandbox holds. Idempotent; never raises."""
+        ...
+
+
+@runtime_checkable
+class StreamedSandbox(Protocol):
+    """A sandbox whose desktop the server streams itself, through its VNC proxy.
+
+    The local backend is one; E2B streams from its own servers and is not.
+    Only these two members are checked (``isinstance`` reads each one), so
+    the check never touches the rest of the sandbox.
+    """
+
+    @property
+    def vnc_endpoint(self) -> str | None:
+        """Where the desktop's VNC server listens (a unix socket path) while it runs."""
+        ...
+
+    @property
+    def vnc_password(self) -> str | None:
+        """The VNC password the proxy must give, if the server wants one."""
         ...
 
 

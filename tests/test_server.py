@@ -15,7 +15,7 @@ import pytest
 import server
 from client import Client, ClientError, Connection, Login, SessionEnded
 from protocol import codec
-from tests.conftest import StartServer
+from tests.conftest import MakeLocal, StartServer
 from tests.fakes import FakeSandbox
 
 
@@ -602,3 +602,57 @@ async def test_working_on_the_desktop_keeps_the_session_alive(start_server: Star
     async with asyncio.timeout(10):
         while await alive():  # noqa: ASYNC110 - the reaper has no event to wait on
             await asyncio.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------
+# Structure: what the server asks of sandboxes, and the wiring of settings
+
+
+async def test_desktop_stream_of_a_sandbox_streamed_elsewhere_is_409(served: tuple) -> None:
+    """A sandbox without a VNC endpoint of its own (not a StreamedSandbox) has no stream here: 409."""
+    test_server, client = served
+    login = await client.login("e2blike")
+    async with client.connect(login) as conn:
+        await conn.result(await conn.send("start_desktop"))
+    token = test_server.app[server.STREAM_TOKENS].token(login.session_id)
+    url = str(test_server.make_url(f"/desktop/{login.session_id}/websockify?token={token}"))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.http.ws_connect(url)
+    assert refused.value.status == 409
+
+
+def test_only_the_local_sandbox_is_streamed_by_the_server(make: MakeLocal) -> None:
+    """LocalSandbox satisfies StreamedSandbox; the null and fake sandboxes do not."""
+    from sandboxes.base import SandboxSpec, StreamedSandbox
+    from sandboxes.null import NullSandbox
+
+    spec = SandboxSpec(session_id="s_1_0000000000000000", username="s", data_dir=Path("/nonexistent"))
+    assert isinstance(make("streamed"), StreamedSandbox)
+    assert not isinstance(NullSandbox(spec), StreamedSandbox)
+    assert not isinstance(FakeSandbox(spec), StreamedSandbox)
+
+
+async def test_settings_reach_the_supervisor_the_actors_and_the_jobs(tmp_path: Path) -> None:
+    """Each limit given in the settings is the one the supervisor, actors and jobs run with."""
+    import wiring
+    from config import Settings
+
+    settings = Settings(
+        data_dir=tmp_path,
+        idle_timeout=7.0,
+        sweep_interval=2.0,
+        sessions_per_user=5,
+        mailbox_size=11,
+        journal_size=13,
+        command_timeout=17.0,
+        output_limit=19,
+        model_url="http://127.0.0.1:9/v1",
+        model_key="k",
+    )
+    async with aiohttp.ClientSession() as http:
+        config = wiring.supervisor_config(settings, {}, http)
+    assert (config.idle_timeout, config.sweep_interval, config.sessions_per_user) == (7.0, 2.0, 5)
+    assert (config.actor.mailbox_size, config.actor.journal_size) == (11, 13)
+    assert (config.actor.jobs.command_timeout, config.actor.jobs.output_limit) == (17.0, 19)
+    assert config.actor.jobs.model is not None and config.actor.jobs.model.url == "http://127.0.0.1:9/v1"
+    assert wiring.model_config(Settings(data_dir=tmp_path)) is None

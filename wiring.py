@@ -1,0 +1,93 @@
+"""From ``Settings`` to the objects the server runs: configs, the sandbox factory, the model.
+
+Kept apart from the request handlers so that what an option does is read in
+one place, and so that a test can build the same objects without a server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from actors.jobs import JobConfig
+from actors.session import ActorConfig
+from actors.workflows import Workflow
+from config import Settings
+from protocol.errors import NotConfigured
+from sandboxes.base import Limits, SandboxFactory
+from supervisor import SupervisorConfig
+
+if TYPE_CHECKING:
+    from agent import ModelConfig
+
+
+def supervisor_config(
+    settings: Settings, workflows: Mapping[str, Workflow], http: aiohttp.ClientSession
+) -> SupervisorConfig:
+    """The supervisor's, the actors' and the jobs' bounds, as the settings say."""
+    return SupervisorConfig(
+        idle_timeout=settings.idle_timeout,
+        sweep_interval=settings.sweep_interval,
+        sessions_per_user=settings.sessions_per_user,
+        data_dir=settings.data_dir,
+        actor=ActorConfig(
+            mailbox_size=settings.mailbox_size,
+            journal_size=settings.journal_size,
+            jobs=JobConfig(
+                command_timeout=settings.command_timeout,
+                output_limit=settings.output_limit,
+                model=model_config(settings),
+                workflows=workflows,
+                http=http,
+            ),
+        ),
+    )
+
+
+def model_config(settings: Settings) -> ModelConfig | None:
+    """The agent's model endpoint, or ``None``: ``run_task`` then says none is configured."""
+    if not settings.model_url:
+        return None
+    from agent import ModelConfig  # the agent's modules load only when a model is configured
+
+    return ModelConfig(url=settings.model_url, model=settings.model, api_key=settings.model_key)
+
+
+def sandbox_factory(settings: Settings) -> SandboxFactory:
+    """The backend ``--sandbox`` names; imported only when chosen."""
+    if settings.sandbox == "null":
+        from sandboxes.null import NullSandbox
+
+        return NullSandbox
+    if settings.sandbox == "e2b":
+        from sandboxes.e2b import e2b_factory
+
+        return e2b_factory()
+    from sandboxes.local import LocalConfig, local_factory
+
+    root = settings.data_dir / "sandboxes"
+    if os.geteuid() == 0:
+        check_enterable(root)
+    limits = Limits(
+        cpu_seconds=settings.command_cpu_seconds,
+        memory_bytes=settings.command_memory,
+        processes=settings.command_processes,
+        file_bytes=settings.command_file_size,
+    )
+    return local_factory(LocalConfig(root=root, limits=limits, network=settings.sandbox_network))
+
+
+def check_enterable(folder: Path) -> None:
+    """Fail at start-up, not at the first command, on a folder sandboxes cannot reach."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)
+    for part in (folder.resolve(), *folder.resolve().parents):
+        if not part.stat().st_mode & 0o001:
+            raise NotConfigured(
+                f"data folder {folder}: {part} is not enterable by other users, and sandboxed "
+                "commands run as other users; choose another --data-dir or chmod o+x it"
+            )
