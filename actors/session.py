@@ -445,7 +445,7 @@ class SessionActor:
                 # Whatever ended the wait, the job's end or the incarnation's
                 # (the job may not even have started), its result is settled.
                 self._current = None
-                self._settle(job, "the session is ending")
+                self._settle(job, "cancelled")
             self._publish_state()
 
     async def _execute(self, job: _Job) -> m.Result:
