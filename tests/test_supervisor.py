@@ -290,3 +290,19 @@ async def test_healthz_fails_once_the_supervisor_stops(start_server: StartServer
     with pytest.raises(ClientError) as caught:
         await client.call("GET", "/healthz")
     assert (caught.value.status, caught.value.code) == (503, "internal")
+
+
+async def test_a_cancelled_supervisor_still_closes_every_sandbox(
+    tmp_path: Path, fakes: list[FakeSandbox]
+) -> None:
+    """Cancelling the supervisor's run from outside still closes each session's sandbox before it ends."""
+    sup = Supervisor(SupervisorConfig(data_dir=tmp_path), FakeSandbox)
+    task = asyncio.create_task(sup.run())
+    await sup.wait_running()
+    actors = [(await sup.spawn(name)).actor for name in ("ida", "jon")]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert [f.closed for f in fakes] == [1, 1]
+    assert [a.state for a in actors] == ["closed", "closed"]
+    assert not sup.running
