@@ -286,7 +286,10 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"ok": True, "sessions": len(request.app[SUPERVISOR])})
+    supervisor = request.app[SUPERVISOR]
+    if not supervisor.running:
+        return _error_response(503, "internal", "the supervisor is not running")
+    return _json({"ok": True, "sessions": len(supervisor)})
 
 
 async def index(request: web.Request) -> web.FileResponse:

@@ -8,8 +8,11 @@ actor with its session, token and journal while the restart intensity allows
 sockets.
 
 Stopping is two-phase, as in OTP and aiojobs: a ``Stop`` message first, so
-the actor finishes what it was told before; whatever still runs after the
-grace period is cancelled.
+the actor finishes what it was told before; an incarnation still running
+after the grace period is cancelled. The cleanup that follows (sandbox,
+sockets, summary line) is never cancelled that way: the supervisor runs it
+after the incarnation is over, under its own bound, and no error in it
+reaches the TaskGroup, so one session's fault ends that session alone.
 """
 
 from __future__ import annotations
@@ -25,13 +28,12 @@ import structlog
 
 import auth
 from actors.session import ActorConfig, SessionActor, SessionInfo
-from protocol.errors import QuotaExceeded, SessionClosed, SessionNotFound, Unauthorized
+from protocol.errors import GatewayError, QuotaExceeded, SessionClosed, SessionNotFound, Unauthorized
 from sandboxes.base import SandboxFactory, SandboxSpec
 
 logger = structlog.get_logger("deskhive.supervisor")
 
 _SPAWN_TIMEOUT_S: Final = 5.0
-_SANDBOX_CLOSE_TIMEOUT_S: Final = 15.0
 #: How many ended sessions' token hashes are remembered, so that a client of
 #: an ended session is told "ended" (404, 4404) rather than "wrong token".
 _TOMBSTONES: Final = 10_000
@@ -45,6 +47,8 @@ class SupervisorConfig:
     restart_limit: int = 3
     restart_window: float = 60.0
     stop_grace: float = 10.0
+    #: Bound on closing one session's sandbox at its end.
+    close_timeout: float = 15.0
     data_dir: Path = Path("var")
     actor: ActorConfig = attrs.field(factory=ActorConfig)
 
@@ -66,6 +70,23 @@ class Login:
     token: str
 
 
+@attrs.define(eq=False)
+class _Child:
+    """One session under supervision: its actor and the task that runs its life."""
+
+    actor: SessionActor
+    task: asyncio.Task[None] | None = None
+    #: An incarnation (``actor.run()``) is under way: a kill cancels it.
+    in_run: bool = False
+    #: Why the session was killed (second stop phase); set once.
+    killed: str | None = None
+
+    def was_killed(self) -> bool:
+        # A call, not the field: type checkers would take the field's value
+        # as fixed across the await during which the kill lands.
+        return self.killed is not None
+
+
 class Supervisor:
     """Spawns, finds, reaps, restarts and stops session actors."""
 
@@ -82,7 +103,7 @@ class Supervisor:
         #: ``session_id -> stream URL`` for backends streamed by this server.
         self._stream_url = stream_url
         self._actors: dict[str, SessionActor] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._children: dict[str, _Child] = {}
         self._by_token: dict[bytes, SessionActor] = {}
         self._by_user: dict[str, set[str]] = {}
         self._ended: OrderedDict[bytes, str] = OrderedDict()
@@ -98,17 +119,24 @@ class Supervisor:
 
     async def run(self) -> None:
         """Own every session task; sweep for idle ones until ``aclose``."""
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            self._running.set()
-            while not self._stop.is_set():
-                try:
-                    async with asyncio.timeout(self.config.sweep_interval):
-                        await self._stop.wait()
-                except TimeoutError:
-                    self.sweep()
-            await self._stop_all()
-        self._tg = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._running.set()
+                while not self._stop.is_set():
+                    try:
+                        async with asyncio.timeout(self.config.sweep_interval):
+                            await self._stop.wait()
+                    except TimeoutError:
+                        self.sweep()
+                await self._stop_all()
+        finally:
+            self._tg = None
+
+    @property
+    def running(self) -> bool:
+        """Whether sessions are served: ``run()``'s TaskGroup is alive and not stopping."""
+        return self._tg is not None and not self._stop.is_set()
 
     async def wait_running(self) -> None:
         async with asyncio.timeout(_SPAWN_TIMEOUT_S):
@@ -122,13 +150,14 @@ class Supervisor:
     async def _stop_all(self) -> None:
         for actor in list(self._actors.values()):
             actor.request_stop("shutdown")
-        tasks = list(self._tasks.values())
+        children = list(self._children.values())
+        tasks = [child.task for child in children if child.task is not None]
         if not tasks:
             return
-        _, late = await asyncio.wait(tasks, timeout=self.config.stop_grace)
-        for task in late:
-            logger.warning("supervisor.stop_timeout", task=task.get_name())
-            task.cancel("supervisor shutdown")
+        await asyncio.wait(tasks, timeout=self.config.stop_grace)
+        # The TaskGroup's exit then waits for the cleanups, each under its bound.
+        for child in children:
+            self._kill(child, "supervisor shutdown")
 
     # ------------------------------------------------------------------
     # Sessions
@@ -137,7 +166,7 @@ class Supervisor:
         self, username: str, *, aws_login: str | None = None, customer_name: str | None = None
     ) -> Login:
         """Create a session and its actor; return once the actor runs."""
-        if not self._accepting or self._tg is None:
+        if not self._accepting or self._tg is None or not self.running:
             raise SessionClosed("the server is shutting down")
         owned = self._by_user.setdefault(username, set())
         if len(owned) >= self.config.sessions_per_user:
@@ -162,18 +191,38 @@ class Supervisor:
             stream_url=self._stream_url(sid) if self._stream_url else None,
         )
         actor = SessionActor(info, self._sandbox_factory(spec), self.config.actor)
+        child = _Child(actor)
         owned.add(sid)
         self._actors[sid] = actor
+        self._children[sid] = child
         self._by_token[info.token_hash] = actor
-        self._tasks[sid] = self._tg.create_task(self._supervise(actor), name=f"session:{sid}")
+        child.task = self._tg.create_task(self._supervise(child), name=f"session:{sid}")
         self.totals.spawned += 1
+        try:
+            await self._until_started(actor)
+        except BaseException:
+            # Timed out or the caller went away: the session must not linger
+            # holding one of the user's places.
+            self._abandon(child, "the session did not start")
+            raise
+        return Login(actor=actor, token=token)
+
+    async def _until_started(self, actor: SessionActor) -> None:
         # The new task's first step runs before we resume, so the timeout is
         # only armed when the actor did not start in that step.
         await asyncio.sleep(0)
-        if not actor.started.is_set():
+        if actor.started.is_set():
+            return
+        try:
             async with asyncio.timeout(_SPAWN_TIMEOUT_S):
                 await actor.started.wait()
-        return Login(actor=actor, token=token)
+        except TimeoutError:
+            raise GatewayError(f"the session did not start within {_SPAWN_TIMEOUT_S:g} s") from None
+
+    def _abandon(self, child: _Child, reason: str) -> None:
+        self._unregister(child.actor, reason)
+        child.actor.refuse_requests(reason)
+        self._kill(child, reason)
 
     def by_token(self, token: str) -> SessionActor:
         """The live session *token* belongs to.
@@ -199,15 +248,31 @@ class Supervisor:
         return len(self._actors)
 
     async def stop(self, session_id: str, reason: str) -> None:
-        """End a session: ``Stop`` first, then cancel after the grace period."""
+        """End a session: ``Stop`` first, then cancel the incarnation after the grace period.
+
+        Returns once the session's cleanup is over (or past its bound).
+        """
         actor = self.get(session_id)
-        task = self._tasks[session_id]
+        child = self._children[session_id]
+        assert child.task is not None
         actor.request_stop(reason)
-        _, late = await asyncio.wait([task], timeout=self.config.stop_grace)
+        _, late = await asyncio.wait([child.task], timeout=self.config.stop_grace)
         if late:
-            logger.warning("supervisor.stop_timeout", session_id=session_id)
-            task.cancel(f"stop: {reason}")
-            await asyncio.wait([task], timeout=_SANDBOX_CLOSE_TIMEOUT_S)
+            self._kill(child, f"stop: {reason}")
+            await asyncio.wait([child.task], timeout=self._cleanup_bound)
+
+    @property
+    def _cleanup_bound(self) -> float:
+        return self.config.close_timeout + self.config.actor.close_timeout + 1.0
+
+    def _kill(self, child: _Child, why: str) -> None:
+        """Second stop phase: cancel the incarnation, never the cleanup after it."""
+        if child.killed is not None or child.task is None or child.task.done():
+            return
+        child.killed = why
+        if child.in_run:
+            logger.warning("supervisor.stop_timeout", session_id=child.actor.info.session_id, reason=why)
+            child.task.cancel(why)
 
     def sweep(self) -> int:
         """Ask idle sessions to stop, cancel ones that ignored it; return how many."""
@@ -217,7 +282,7 @@ class Supervisor:
         for sid, actor in self._actors.items():
             if actor.stop_requested_at is not None:
                 if now - actor.stop_requested_at > grace:
-                    self._tasks[sid].cancel("did not stop in time")
+                    self._kill(self._children[sid], "did not stop in time")
             elif actor.idle_seconds(now) > timeout:
                 actor.request_stop("idle", now)
                 reaped += 1
@@ -229,25 +294,50 @@ class Supervisor:
     # ------------------------------------------------------------------
     # One child
 
-    async def _supervise(self, actor: SessionActor) -> None:
-        restarts: deque[float] = deque()
-        final_state, reason = "closed", "stopped"
+    async def _supervise(self, child: _Child) -> None:
         try:
-            while True:
-                try:
-                    await actor.run()
-                except Exception as exc:
-                    self.totals.crashed += 1
-                    logger.exception("actor.crashed", session_id=actor.info.session_id)
-                    if not self._may_restart(restarts):
-                        final_state, reason = "failed", f"crashed too often: {exc!r}"
-                        return
-                    self.totals.restarted += 1
-                    actor.log.error("session.restarted", error=repr(exc), restarts=len(restarts))  # noqa: TRY400 - to the session
-                    continue
-                return
-        finally:
-            await self._finish(actor, final_state, reason)
+            state, reason = await self._incarnations(child)
+        except asyncio.CancelledError:
+            # The supervisor itself is torn down from outside: still free
+            # the session (bounded), then go on being cancelled.
+            await self._finish(child.actor, "closed", "the server stopped")
+            raise
+        await self._finish(child.actor, state, reason)
+
+    async def _incarnations(self, child: _Child) -> tuple[str, str]:
+        """Run the actor, restarting it after crashes; return how the session ends."""
+        actor = child.actor
+        restarts: deque[float] = deque()
+        while not child.was_killed():
+            child.in_run = True
+            try:
+                await actor.run()
+            except asyncio.CancelledError:
+                if not child.was_killed() or self._absorb_kill():
+                    raise
+            except Exception as exc:
+                if child.was_killed():
+                    if self._absorb_kill():
+                        raise asyncio.CancelledError from None
+                    break
+                self.totals.crashed += 1
+                logger.exception("actor.crashed", session_id=actor.info.session_id)
+                if not self._may_restart(restarts):
+                    return "failed", f"crashed too often: {exc!r}"
+                self.totals.restarted += 1
+                actor.log.error("session.restarted", error=repr(exc), restarts=len(restarts))  # noqa: TRY400 - to the session
+                continue
+            finally:
+                child.in_run = False
+            break
+        return "closed", actor.stop_reason or child.killed or "stopped"
+
+    @staticmethod
+    def _absorb_kill() -> bool:
+        """Take back the kill's cancellation; ``True`` if another one is still pending."""
+        task = asyncio.current_task()
+        assert task is not None
+        return task.uncancel() > 0
 
     def _may_restart(self, restarts: deque[float]) -> bool:
         now = time.monotonic()
@@ -258,14 +348,13 @@ class Supervisor:
         restarts.append(now)
         return True
 
-    async def _finish(self, actor: SessionActor, state: str, reason: str) -> None:
-        """Free everything the session held; runs once per session."""
+    def _unregister(self, actor: SessionActor, reason: str) -> None:
+        """Forget the session: its token, its place in the user's quota (idempotent)."""
         info = actor.info
         sid = info.session_id
-        if state == "closed":
-            reason = actor.stop_reason or reason
-        self._actors.pop(sid, None)
-        self._tasks.pop(sid, None)
+        if self._actors.pop(sid, None) is None:
+            return
+        self._children.pop(sid, None)
         self._by_token.pop(info.token_hash, None)
         self._ended[info.token_hash] = reason
         while len(self._ended) > _TOMBSTONES:
@@ -276,17 +365,37 @@ class Supervisor:
             if not owned:
                 del self._by_user[info.username]
         self.totals.ended += 1
+
+    async def _finish(self, actor: SessionActor, state: str, reason: str) -> None:
+        """Free everything the session held; runs once per session, never raises."""
+        if state == "closed":
+            reason = actor.stop_reason or reason
+        # From here on requests are refused at once, not left for nobody.
+        actor.refuse_requests(reason)
+        self._unregister(actor, reason)
+        await self._close_sandbox(actor)
         try:
-            async with asyncio.timeout(_SANDBOX_CLOSE_TIMEOUT_S):
-                await actor.sandbox.close()
+            await actor.end(state, reason)
+        except Exception:
+            logger.exception("actor.end_failed", session_id=actor.info.session_id)
+        self._summary(actor, state, reason)
+
+    async def _close_sandbox(self, actor: SessionActor) -> None:
+        sid, sandbox = actor.info.session_id, actor.sandbox
+        try:
+            async with asyncio.timeout(self.config.close_timeout):
+                await sandbox.close()
         except TimeoutError:
-            logger.error(  # noqa: TRY400 - a timeout, no traceback worth keeping
-                "sandbox.close_timeout", session_id=sid, sandbox_id=actor.sandbox.sandbox_id
-            )
-        await actor.end(state, reason)
+            logger.error("sandbox.close_timeout", session_id=sid, sandbox_id=sandbox.sandbox_id)  # noqa: TRY400 - a timeout, no traceback worth keeping
+        except Exception:
+            # Any error at all (RecursionError included): the session ends anyway.
+            logger.exception("sandbox.close_failed", session_id=sid, sandbox_kind=sandbox.kind)
+
+    def _summary(self, actor: SessionActor, state: str, reason: str) -> None:
+        info = actor.info
         logger.info(
             "session.summary",
-            session_id=sid,
+            session_id=info.session_id,
             username=info.username,
             state=state,
             reason=reason,

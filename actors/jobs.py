@@ -4,7 +4,12 @@ A job is a request that runs one at a time per session (see
 :data:`protocol.messages.JOB_TYPES`; ``kill_desktop`` also runs here, put first
 in line by the actor). :func:`execute` runs one and returns
 its :class:`~protocol.messages.Result`; failures are raised as
-:class:`~protocol.errors.GatewayError` and turned into results by the actor.
+:class:`~protocol.errors.GatewayError`.
+
+Every job gets exactly one result, whatever ends it, and it is made here
+alone: :func:`run_to_result` turns a failure into the job's result inside its
+task, and :func:`outcome` reads the result from how that task ended
+(cancelled before or after it started, or cut off by the session's end).
 """
 
 from __future__ import annotations
@@ -16,9 +21,17 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import structlog
 
 from protocol import messages as m
-from protocol.errors import CommandTimeout, NotConfigured, ProtocolError, StepFailed
+from protocol.errors import (
+    Cancelled,
+    CommandTimeout,
+    GatewayError,
+    NotConfigured,
+    ProtocolError,
+    StepFailed,
+)
 from sandboxes.base import Sandbox, Stream
 
 if TYPE_CHECKING:
@@ -26,6 +39,8 @@ if TYPE_CHECKING:
 
     from actors.workflows import Step, Workflow
     from agent import ModelConfig
+
+logger = structlog.get_logger("deskhive.jobs")
 
 #: Grace beyond a command's own timeout before the actor gives up on the
 #: sandbox enforcing it.
@@ -94,6 +109,45 @@ def describe(job: m.Job | m.KillDesktop) -> str:
             return "start_desktop"
         case m.Screenshot():
             return "screenshot"
+
+
+def cancelled(request_id: str, reason: str) -> m.Result:
+    """The result of a job that was stopped, or never started."""
+    return m.Result(id=request_id, ok=False, error_code=Cancelled.code, error_message=reason)
+
+
+def failed(request_id: str, kind: str, exc: BaseException) -> m.Result:
+    """The result of a job that raised *exc* (logged with its traceback unless it was ours)."""
+    if isinstance(exc, GatewayError):
+        return m.Result(id=request_id, ok=False, error_code=exc.code, error_message=exc.message)
+    logger.error("job.crashed", id=request_id, kind=kind, exc_info=exc)
+    return m.Result(id=request_id, ok=False, error_code="internal", error_message=f"{kind} failed: {exc!r}")
+
+
+async def run_to_result(job: m.Job | m.KillDesktop, ctx: JobContext) -> m.Result:
+    """Run *job*; every failure but cancellation becomes its result.
+
+    A job task must not raise anything else: it lives in the incarnation's
+    TaskGroup, which would end the whole incarnation for one failed job.
+    """
+    try:
+        return await execute(job, ctx)
+    except Exception as exc:  # noqa: BLE001 - the failure is the result; failed() logs the unexpected
+        return failed(ctx.request_id, type(job).__name__, exc)
+
+
+def outcome(request_id: str, task: asyncio.Task[m.Result] | None, reason: str) -> m.Result:
+    """The one result of a job, from how its *task* ended.
+
+    ``None`` (it never got a task) and a task that was cancelled or is not
+    done (the session's end cut it off) give ``cancelled`` with *reason*.
+    """
+    if task is None or not task.done() or task.cancelled():
+        return cancelled(request_id, reason)
+    exc = task.exception()
+    if exc is not None:  # only a BaseException run_to_result let through
+        return failed(request_id, "job", exc)
+    return task.result()
 
 
 async def execute(job: m.Job | m.KillDesktop, ctx: JobContext) -> m.Result:
@@ -195,7 +249,7 @@ async def run_step(ctx: JobContext, step: Step, query: str | None) -> None:
 
 def png_size(png: bytes) -> tuple[int, int]:
     """Width and height from a PNG's IHDR chunk (0, 0 if it is not a PNG)."""
-    if len(png) < 24 or png[:8] != b"\x89PNG\r\n\x1a\n":
+    if len(png) < 24 or not png.startswith(b"\x89PNG\r\n\x1a\n"):
         return 0, 0
     width, height = struct.unpack(">II", png[16:24])
-    return width, height
+    return int(width), int(height)

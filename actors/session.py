@@ -8,7 +8,12 @@ was told before it is handled first.
 
 Jobs run one at a time, in order, each in a task of the incarnation's
 TaskGroup; ``ping``, ``get_state``, ``cancel``, ``clear_logs`` and
-``kill_desktop`` are handled by the loop at once, even while a job runs.
+``kill_desktop`` are handled by the loop at once, even while a job runs. The
+job runner settles every job's one result (:meth:`SessionActor._settle`).
+
+An ended actor is freed by reference counting alone: nothing it owns points
+back at it (the journal sink holds a weak reference, finished tasks are
+dropped), so ten thousand logouts leave nothing for the cyclic GC.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+import weakref
 from collections import deque
 from collections.abc import MutableMapping
 from typing import Any, Final
@@ -29,14 +35,13 @@ from actors.peer import Peer
 from protocol import codec
 from protocol import messages as m
 from protocol.closecodes import CloseCode
-from protocol.errors import Cancelled, GatewayError, JobNotFound, MailboxFull, SessionClosed, TooManySockets
+from protocol.errors import JobNotFound, MailboxFull, SessionClosed, TooManySockets
 from sandboxes.base import Sandbox
 
 logger = structlog.get_logger("deskhive.actor")
 
 #: Sockets watching one session at once (owner's and guests' together).
 SOCKETS_PER_SESSION: Final = 16
-_CLOSE_TIMEOUT_S: Final = 2.0
 
 
 @attrs.frozen(kw_only=True)
@@ -46,6 +51,8 @@ class ActorConfig:
     mailbox_size: int = 1000
     journal_size: int = 1000
     journal_bytes: int = 16 * 1024 * 1024
+    #: One deadline for closing all of an ended session's sockets together.
+    close_timeout: float = 2.0
     jobs: jobs.JobConfig = attrs.field(factory=jobs.JobConfig)
 
 
@@ -68,7 +75,10 @@ class ActorStats:
     session_id: str
     username: str
     state: str
+    #: Requests received and not yet answered (waiting jobs included, the
+    #: running one not): what ``mailbox_size`` bounds.
     mailbox_depth: int
+    jobs_waiting: int
     journal_size: int
     sockets: int
     idle_seconds: float
@@ -94,21 +104,29 @@ def _stop_envelope(reason: str) -> tuple[Stop, None]:
 class _Job:
     msg: m.Job | m.KillDesktop
     rid: str
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[m.Result] | None = None
+    started_at: float = 0.0
     #: Set when a request, not the actor's end, cancelled the job.
     cancelled_by: str | None = None
+    settled: bool = False
 
 
 class _JournalSink:
-    """The end of the session logger's chain: log events enter the journal."""
+    """The end of the session logger's chain: log events enter the journal.
+
+    It holds its actor weakly: actor -> logger -> sink -> actor would be a
+    cycle that only the cyclic GC frees, once per ended session.
+    """
 
     __slots__ = ("_actor",)
 
     def __init__(self, actor: SessionActor) -> None:
-        self._actor = actor
+        self._actor = weakref.ref(actor)
 
     def _log(self, event: m.Log) -> None:
-        self._actor.emit(event)
+        actor = self._actor()
+        if actor is not None:
+            actor.emit(event)
 
     debug = info = warning = error = critical = msg = _log
 
@@ -153,7 +171,7 @@ class SessionActor:
         #: A workflow's desktop step is starting the desktop.
         self._starting = False
         self._ended: str | None = None  # "closed" or "failed" once the session ended
-        self._published: tuple[str, str | None, str | None] | None = None
+        self._published: tuple[str, str | None, str | None, str | None] | None = None
         self._next_rid = 0
         self._last_active = time.monotonic()
         self.frames_in = 0
@@ -179,9 +197,9 @@ class SessionActor:
         if self._ended is not None or self.stop_requested_at is not None:
             # After the Stop nothing would be handled: say so rather than drop it.
             raise SessionClosed(f"session {self.info.session_id} is closed", request_id=msg.id)
-        if self._mailbox.qsize() >= self.config.mailbox_size:
+        if self.mailbox_depth >= self.config.mailbox_size:
             raise MailboxFull(
-                f"session {self.info.session_id} has {self.config.mailbox_size} messages waiting",
+                f"session {self.info.session_id} has {self.config.mailbox_size} requests waiting",
                 request_id=msg.id,
             )
         if msg.id is None and not isinstance(msg, m.Ping):
@@ -191,6 +209,17 @@ class SessionActor:
         self.frames_in += 1
         self._mailbox.put_nowait((msg, origin))
         return msg.id
+
+    @property
+    def mailbox_depth(self) -> int:
+        """Requests received and not yet answered: the mailbox and the waiting jobs."""
+        return self._mailbox.qsize() + len(self._pending)
+
+    def refuse_requests(self, reason: str) -> None:
+        """Refuse every later request at once: the session is ending without a ``Stop``."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+            self.stop_reason = reason
 
     def touch(self) -> None:
         """Count as activity: someone is working on the session outside its mailbox."""
@@ -270,7 +299,8 @@ class SessionActor:
             session_id=self.info.session_id,
             username=self.info.username,
             state=self.state,
-            mailbox_depth=self._mailbox.qsize(),
+            mailbox_depth=self.mailbox_depth,
+            jobs_waiting=len(self._pending),
             journal_size=len(self.journal),
             sockets=len(self._peers),
             idle_seconds=round(self.idle_seconds(now), 3),
@@ -291,12 +321,21 @@ class SessionActor:
                 self._peers.discard(peer)
 
     def _publish_state(self, request_id: str | None = None) -> None:
-        current = jobs.describe(self._current.msg) if self._current else None
-        snapshot = (self.state, self.sandbox.stream_url, current)
+        job = self._current
+        current, running_id = (jobs.describe(job.msg), job.rid) if job else (None, None)
+        # An ended session has no stream, whatever its (closed) sandbox says.
+        stream_url = None if self._ended is not None else self.sandbox.stream_url
+        snapshot = (self.state, stream_url, current, running_id)
         if snapshot != self._published or request_id is not None:
             self._published = snapshot
             self.emit(
-                m.State(state=snapshot[0], stream_url=snapshot[1], current_command=current, id=request_id)
+                m.State(
+                    state=snapshot[0],
+                    stream_url=stream_url,
+                    current_command=current,
+                    running_id=running_id,
+                    id=request_id,
+                )
             )
 
     # ------------------------------------------------------------------
@@ -306,14 +345,17 @@ class SessionActor:
         """Handle messages until a ``Stop``; a crash propagates to the supervisor."""
         structlog.contextvars.bind_contextvars(session_id=self.info.session_id)
         self._current, self._pending, self._starting = None, deque(), False
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            self.started.set()
-            try:
-                await self._loop()
-            finally:
-                self._cancel_all("the session is ending")
-        self._tg = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self.started.set()
+                try:
+                    await self._loop()
+                finally:
+                    self._cancel_all("the session is ending")
+        finally:
+            # Finished tasks hold tracebacks whose frames hold this actor.
+            self._tg, self._runner = None, None
 
     async def _loop(self) -> None:
         mailbox = self._mailbox
@@ -370,19 +412,16 @@ class SessionActor:
             job.task.cancel(job.cancelled_by)
         if waiting is not None:
             self._pending.remove(waiting)
-            self._emit_cancelled(waiting.rid, f"cancelled by request {rid}")
+            self._settle(waiting, f"cancelled by request {rid}")
         self.emit(m.Result(id=rid, ok=True, data={"target": target}))
 
     def _cancel_all(self, reason: str) -> None:
         while self._pending:
-            self._emit_cancelled(self._pending.popleft().rid, reason)
+            self._settle(self._pending.popleft(), reason)
         job = self._current
         if job is not None and job.task is not None and job.cancelled_by is None:
             job.cancelled_by = reason
             job.task.cancel(reason)
-
-    def _emit_cancelled(self, rid: str, reason: str) -> None:
-        self.emit(m.Result(id=rid, ok=False, error_code=Cancelled.code, error_message=reason))
 
     # ------------------------------------------------------------------
     # Jobs
@@ -400,20 +439,22 @@ class SessionActor:
         assert self._tg is not None
         while self._pending:
             job = self._current = self._pending.popleft()
+            job.started_at = time.monotonic()
             job.task = self._tg.create_task(self._execute(job), name=f"job:{self.info.session_id}:{job.rid}")
             self._publish_state()
             try:
                 # wait() does not raise when the job is cancelled by request.
                 await asyncio.wait([job.task])
             finally:
+                # Whatever ended the wait, the job's end or the incarnation's
+                # (the job may not even have started), its result is settled.
                 self._current = None
-                self._publish_state()
+                self._settle(job, "cancelled")
+            self._publish_state()
 
-    async def _execute(self, job: _Job) -> None:
-        started = time.monotonic()
+    async def _execute(self, job: _Job) -> m.Result:
         self.jobs_run += 1
-        kind = type(job.msg).__name__
-        self.log.info("job.started", id=job.rid, kind=kind)
+        self.log.info("job.started", id=job.rid, kind=type(job.msg).__name__)
         ctx = jobs.JobContext(
             request_id=job.rid,
             sandbox=self.sandbox,
@@ -422,19 +463,19 @@ class SessionActor:
             emit=self.emit,
             set_starting=self._set_starting,
         )
-        try:
-            result = await jobs.execute(job.msg, ctx)
-        except asyncio.CancelledError:
-            self._emit_cancelled(job.rid, job.cancelled_by or "cancelled")
-            raise
-        except GatewayError as exc:
-            result = m.Result(id=job.rid, ok=False, error_code=exc.code, error_message=exc.message)
-        except Exception as exc:
-            logger.exception("job.crashed", id=job.rid, kind=kind)
-            result = m.Result(
-                id=job.rid, ok=False, error_code="internal", error_message=f"{kind} failed: {exc!r}"
-            )
-        self.log.info("job.finished", id=job.rid, ok=result.ok, seconds=round(time.monotonic() - started, 3))
+        return await jobs.run_to_result(job.msg, ctx)
+
+    def _settle(self, job: _Job, reason: str) -> None:
+        """Emit *job*'s one result, from how its task ended (or that it never ran)."""
+        if job.settled:
+            return
+        job.settled = True
+        # Dropping the task breaks task -> traceback -> frame -> job -> task.
+        task, job.task = job.task, None
+        result = jobs.outcome(job.rid, task, job.cancelled_by or reason)
+        if task is not None:
+            seconds = round(time.monotonic() - job.started_at, 3)
+            self.log.info("job.finished", id=job.rid, ok=result.ok, seconds=seconds)
         self.emit(result)
 
     def _set_starting(self, starting: bool) -> None:
@@ -447,12 +488,47 @@ class SessionActor:
     async def end(self, state: str, reason: str) -> None:
         """Mark the session ended, tell its sockets, and close them."""
         self._ended = state
-        self.log.info("session.ended", reason=reason)
-        self._publish_state()
+        self._refuse_leftovers(reason)
+        try:
+            self.log.info("session.ended", reason=reason)
+            self._publish_state()
+        except Exception:
+            # The sockets must still hear of the end.
+            logger.exception("actor.end_failed", session_id=self.info.session_id)
         peers, self._peers = self._peers, set()
-        for peer in peers:
+        await self._close_peers(peers, f"session ended: {reason}")
+
+    def _refuse_leftovers(self, reason: str) -> None:
+        """Answer what the mailbox still holds: no incarnation will handle it now."""
+        message = f"the session ended before this request was handled: {reason}"
+        while True:
             try:
-                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
-                    await peer.close(CloseCode.NOT_FOUND, f"session ended: {reason}")
-            except TimeoutError:
-                logger.warning("actor.close_timeout", peer=repr(peer))
+                msg, origin = self._mailbox.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if isinstance(msg, Stop | m.Ping) or msg.id is None:
+                continue
+            if origin is None:
+                # Told its id over HTTP (202): its result is owed.
+                self.emit(jobs.cancelled(msg.id, message))
+            else:
+                origin.deliver(codec.encode(codec.error_for(SessionClosed(message, request_id=msg.id))))
+
+    async def _close_peers(self, peers: set[Peer], reason: str) -> None:
+        """Close every socket together under one deadline, not one deadline each."""
+        if not peers:
+            return
+        try:
+            async with asyncio.timeout(self.config.close_timeout), asyncio.TaskGroup() as tg:
+                for peer in peers:
+                    tg.create_task(_close_peer(peer, reason), name=f"close:{self.info.session_id}")
+        except TimeoutError:
+            logger.warning("actor.close_timeout", session_id=self.info.session_id, sockets=len(peers))
+
+
+async def _close_peer(peer: Peer, reason: str) -> None:
+    try:
+        await peer.close(CloseCode.NOT_FOUND, reason)
+    except Exception:
+        # A socket that broke while closing is closed enough; the others go on.
+        logger.warning("actor.close_failed", peer=repr(peer), exc_info=True)

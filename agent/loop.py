@@ -10,11 +10,11 @@ same per step as a short one.
 from __future__ import annotations
 
 import base64
-import struct
 from typing import Any
 
 import aiohttp
 
+from actors.jobs import png_size
 from agent.model import ModelConfig, complete
 from agent.tools import TOOLS, AgentLog, Outcome, ToolError, parse_call, run_tool
 from protocol.errors import ModelFailed
@@ -143,11 +143,3 @@ class Transcript:
 def _has_image(message: dict[str, Any]) -> bool:
     content = message.get("content")
     return isinstance(content, list) and any(part.get("type") == "image_url" for part in content)
-
-
-def png_size(png: bytes) -> tuple[int, int]:
-    """Width and height from a PNG's header, or (0, 0) if it is not a PNG."""
-    if len(png) < 24 or not png.startswith(b"\x89PNG\r\n\x1a\n"):
-        return 0, 0
-    width, height = struct.unpack(">II", png[16:24])
-    return int(width), int(height)

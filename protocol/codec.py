@@ -205,6 +205,7 @@ def _event_object(event: m.Event, seq: int) -> dict[str, Any]:
                 "state": event.state,
                 "stream_url": event.stream_url,
                 "current_command": event.current_command,
+                "running_id": event.running_id,
             }
             if event.id is not None:
                 obj["id"] = event.id

@@ -199,6 +199,8 @@ class State:
     state: SessionState
     stream_url: str | None
     current_command: str | None
+    #: The request id of the job that runs, so clients need not match by text.
+    running_id: str | None = None
     id: str | None = None
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+from actors.journal import Journal
+from protocol import codec
+from protocol import messages as m
 from protocol.errors import SandboxBroken
 from sandboxes.base import OutputSink, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.null import blank_png
@@ -19,6 +23,12 @@ class FakeSandbox:
       cancelled (``released`` is set when it was).
     - ``break_stream_url = True`` makes the next read of ``stream_url`` raise
       a ``RuntimeError``: a backend bug outside any job.
+    - ``broken = {"stream_url", "desktop_running"}`` makes every read of those
+      properties raise a ``RuntimeError``.
+    - ``close_error = exc`` makes every ``close`` raise *exc* (after counting);
+      ``close_seconds = s`` makes it take *s* seconds first.
+    - ``stubborn = True`` makes a held command outlive its first cancellation
+      (it ends at the second), as a backend busy killing a process tree does.
     """
 
     kind = "fake"
@@ -30,6 +40,10 @@ class FakeSandbox:
         self.fail: dict[str, BaseException] = {}
         self.hold_commands = False
         self.break_stream_url = False
+        self.broken: set[str] = set()
+        self.close_error: BaseException | None = None
+        self.close_seconds = 0.0
+        self.stubborn = False
         self.running = False
         self.closed = 0
         self.released = asyncio.Event()
@@ -48,13 +62,15 @@ class FakeSandbox:
 
     @property
     def stream_url(self) -> str | None:
-        if self.break_stream_url:
+        if self.break_stream_url or "stream_url" in self.broken:
             self.break_stream_url = False
             raise RuntimeError("stream_url broke")
         return f"https://stream.invalid/{self.spec.session_id}" if self.running else None
 
     @property
     def desktop_running(self) -> bool:
+        if "desktop_running" in self.broken:
+            raise RuntimeError("desktop_running broke")
         return self.running
 
     async def start_desktop(self) -> None:
@@ -78,7 +94,11 @@ class FakeSandbox:
             try:
                 await asyncio.sleep(3600)
             except asyncio.CancelledError:
-                self.released.set()
+                try:
+                    if self.stubborn:
+                        await asyncio.sleep(3600)  # until the second cancellation
+                finally:
+                    self.released.set()
                 raise
         if cmd.startswith("exit "):
             return int(cmd.split()[1])
@@ -121,3 +141,58 @@ class FakeSandbox:
         self.calls.append(("close", ()))
         self.closed += 1
         self.running = False
+        if self.close_seconds:
+            await asyncio.sleep(self.close_seconds)  # a slow backend, not a test's wait
+        if self.close_error is not None:
+            raise self.close_error
+
+
+class RecordingPeer:
+    """A socket as the actor sees it: keeps every frame it is given, records its close.
+
+    ``hang = True`` makes ``close`` never finish (a client that stopped
+    answering); ``on_frame`` is called with each frame as it is delivered.
+    """
+
+    def __init__(self, *, hang: bool = False) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.closed_with: tuple[int, str] | None = None
+        self.hang = hang
+        self.on_frame: Callable[[dict[str, Any]], None] | None = None
+        self._changed = asyncio.Event()
+
+    def deliver(self, frame: bytes) -> bool:
+        event = json.loads(frame)
+        self.frames.append(event)
+        self._changed.set()
+        if self.on_frame is not None:
+            self.on_frame(event)
+        return True
+
+    def follow(self, journal: Journal, last_seq: int) -> None:
+        """Replay at once, as a socket whose transport always drains."""
+        batch = journal.read(min(last_seq, journal.last_seq) + 1, budget=1 << 62)
+        if batch.gap is not None:
+            self.deliver(codec.encode(m.Gap(from_seq=batch.gap[0], to_seq=batch.gap[1])))
+        for frame in batch.frames:
+            self.deliver(frame)
+
+    def notify(self, seq: int, frame: bytes) -> bool:
+        return self.deliver(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        self.closed_with = (code, reason)
+
+    async def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
+        """The first frame *match* accepts, delivered before or within *timeout* seconds."""
+        async with asyncio.timeout(timeout):
+            seen = 0
+            while True:
+                for event in self.frames[seen:]:
+                    if match(event):
+                        return event
+                seen = len(self.frames)
+                self._changed.clear()
+                await self._changed.wait()
