@@ -99,15 +99,16 @@ def _banner(app: web.Application, url: str, out: TextIO) -> None:
     lines = [f"deskhive listening on {url}", f"sandbox: {settings.sandbox}"]
     if app[USERS] is None:
         lines.append("WARNING: demo mode: no users file, anyone may log in with any username")
-    if settings.admin_token is None:
-        lines.append(f"admin token: {app[ADMIN_TOKEN]}")
-    else:
-        lines.append("admin token: as configured")
     for option in settings.secrets_on_command_line:
         lines.append(
             f"WARNING: --{option} on the command line is visible to every local user (ps); "
             f"use DESKHIVE_{option.upper().replace('-', '_')} or --{option}-file"
         )
+    # The last line, which scripts wait for.
+    if settings.admin_token is None:
+        lines.append(f"admin token: {app[ADMIN_TOKEN]}")
+    else:
+        lines.append("admin token: as configured")
     print("\n".join(lines), file=out, flush=True)
 
 
