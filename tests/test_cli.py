@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -30,7 +31,9 @@ class Served:
         assert url, banner
         # Empty when the token was configured: the banner never prints one then.
         self.url, self.admin = url.group(1), admin.group(1) if admin else ""
+        self.port = int(self.url.rsplit(":", 1)[1])
         self.log: list[str] = []
+        self._logged = asyncio.Event()
         assert proc.stdout is not None and proc.stderr is not None
         # Both pipes are drained for as long as the process lives, so it never blocks on them.
         self._readers = [
@@ -38,10 +41,19 @@ class Served:
             asyncio.create_task(self._drain(proc.stderr, [])),
         ]
 
-    @staticmethod
-    async def _drain(stream: asyncio.StreamReader, into: list[str]) -> None:
+    async def _drain(self, stream: asyncio.StreamReader, into: list[str]) -> None:
         while line := await stream.readline():
             into.append(line.decode(errors="replace"))
+            self._logged.set()
+
+    async def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """The first log line holding *text*, waiting up to *timeout* seconds for it."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self._logged.clear()
+                if found := next((line for line in self.log if text in line), None):
+                    return found
+                await self._logged.wait()
 
     async def finish(self) -> None:
         """Wait for the pipes to end (after the process did)."""
@@ -49,7 +61,13 @@ class Served:
             await asyncio.gather(*self._readers)
 
 
-async def start(*args: str, env: dict[str, str] | None = None) -> Served:
+async def start(*args: str, env: dict[str, str] | None = None, limit_files: int | None = None) -> Served:
+    """Start ``deskhive serve`` (with at most *limit_files* descriptors, if given) and read its banner."""
+
+    def limit() -> None:
+        if limit_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, limit_files))
+
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -65,6 +83,7 @@ async def start(*args: str, env: dict[str, str] | None = None) -> Served:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=limit,
     )
     assert proc.stderr is not None
     lines: list[str] = []
