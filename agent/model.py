@@ -57,13 +57,13 @@ async def complete(
         raise ModelFailed(f"model endpoint unreachable: {reason}") from exc
     # Decoded here, never by aiohttp: invalid UTF-8 is the endpoint's fault,
     # not an exception whose traceback passes through the request's headers.
-    text = _hide(raw.decode("utf-8", errors="replace"), model)
+    text = raw.decode("utf-8", errors="replace")
     if status >= 400:
-        raise ModelFailed(f"model endpoint answered HTTP {status}: {_snippet(text)}")
+        raise ModelFailed(f"model endpoint answered HTTP {status}: {_snippet(_hide(text, model))}")
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise ModelFailed(f"model endpoint answered invalid JSON: {_snippet(text)}") from exc
+        raise ModelFailed(f"model endpoint answered invalid JSON: {_snippet(_hide(text, model))}") from exc
     return _first_message(data)
 
 
