@@ -228,3 +228,25 @@ def test_tracebacks_in_the_log_carry_no_frame_locals(capsys: pytest.CaptureFixtu
     assert line["exception"][0]["exc_type"] == "UnicodeDecodeError"
     assert "call_model" in json.dumps(line)
     assert MODEL_KEY not in json.dumps(line)
+
+
+async def test_a_model_endpoint_echoing_the_key_does_not_put_it_in_the_error() -> None:
+    """An endpoint that refuses the request and echoes its headers gets an error message without the key."""
+    from agent.model import ModelConfig, complete
+    from protocol.errors import ModelFailed
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=401, text=f"bad key: {request.headers['Authorization']}")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", refuse)
+    model = TestServer(app, host="127.0.0.1", port=0)
+    await model.start_server()
+    try:
+        config = ModelConfig(url=str(model.make_url("/v1")), model="m", api_key=MODEL_KEY)
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(ModelFailed) as failed:
+                await complete(http, config, [], [])
+    finally:
+        await model.close()
+    assert "HTTP 401" in failed.value.message and MODEL_KEY not in failed.value.message
