@@ -65,8 +65,8 @@ async def start(*args: str, env: dict[str, str] | None = None, limit_files: int 
     """Start ``deskhive serve`` (with at most *limit_files* descriptors, if given) and read its banner."""
 
     def limit() -> None:
-        if limit_files is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, limit_files))
+        assert limit_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, limit_files))
 
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -83,7 +83,7 @@ async def start(*args: str, env: dict[str, str] | None = None, limit_files: int 
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=limit,
+        preexec_fn=limit if limit_files is not None else None,
     )
     assert proc.stderr is not None
     lines: list[str] = []
