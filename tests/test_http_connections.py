@@ -30,8 +30,11 @@ async def _until_closed(reader: asyncio.StreamReader, within: float = 5.0) -> tu
     """Seconds until the server closes the connection, and what it sent before."""
     loop = asyncio.get_running_loop()
     began = loop.time()
-    async with asyncio.timeout(within):
-        data = await reader.read()
+    try:
+        async with asyncio.timeout(within):
+            data = await reader.read()
+    except ConnectionResetError:
+        data = b""  # closed while bytes of ours were still arriving: the peer resets
     return loop.time() - began, data
 
 
