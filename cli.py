@@ -70,7 +70,7 @@ def freeze_startup_heap() -> None:
     gc.set_threshold(20_000, 20, 10)
 
 
-async def serve(settings: Settings, *, banner_to: TextIO | None = None) -> None:
+async def serve(settings: Settings) -> None:
     """Serve until SIGINT or SIGTERM, then shut down in order."""
     app = create_app(settings)
     freeze_startup_heap()
@@ -79,7 +79,7 @@ async def serve(settings: Settings, *, banner_to: TextIO | None = None) -> None:
     guard = httpguard.ConnectionGuard(httpguard.connection_limit(settings.max_connections))
     listener = await guard.listen(runner, settings.host, settings.port)
     host, port = listener.sockets[0].getsockname()[:2]
-    _banner(app, f"http://{host}:{port}", banner_to or sys.stderr)
+    _banner(app, f"http://{host}:{port}", sys.stderr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -91,6 +91,8 @@ async def serve(settings: Settings, *, banner_to: TextIO | None = None) -> None:
         # Stop accepting first, then let the runner close sockets and sessions.
         listener.close()
         await runner.cleanup()
+        async with asyncio.timeout(5):
+            await listener.wait_closed()
         logger.info("server.stopped")
 
 
