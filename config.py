@@ -15,6 +15,11 @@ from typing import Any, Final
 import attrs
 
 SANDBOX_KINDS: Final = ("local", "e2b", "null")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("json", "console", "auto")
+#: Secrets that may also be read from a file (``--model-key-file``); argv is
+#: readable by every local user through ``/proc/<pid>/cmdline``.
+SECRET_OPTIONS: Final = ("admin_token", "model_key")
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -37,6 +42,29 @@ def _at_least(kind: Callable[[str], Any], least: int, why: str) -> Callable[[str
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    """One of *choices* (any case), else a message naming them all."""
+
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, not {text!r}")
+        return text.lower()
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """``https://a.example,http://b:8080``: each a scheme://host[:port], nothing more."""
+    found = []
+    for item in filter(None, (part.strip().rstrip("/").lower() for part in text.split(","))):
+        scheme, sep, rest = item.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+            raise argparse.ArgumentTypeError(f"an origin is scheme://host[:port], not {item!r}")
+        found.append(item)
+    return tuple(found)
 
 
 def _flag(text: str) -> bool:
@@ -64,7 +92,7 @@ class Settings:
     sandbox: str = "local"
     idle_timeout: float = 3600.0
     sweep_interval: float = 300.0
-    admin_token: str | None = None
+    admin_token: str | None = attrs.field(default=None, repr=False)
     journal_size: int = 1000
     users_file: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     data_dir: Path = attrs.field(factory=lambda: default_data_dir(), converter=Path)
@@ -75,7 +103,7 @@ class Settings:
     workflows_dir: Path = attrs.field(default=Path(__file__).parent / "workflows", converter=Path)
     model_url: str | None = None
     model: str = "gpt-4o"
-    model_key: str | None = None
+    model_key: str | None = attrs.field(default=None, repr=False)
     sandbox_network: bool = False
     command_cpu_seconds: int = 600
     command_memory: int = 2 * 1024**3
@@ -83,16 +111,24 @@ class Settings:
     command_file_size: int = 1024**3
     log_level: str = "info"
     log_format: str = "auto"
+    #: Origins besides this server's own that may open ``/ws`` and desktop streams.
+    allowed_origins: tuple[str, ...] = ()
+    #: Seconds a connection may take to send a complete request head.
+    header_timeout: float = 30.0
+    #: Open connections at once; 0 derives it from the descriptor limit, keeping a reserve.
+    max_connections: int = 0
+    #: Secret options given as flags, for a warning at start-up (never their values).
+    secrets_on_command_line: tuple[str, ...] = ()
 
 
 #: (option, parser, help); the default comes from ``Settings``.
 _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ("host", str, "address to listen on"),
     ("port", int, "port to listen on (0: any free port)"),
-    ("sandbox", str, "sandbox backend: local, e2b or null"),
+    ("sandbox", _choice(SANDBOX_KINDS), "sandbox backend: local, e2b or null"),
     ("idle_timeout", _positive(float), "seconds without a client frame or job before a session is reaped"),
     ("sweep_interval", _positive(float), "seconds between sweeps for idle sessions"),
-    ("admin_token", str, "bearer token for /status (random and printed when unset)"),
+    ("admin_token", str, "bearer token for /status (random and printed when unset); prefer the variable"),
     ("journal_size", _positive(int), "events kept per session for replay"),
     ("users_file", Path, "file of 'username:scrypt$...' lines; unset means demo mode"),
     ("data_dir", Path, "folder for per-session data (default /var/lib/deskhive as root, else ./var)"),
@@ -103,7 +139,7 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ("workflows_dir", Path, "folder of workflow files (*.toml)"),
     ("model_url", str, "OpenAI-compatible endpoint for run_task (e.g. https://host/v1)"),
     ("model", str, "model name for run_task"),
-    ("model_key", str, "API key for the model endpoint"),
+    ("model_key", str, "API key for the model endpoint; prefer the variable or --model-key-file"),
     ("sandbox_network", _flag, "give local sandboxes a network (off by default)"),
     ("command_cpu_seconds", _positive(int), "CPU seconds a local sandbox command may use"),
     ("command_memory", _positive(int), "bytes of address space a local sandbox command may use"),
@@ -113,8 +149,15 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
         _at_least(int, 64 * 1024, "the sandbox writes its own start-up files under it"),
         "largest file a local sandbox command may write, bytes",
     ),
-    ("log_level", str, "debug, info, warning or error"),
-    ("log_format", str, "json, console or auto (console on a terminal)"),
+    ("log_level", _choice(LOG_LEVELS), "debug, info, warning or error"),
+    ("log_format", _choice(LOG_FORMATS), "json, console or auto (console on a terminal)"),
+    ("allowed_origins", _origins, "other sites (scheme://host:port, comma-separated) that may open /ws"),
+    ("header_timeout", _positive(float), "seconds a connection may take to send a request head"),
+    (
+        "max_connections",
+        _at_least(int, 0, "0 derives it from the descriptor limit"),
+        "open connections at once (0: the descriptor limit less a reserve)",
+    ),
 )
 
 
@@ -125,6 +168,14 @@ def parser() -> argparse.ArgumentParser:
     for name, kind, text in _OPTIONS:
         env = f"DESKHIVE_{name.upper()}"
         serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=f"{text} [{env}]")
+    for name in SECRET_OPTIONS:
+        flag = name.replace("_", "-")
+        serve.add_argument(
+            f"--{flag}-file",
+            dest=f"{name}_file",
+            type=Path,
+            help=f"read --{flag} from this file (first line) [DESKHIVE_{name.upper()}_FILE]",
+        )
     serve.set_defaults(command="serve")
     commands.add_parser("hash-password", help="read a password on stdin, print a users-file hash")
     return top
@@ -144,9 +195,27 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None
                 raise SystemExit(f"deskhive: DESKHIVE_{name.upper()}={env!r}: {exc}") from None
         if value is not None:
             values[name] = value
-    settings = Settings(**values)
-    if settings.sandbox not in SANDBOX_KINDS:
-        raise SystemExit(
-            f"deskhive: --sandbox must be one of {', '.join(SANDBOX_KINDS)}, not {settings.sandbox!r}"
-        )
-    return settings
+    values.update(_secret_files(args, environ, values))
+    flagged = tuple(n.replace("_", "-") for n in SECRET_OPTIONS if getattr(args, n, None) is not None)
+    return Settings(**values, secrets_on_command_line=flagged)
+
+
+def _secret_files(
+    args: argparse.Namespace, environ: Mapping[str, str], values: Mapping[str, Any]
+) -> dict[str, str]:
+    """Secrets read from ``--*-file`` (or ``DESKHIVE_*_FILE``) where no value was given."""
+    found = {}
+    for name in SECRET_OPTIONS:
+        path = getattr(args, f"{name}_file", None) or environ.get(f"DESKHIVE_{name.upper()}_FILE")
+        if not path:
+            continue
+        if name in values:
+            raise SystemExit(f"deskhive: give --{name.replace('_', '-')} or its file, not both")
+        try:
+            secret = Path(path).read_text().strip()
+        except OSError as exc:
+            raise SystemExit(f"deskhive: cannot read {path}: {exc.strerror}") from None
+        if not secret:
+            raise SystemExit(f"deskhive: {path} is empty")
+        found[name] = secret
+    return found

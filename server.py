@@ -9,12 +9,8 @@ after ``on_shutdown`` has closed every socket with ``GOING_AWAY``.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
-import logging
 import secrets
-import signal
-import sys
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -25,10 +21,11 @@ import structlog
 from aiohttp import WSMsgType, web
 
 import auth
+import httpguard
 import wiring
 from actors.session import SessionActor
 from actors.workflows import Workflow, describe, load_workflows
-from config import Settings, from_args, parser
+from config import Settings
 from protocol import codec
 from protocol import messages as m
 from protocol.closecodes import CloseCode
@@ -166,7 +163,11 @@ _HTTP_CODES: Final = {
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every error answers ``{"error": {"code", "message"}}``."""
+    """Every error answers ``{"error": {"code", "message"}}``, a bug included.
+
+    An unexpected error is logged (its traceback without frame locals) and
+    answers a fixed message: its own text may hold what it was handling.
+    """
     try:
         return await handler(request)
     except GatewayError as exc:
@@ -176,6 +177,17 @@ async def json_errors(
             raise
         code = _HTTP_CODES.get(exc.status, "bad_message" if exc.status < 500 else "internal")
         return _error_response(exc.status, code, exc.reason)
+    except Exception:
+        logger.exception("http.failed", method=request.method, route=_route(request), peer=request.remote)
+        if request.writer.output_size > 0:
+            raise  # a socket's handshake went out already: nothing to answer on
+        return _error_response(500, "internal", "internal error (the server log has the details)")
+
+
+def _route(request: web.Request) -> str:
+    """The route's pattern (``/desktop/{session_id}``): paths and queries may carry tokens."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "?"
 
 
 def _error_response(status: int, code: str, message: str) -> web.Response:
@@ -357,7 +369,17 @@ async def _run_supervisor(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = None) -> web.Application:
     """The whole server; *sandbox_factory* overrides ``settings.sandbox`` (tests)."""
-    app = web.Application(middlewares=[json_errors], client_max_size=codec.MAX_FRAME_BYTES)
+    app = web.Application(
+        middlewares=[
+            httpguard.security_headers,
+            json_errors,
+            httpguard.same_origin(settings.allowed_origins),
+        ],
+        client_max_size=codec.MAX_FRAME_BYTES,
+        # aiohttp's keep-alive timer runs from accept and from each response's
+        # end, and closes a connection still without a complete request head.
+        handler_args={"keepalive_timeout": settings.header_timeout},
+    )
     app[SETTINGS] = settings
     app[SOCKETS] = weakref.WeakSet()
     app[USERS] = auth.UsersFile.load(settings.users_file) if settings.users_file else None
@@ -365,6 +387,7 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
     app[ADMIN_TOKEN] = settings.admin_token or secrets.token_urlsafe(24)
     app[SANDBOX_FACTORY] = sandbox_factory or wiring.sandbox_factory(settings)
     app[WORKFLOWS] = load_workflows(settings.workflows_dir)
+    app.cleanup_ctx.append(httpguard.accept_failures_logged)
     app.cleanup_ctx.append(_run_supervisor)
     app.on_shutdown.append(close_sockets)
     app.add_routes(
@@ -391,87 +414,8 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
     return app
 
 
-# ----------------------------------------------------------------------------
-# Logging and the command line
-
-
-def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = True) -> None:
-    """structlog to stdout: JSON lines in production, readable on a terminal."""
-    console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
-    renderer: Any = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            *([] if console else [structlog.processors.dict_tracebacks]),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=cache,
-    )
-
-
-def freeze_startup_heap() -> None:
-    """Keep what start-up made (modules, the app) out of every later collection.
-
-    With ten thousand sessions a full collection would otherwise rescan the
-    whole import graph each time; sessions' own garbage is collected as usual.
-    Young collections run every 20,000 allocations rather than 700: a login
-    allocates some forty tracked objects, and at the default they cost a few
-    percent of each login.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 10)
-
-
-async def serve(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down in order."""
-    app = create_app(settings)
-    freeze_startup_heap()
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    _banner(app, f"http://{host}:{port}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        logger.info("server.stopping")
-        await runner.cleanup()
-        logger.info("server.stopped")
-
-
-def _banner(app: web.Application, url: str) -> None:
-    settings = app[SETTINGS]
-    lines = [f"deskhive listening on {url}", f"sandbox: {settings.sandbox}"]
-    if app[USERS] is None:
-        lines.append("WARNING: demo mode: no users file, anyone may log in with any username")
-    lines.append(f"admin token: {app[ADMIN_TOKEN]}")
-    print("\n".join(lines), flush=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    if args.command == "hash-password":
-        print(auth.hash_password(sys.stdin.readline().rstrip("\n")))
-        return
-    settings = from_args(args)
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        asyncio.run(serve(settings))
-    except (GatewayError, OSError, ValueError) as exc:
-        # Start-up failures (no E2B key, port taken, a bad users file) are
-        # the operator's to fix: say what, without a traceback.
-        raise SystemExit(f"deskhive: {exc}") from None
-
-
 if __name__ == "__main__":
+    # `python -m server` is kept for scripts written before cli.py existed.
+    from cli import main
+
     main()

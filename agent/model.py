@@ -49,18 +49,27 @@ async def complete(
     try:
         async with asyncio.timeout(model.timeout):
             async with http.post(model.endpoint, json=body, headers=headers) as response:
-                status, text = response.status, await response.text()
+                status, raw = response.status, await response.read()
     except TimeoutError as exc:
         raise CommandTimeout(f"model endpoint did not answer within {model.timeout:g} s") from exc
     except aiohttp.ClientError as exc:
-        raise ModelFailed(f"model endpoint unreachable: {type(exc).__name__}: {exc}") from exc
+        reason = _hide(f"{type(exc).__name__}: {exc}", model)
+        raise ModelFailed(f"model endpoint unreachable: {reason}") from exc
+    # Decoded here, never by aiohttp: invalid UTF-8 is the endpoint's fault,
+    # not an exception whose traceback passes through the request's headers.
+    text = raw.decode("utf-8", errors="replace")
     if status >= 400:
-        raise ModelFailed(f"model endpoint answered HTTP {status}: {_snippet(text)}")
+        raise ModelFailed(f"model endpoint answered HTTP {status}: {_snippet(_hide(text, model))}")
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise ModelFailed(f"model endpoint answered invalid JSON: {_snippet(text)}") from exc
+        raise ModelFailed(f"model endpoint answered invalid JSON: {_snippet(_hide(text, model))}") from exc
     return _first_message(data)
+
+
+def _hide(text: str, model: ModelConfig) -> str:
+    """*text* without the key: an endpoint may echo the request it refused."""
+    return text.replace(model.api_key, "<model key>") if model.api_key else text
 
 
 def _first_message(data: object) -> dict[str, Any]:

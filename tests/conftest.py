@@ -13,6 +13,7 @@ import pytest
 import structlog
 from aiohttp.test_utils import TestServer
 
+import cli
 import server
 from client import Client
 from config import Settings
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture(autouse=True)
 def _logging() -> None:
-    server.configure_logging("debug", "json", cache=False)
+    cli.configure_logging("debug", "json", cache=False)
     structlog.contextvars.clear_contextvars()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -21,17 +22,56 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Served:
-    """A ``deskhive serve`` child process and what its banner said."""
+    """A ``deskhive serve`` child process, what its banner (stderr) said, and its log (stdout)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, url: str, admin: str, banner: str) -> None:
-        self.proc, self.url, self.admin, self.banner = proc, url, admin, banner
+    def __init__(self, proc: asyncio.subprocess.Process, banner: str) -> None:
+        self.proc, self.banner = proc, banner
+        url = re.search(r"listening on (http://\S+)", banner)
+        admin = re.search(r"admin token: (\S+)$", banner, re.MULTILINE)
+        assert url, banner
+        # Empty when the token was configured: the banner never prints one then.
+        self.url, self.admin = url.group(1), admin.group(1) if admin else ""
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.log: list[str] = []
+        self._logged = asyncio.Event()
+        assert proc.stdout is not None and proc.stderr is not None
+        # Both pipes are drained for as long as the process lives, so it never blocks on them.
+        self._readers = [
+            asyncio.create_task(self._drain(proc.stdout, self.log)),
+            asyncio.create_task(self._drain(proc.stderr, [])),
+        ]
+
+    async def _drain(self, stream: asyncio.StreamReader, into: list[str]) -> None:
+        while line := await stream.readline():
+            into.append(line.decode(errors="replace"))
+            self._logged.set()
+
+    async def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """The first log line holding *text*, waiting up to *timeout* seconds for it."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self._logged.clear()
+                if found := next((line for line in self.log if text in line), None):
+                    return found
+                await self._logged.wait()
+
+    async def finish(self) -> None:
+        """Wait for the pipes to end (after the process did)."""
+        async with asyncio.timeout(10):
+            await asyncio.gather(*self._readers)
 
 
-async def start(*args: str, env: dict[str, str] | None = None) -> Served:
+async def start(*args: str, env: dict[str, str] | None = None, limit_files: int | None = None) -> Served:
+    """Start ``deskhive serve`` (with at most *limit_files* descriptors, if given) and read its banner."""
+
+    def limit() -> None:
+        assert limit_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, limit_files))
+
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "cli",
         "serve",
         "--host",
         "127.0.0.1",
@@ -41,22 +81,19 @@ async def start(*args: str, env: dict[str, str] | None = None) -> Served:
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=limit if limit_files is not None else None,
     )
-    assert proc.stdout is not None
+    assert proc.stderr is not None
     lines: list[str] = []
     async with asyncio.timeout(20):
         while not any(line.startswith("admin token:") for line in lines):
-            line = (await proc.stdout.readline()).decode()
+            line = (await proc.stderr.readline()).decode()
             if not line:
                 raise RuntimeError("server exited: " + "".join(lines))
             lines.append(line)
-    banner = "".join(lines)
-    url = re.search(r"listening on (http://\S+)", banner)
-    admin = re.search(r"admin token: (\S+)", banner)
-    assert url and admin, banner
-    return Served(proc, url.group(1), admin.group(1), banner)
+    return Served(proc, "".join(lines))
 
 
 async def stop(served: Served, *, signalled: bool = False) -> int:
@@ -64,11 +101,13 @@ async def stop(served: Served, *, signalled: bool = False) -> int:
         served.proc.send_signal(signal.SIGTERM)
     try:
         async with asyncio.timeout(20):
-            return await served.proc.wait()
+            code = await served.proc.wait()
     finally:
         if served.proc.returncode is None:
             os.killpg(served.proc.pid, signal.SIGKILL)
             await served.proc.wait()
+    await served.finish()
+    return code
 
 
 @pytest.fixture
@@ -96,11 +135,31 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
-async def test_banner_says_address_sandbox_admin_token_and_demo_mode(null_server: Served) -> None:
-    """The server prints where it listens, its sandbox, the admin token and that it runs in demo mode."""
+async def test_banner_says_address_sandbox_and_demo_mode_but_not_a_configured_token(
+    null_server: Served,
+) -> None:
+    """The banner names the address, the sandbox and demo mode, and never prints a configured admin token."""
     assert "sandbox: null" in null_server.banner
-    assert null_server.admin == "from-env"
     assert "demo mode" in null_server.banner
+    assert "admin token: as configured" in null_server.banner
+    assert "from-env" not in null_server.banner
+    async with Client(null_server.url) as client:
+        assert "sessions" in await client.call("GET", "/status", token="from-env")
+    await stop(null_server)
+    assert not any("from-env" in line for line in null_server.log)
+
+
+async def test_generated_admin_token_goes_to_the_terminal_once_and_never_to_the_log(tmp_path: Path) -> None:
+    """A generated admin token is printed in the banner on stderr, works, and is absent from the JSON log."""
+    served = await start("--sandbox", "null", "--data-dir", str(tmp_path), "--log-format", "json")
+    try:
+        assert served.banner.count(served.admin) == 1
+        async with Client(served.url) as client:
+            assert "sessions" in await client.call("GET", "/status", token=served.admin)
+    finally:
+        assert await stop(served) == 0
+    assert served.log, "the server logs its start and stop"
+    assert not any(served.admin in line for line in served.log)
 
 
 async def test_sigterm_ends_sessions_and_leaves_nothing_behind(null_server: Served) -> None:

@@ -142,7 +142,7 @@ def null_server() -> Iterator[str]:
 def password_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server with a users file: carol's password is "correct horse"."""
     hashed = subprocess.run(
-        [sys.executable, "-m", "server", "hash-password"],
+        [sys.executable, "-m", "cli", "hash-password"],
         input="correct horse\n",
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
