@@ -399,22 +399,41 @@ async def test_a_generated_first_frame_is_refused_with_4401(live: Live, first: s
 
 
 HEADER_BYTES = st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
-AUTHORIZATION = st.one_of(HEADER_BYTES.map(lambda b: b"Bearer " + b), HEADER_BYTES)
+#: ``LIVE`` stands for the live session's own token, so the request gets past authentication.
+AUTHORIZATION = st.one_of(st.just(b"Bearer LIVE"), HEADER_BYTES.map(lambda b: b"Bearer " + b), HEADER_BYTES)
+SEGMENT = st.text(max_size=12).map(lambda t: urllib.parse.quote(t.encode("utf-8", "surrogatepass"), safe=""))
+LOGIN_BODY = st.fixed_dictionaries(
+    {},
+    optional={
+        key: st.one_of(st.just("ada"), TEXT, JSON) for key in ("username", "aws_login", "customer_name")
+    },
+)
+ROUTES = [
+    "GET /status", "GET /healthz", "GET /api/workflows", "POST /api/sessions", "DELETE /api/sessions/{}",
+    "POST /start-desktop", "POST /setup-environment", "POST /run-task", "POST /kill-desktop",
+    "POST /run-workflow", "GET /desktop/{}", "GET /desktop/{}/websockify?token={}",
+]  # fmt: skip
 
 
 @settings(LIVE, max_examples=150)
 @given(
-    path=st.sampled_from(["/status", "/start-desktop", "/run-workflow", "/api/sessions/x", "/api/sessions"]),
+    route=st.sampled_from(ROUTES),
+    segment=SEGMENT,
     auth=AUTHORIZATION,
     host=HEADER_BYTES,
-    body=st.one_of(OBJECTS.map(json.dumps).map(str.encode), st.binary(max_size=40)),
+    body=st.one_of(
+        OBJECTS.map(json.dumps).map(str.encode),
+        LOGIN_BODY.map(json.dumps).map(str.encode),
+        st.binary(max_size=40),
+    ),
 )
-async def test_generated_headers_and_bodies_never_answer_500(
-    live: Live, path: str, auth: bytes, host: bytes, body: bytes
+async def test_generated_requests_never_answer_500(
+    live: Live, route: str, segment: str, auth: bytes, host: bytes, body: bytes
 ) -> None:
-    """Any Authorization, Host and body bytes get a 2xx or 4xx answer, never a 5xx."""
-    method = {"/status": b"GET", "/api/sessions/x": b"DELETE"}.get(path, b"POST")
-    head = method + b" " + path.encode() + b" HTTP/1.1\r\nHost: " + host + b"\r\nAuthorization: " + auth
+    """Any path segment, Authorization, Host and body bytes, on every route, get a 2xx or 4xx, never a 5xx."""
+    target = route.replace("{}", segment).encode()
+    auth = auth.replace(b"LIVE", live.login.token.encode())
+    head = target + b" HTTP/1.1\r\nHost: " + host + b"\r\nAuthorization: " + auth
     status, _ = await _raw_http(live.server, head, body)
     assert status < 500
 
