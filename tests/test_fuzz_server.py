@@ -381,21 +381,43 @@ async def test_generated_frames_get_documented_replies_and_harm_nobody(
         assert frame["type"] == "pong", frame
 
 
+#: A hello with the live session's token (``LIVE``, put in at run time) and any ``last_seq``.
+LIVE_HELLOS = st.fixed_dictionaries(
+    {"type": st.just("hello"), "token": st.just("LIVE")}, optional={"last_seq": FIELDS["last_seq"]}
+).map(json.dumps)
+
+
 @settings(LIVE, max_examples=100)
-@given(first=FRAMES)
-async def test_a_generated_first_frame_is_refused_with_4401(live: Live, first: str | bytes) -> None:
-    """A socket whose first frame is not a valid hello is closed with 4401, never dropped (1006)."""
+@given(first=st.one_of(FRAMES, LIVE_HELLOS))
+async def test_a_generated_first_frame_gets_welcome_or_4401(live: Live, first: str | bytes) -> None:
+    """A first frame is welcomed only as a valid hello; else it is closed with 4401, never dropped (1006)."""
     async with live.client.http.ws_connect(live.server.make_url("/ws")) as ws:
         if isinstance(first, bytes):
             await ws.send_bytes(first)
         else:
+            first = first.replace('"LIVE"', json.dumps(live.login.token))
             await ws.send_str(first)
+        welcomed = _hello_token(first) == live.login.token
         while True:
             msg = await ws.receive(timeout=5)
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 break
-            assert json.loads(msg.data)["code"] in ERROR_CODES
+            frame = json.loads(msg.data)
+            assert (frame["type"] == "welcome") is welcomed, (first, frame)
+            if welcomed:
+                assert frame["session_id"] == live.login.session_id
+                return
+            assert frame["code"] in ERROR_CODES
         assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 4401, msg
+
+
+def _hello_token(frame: str | bytes) -> str | None:
+    """The token of *frame* if it is a valid hello."""
+    try:
+        msg = codec.decode(frame) if isinstance(frame, str) else None
+    except ProtocolError:
+        return None
+    return msg.token if isinstance(msg, m.Hello) else None
 
 
 HEADER_BYTES = st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
