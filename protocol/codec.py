@@ -56,7 +56,7 @@ def _string(obj: Mapping[str, Any], key: str, max_chars: int, *, required: bool)
 
 
 def _label(max_chars: int, *, required: bool = True) -> Reader:
-    """Only compared and echoed (ids, targets, the hello's token): any string."""
+    """Only compared, echoed or hashed (ids, targets, the hello's token): any non-blank string."""
 
     def read(obj: Mapping[str, Any], key: str) -> str | None:
         return _string(obj, key, max_chars, required=required)
