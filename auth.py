@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Final, Literal
 
+from protocol import fields
 from protocol.errors import ProtocolError, Unauthorized
 
 USERNAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,32}")
@@ -43,14 +44,20 @@ def new_token() -> str:
 
 
 def token_hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    """The stored form of *token*; any string has one (a malformed token is only wrong)."""
+    # surrogatepass: a hello may carry a lone surrogate, which no token of ours holds.
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 def bearer(header: str | None) -> str:
-    """The token of an ``Authorization: Bearer`` header, else ``Unauthorized``."""
+    """The token of an ``Authorization: Bearer`` header, else ``Unauthorized``.
+
+    aiohttp hands bytes that are not UTF-8 over as lone surrogates; the
+    token grammar (visible ASCII) refuses them with the rest.
+    """
     scheme, _, token = (header or "").partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > 512:
+    if scheme.lower() != "bearer" or not fields.is_token(token):
         raise Unauthorized("an 'Authorization: Bearer <token>' header is required")
     return token
 
@@ -67,9 +74,11 @@ class StreamTokens:
 
     def mode(self, session_id: str, token: str) -> StreamMode:
         """Which access *token* grants to the session's stream, else ``Unauthorized``."""
-        for mode in ("control", "view"):
-            if hmac.compare_digest(self.token(session_id, mode), token):
-                return mode
+        # compare_digest refuses str with non-ASCII characters: check the shape first.
+        if fields.is_token(token):
+            for mode in ("control", "view"):
+                if hmac.compare_digest(self.token(session_id, mode), token):
+                    return mode
         raise Unauthorized(f"wrong stream token for session {session_id}")
 
 

@@ -23,6 +23,8 @@ from typing import Any, Self
 import aiohttp
 import attrs
 
+from protocol import codec
+from protocol import messages as m
 from protocol.closecodes import CloseCode
 
 Event = dict[str, Any]
@@ -72,7 +74,11 @@ class Client:
 
     async def call(self, method: str, path: str, *, token: str | None = None, body: Any = None) -> Any:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with self.http.request(method, self.base_url + path, json=body, headers=headers) as resp:
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = codec.dumps(body).encode()
+        async with self.http.request(method, self.base_url + path, data=data, headers=headers) as resp:
             data = await resp.json(content_type=None) if resp.status != 204 else None
             if resp.status >= 400:
                 err = (data or {}).get("error", {})
@@ -110,10 +116,7 @@ class Connection:
     async def open(self, last_seq: int | None = None) -> Event:
         """Connect and say hello; return the ``welcome``."""
         self.ws = await self._http.ws_connect(self.login.ws_url, max_msg_size=0)
-        hello: Event = {"type": "hello", "token": self.login.token}
-        if last_seq is not None:
-            hello["last_seq"] = last_seq
-        await self.ws.send_str(json.dumps(hello))
+        await self.ws.send_str(codec.encode_request(m.Hello(token=self.login.token, last_seq=last_seq)))
         welcome = await self._next_frame(timeout=10)
         if welcome.get("type") != "welcome":
             raise ClientError(0, welcome.get("code", "?"), welcome.get("message", str(welcome)))
@@ -130,11 +133,25 @@ class Connection:
             await self.ws.close()
 
     async def send(self, type: str, **fields: Any) -> str:
-        """Send a request; return its ``id`` (one is made up when not given)."""
-        assert self.ws is not None
+        """Send a request; return its ``id`` (one is made up when not given).
+
+        The codec checks and encodes it as the server will read it, so a
+        malformed request raises ``ProtocolError`` here, before it is sent.
+        """
         rid = fields.pop("id", None) or f"c{next(self._ids)}"
-        await self.ws.send_str(json.dumps({"type": type, "id": rid, **fields}))
-        return str(rid)
+        msg = codec.from_object({**fields, "type": type, "id": rid})
+        if isinstance(msg, m.Hello):
+            raise TypeError("hello is sent by open(); send() takes requests")
+        return await self.request(msg)
+
+    async def request(self, msg: m.Request) -> str:
+        """Send the typed request *msg*; return its ``id`` (made up when it has none)."""
+        assert self.ws is not None
+        if msg.id is None:
+            msg = attrs.evolve(msg, id=f"c{next(self._ids)}")
+        await self.ws.send_str(codec.encode_request(msg))
+        assert msg.id is not None
+        return msg.id
 
     async def send_raw(self, data: str | bytes) -> None:
         assert self.ws is not None

@@ -32,7 +32,6 @@ runs the steps.
 
 from __future__ import annotations
 
-import re
 import string
 import tomllib
 from collections.abc import Mapping
@@ -42,19 +41,20 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from protocol import fields
+
 StepKind = Literal["desktop", "setup", "command", "task", "open"]
 STEP_KINDS: Final[tuple[str, ...]] = get_args(StepKind)
 
 #: The folder of workflows shipped with deskhive.
 SHIPPED_FOLDER: Final = Path(__file__).resolve().parent.parent / "workflows"
 DEFAULT_COMMAND_TIMEOUT: Final = 600.0
-MAX_COMMAND_TIMEOUT: Final = 86_400.0
+MAX_COMMAND_TIMEOUT: Final = fields.MAX_TIMEOUT_S
 MAX_STEPS: Final = 100
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# Package names as apt and pip spell them, with an optional "pip:" prefix;
-# nothing a shell would read as syntax.
-_PACKAGE = re.compile(r"(pip:)?[A-Za-z0-9][A-Za-z0-9+._=-]{0,127}")
+# Names, packages and text follow protocol.fields, as requests do: a step
+# may hold exactly what a client could have asked for.
+_NAME = fields.NAME
 #: Fields each kind of step may carry, beyond ``kind``; the first are required.
 _FIELDS: Final[Mapping[str, tuple[frozenset[str], frozenset[str]]]] = {
     "desktop": (frozenset(), frozenset()),
@@ -74,7 +74,7 @@ class Step:
     """One step of a workflow; only the fields of its ``kind`` are set."""
 
     kind: StepKind
-    #: ``setup``: packages to install (``pip:NAME`` for pip).
+    #: ``setup``: packages to install (``NAME`` for Debian, ``pip:REQ`` for pip).
     packages: tuple[str, ...] = ()
     #: ``command``: the shell command and its timeout in seconds.
     cmd: str = ""
@@ -199,15 +199,24 @@ def _no_unknown(table: Mapping[str, Any], allowed: set[str] | frozenset[str], wh
 def _text(value: object, field: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise WorkflowError(f"{where}: {field!r} must be a non-empty string")
+    return _sandbox_text(value, field, where)
+
+
+def _sandbox_text(value: str, field: str, where: str) -> str:
+    # TOML can spell NUL ("\u0000"), which no shell or model can take.
+    problem = fields.text_problem(value)
+    if problem is not None:
+        raise WorkflowError(f"{where}: {field!r} must be {problem}")
     return value
 
 
 def _packages(value: object, where: str) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise WorkflowError(f"{where}: 'packages' must be a list of package names")
+    if not isinstance(value, list) or len(value) > fields.MAX_PACKAGES:
+        raise WorkflowError(f"{where}: 'packages' must be a list of at most {fields.MAX_PACKAGES} packages")
     for package in value:
-        if not isinstance(package, str) or not _PACKAGE.fullmatch(package):
-            raise WorkflowError(f"{where}: {package!r} is not a package name")
+        if not fields.is_package(package):
+            expected = fields.DESCRIBE_PACKAGE
+            raise WorkflowError(f"{where}: {package!r} is not a package name; expected {expected}")
     return tuple(value)
 
 
@@ -221,6 +230,7 @@ def _timeout(value: object, where: str) -> float:
 def _query(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise WorkflowError(f"{where}: 'query' must be a string")
+    _sandbox_text(value, "query", where)
     try:
         fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value)]
     except ValueError as exc:

@@ -12,21 +12,26 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from protocol import fields as f
 from protocol import messages as m
 from protocol.errors import BadJSON, FrameTooLarge, GatewayError, ProtocolError, UnknownType
 
-MAX_FRAME_BYTES: Final = 64 * 1024
-MAX_ID_CHARS: Final = 64
-MAX_TOKEN_CHARS: Final = 512
-MAX_TEXT_CHARS: Final = 32 * 1024
-MAX_PACKAGES: Final = 64
-MAX_TIMEOUT_S: Final = 86_400.0
+MAX_FRAME_BYTES: Final = f.MAX_FRAME_BYTES
+MAX_ID_CHARS: Final = f.MAX_LABEL_CHARS
+MAX_TOKEN_CHARS: Final = f.MAX_TOKEN_CHARS
+MAX_TEXT_CHARS: Final = f.MAX_TEXT_CHARS
+MAX_PACKAGES: Final = f.MAX_PACKAGES
+MAX_TIMEOUT_S: Final = f.MAX_TIMEOUT_S
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: For text holding a lone surrogate: valid JSON that UTF-8 cannot carry
+#: unless it is escaped (``\ud800``), which ``ensure_ascii`` does.
+_dumps_ascii = json.JSONEncoder(separators=(",", ":")).encode
 _loads = json.loads
 
 # --------------------------------------------------------------------------
 # Field readers: each takes the frame object and a key, returns the value.
+# What each kind of field may hold is protocol.fields' to say.
 
 Reader = Callable[[Mapping[str, Any], str], Any]
 
@@ -35,25 +40,50 @@ def _bad(key: str, what: str) -> ProtocolError:
     return ProtocolError(f"field {key!r} must be {what}")
 
 
-def _text(max_chars: int, *, required: bool = True, nonempty: bool = True) -> Reader:
+def _string(obj: Mapping[str, Any], key: str, max_chars: int, *, required: bool) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError(f"field {key!r} is required")
+        return None
+    if not isinstance(value, str):
+        raise _bad(key, "a string")
+    if not value.strip():
+        raise _bad(key, "a non-empty string")
+    if len(value) > max_chars:
+        raise _bad(key, f"at most {max_chars} characters")
+    return value
+
+
+def _label(max_chars: int, *, required: bool = True) -> Reader:
+    """Only compared, echoed or hashed (ids, targets, the hello's token): any non-blank string."""
+
     def read(obj: Mapping[str, Any], key: str) -> str | None:
-        value = obj.get(key)
-        if value is None:
-            if required:
-                raise ProtocolError(f"field {key!r} is required")
-            return None
-        if not isinstance(value, str):
-            raise _bad(key, "a string")
-        if nonempty and not value.strip():
-            raise _bad(key, "a non-empty string")
-        if "\x00" in value:
-            # Text ends up in argv, a shell or a model prompt: none takes NUL.
-            raise _bad(key, "text without NUL characters")
-        if len(value) > max_chars:
-            raise _bad(key, f"at most {max_chars} characters")
+        return _string(obj, key, max_chars, required=required)
+
+    return read
+
+
+def _text(*, required: bool = True) -> Reader:
+    """Bound for the sandbox, a model or the desktop: what they can take."""
+
+    def read(obj: Mapping[str, Any], key: str) -> str | None:
+        value = _string(obj, key, MAX_TEXT_CHARS, required=required)
+        problem = None if value is None else f.text_problem(value)
+        if problem is not None:
+            raise _bad(key, problem)
         return value
 
     return read
+
+
+def _name(obj: Mapping[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not f.is_name(value):
+        raise _bad(key, f"a name matching {f.NAME.pattern}")
+    return str(value)
 
 
 def _seq(obj: Mapping[str, Any], key: str) -> int | None:
@@ -81,39 +111,25 @@ def _packages(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or len(value) > MAX_PACKAGES:
-        raise _bad(key, f"a list of at most {MAX_PACKAGES} package names")
+        raise _bad(key, f"a list of at most {MAX_PACKAGES} packages")
     for name in value:
-        if not isinstance(name, str) or not _is_package_name(name):
-            raise _bad(key, "a list of package names ([A-Za-z0-9._+-], 1-128 characters)")
+        if not f.is_package(name):
+            raise ProtocolError(f"{key!r} holds {repr(name)[:80]}, which is not {f.DESCRIBE_PACKAGE}")
     return tuple(value)
 
 
-def _is_package_name(name: str) -> bool:
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-=<>")
-    return 0 < len(name) <= 128 and name[0].isalnum() and set(name) <= allowed
-
-
-_id = _text(MAX_ID_CHARS, required=False)
+_id = _label(MAX_ID_CHARS, required=False)
 
 #: type tag -> (class, {field: reader}); unknown fields are ignored.
 _SCHEMA: Final[dict[str, tuple[type[m.ClientMessage], dict[str, Reader]]]] = {
-    "hello": (m.Hello, {"token": _text(MAX_TOKEN_CHARS), "last_seq": _seq}),
+    # The token is only hashed and looked up: a malformed one is just wrong (4401).
+    "hello": (m.Hello, {"token": _label(MAX_TOKEN_CHARS), "last_seq": _seq}),
     "start_desktop": (m.StartDesktop, {"id": _id}),
     "setup_environment": (m.SetupEnvironment, {"id": _id, "packages": _packages}),
-    "run_command": (
-        m.RunCommand,
-        {"id": _id, "cmd": _text(MAX_TEXT_CHARS), "timeout": _timeout},
-    ),
-    "run_task": (m.RunTask, {"id": _id, "query": _text(MAX_TEXT_CHARS)}),
-    "run_workflow": (
-        m.RunWorkflow,
-        {
-            "id": _id,
-            "workflow": _text(MAX_ID_CHARS, required=False),
-            "query": _text(MAX_TEXT_CHARS, required=False),
-        },
-    ),
-    "cancel": (m.Cancel, {"id": _id, "target": _text(MAX_ID_CHARS)}),
+    "run_command": (m.RunCommand, {"id": _id, "cmd": _text(), "timeout": _timeout}),
+    "run_task": (m.RunTask, {"id": _id, "query": _text()}),
+    "run_workflow": (m.RunWorkflow, {"id": _id, "workflow": _name, "query": _text(required=False)}),
+    "cancel": (m.Cancel, {"id": _id, "target": _label(MAX_ID_CHARS)}),
     "kill_desktop": (m.KillDesktop, {"id": _id}),
     "clear_logs": (m.ClearLogs, {"id": _id}),
     "get_state": (m.GetState, {"id": _id}),
@@ -179,13 +195,26 @@ def request_to_object(msg: m.ClientMessage) -> dict[str, Any]:
     return obj
 
 
+def encode_request(msg: m.ClientMessage) -> str:
+    """The text frame a client sends for *msg*."""
+    return dumps(request_to_object(msg))
+
+
 # --------------------------------------------------------------------------
-# Server to client
+# Server to client. Every encoder gives valid UTF-8 JSON whatever text it is
+# handed: a client's lone surrogate comes back escaped, never as a crash.
+
+
+def _utf8(obj: Any) -> bytes:
+    try:
+        return _dumps(obj).encode()
+    except UnicodeEncodeError:
+        return _dumps_ascii(obj).encode()
 
 
 def encode_event(event: m.Event, seq: int) -> bytes:
     """A journal event with its sequence number, as UTF-8 JSON."""
-    return _dumps(_event_object(event, seq)).encode()
+    return _utf8(_event_object(event, seq))
 
 
 def _event_object(event: m.Event, seq: int) -> dict[str, Any]:
@@ -227,11 +256,15 @@ def _result_object(event: m.Result, seq: int) -> dict[str, Any]:
 
 def encode(msg: m.ServerMessage) -> bytes:
     """A reply that is not journaled (welcome, ack, pong, gap, error)."""
+    obj: dict[str, Any]
     match msg:
         case m.Pong(id=rid):
-            return b'{"type":"pong","id":' + _dumps(rid).encode() + b"}"
+            try:
+                return b'{"type":"pong","id":' + _dumps(rid).encode() + b"}"
+            except UnicodeEncodeError:
+                obj = {"type": "pong", "id": rid}
         case m.Ack(id=rid):
-            obj: dict[str, Any] = {"type": "ack", "id": rid}
+            obj = {"type": "ack", "id": rid}
         case m.Gap(from_seq=lo, to_seq=hi):
             obj = {"type": "gap", "from_seq": lo, "to_seq": hi}
         case m.Error(code=code, message=message, id=rid):
@@ -248,7 +281,7 @@ def encode(msg: m.ServerMessage) -> bytes:
                 "seq": msg.seq,
                 "resumed": msg.resumed,
             }
-    return _dumps(obj).encode()
+    return _utf8(obj)
 
 
 def error_for(exc: GatewayError) -> m.Error:
@@ -262,8 +295,14 @@ def error_body(exc: GatewayError) -> dict[str, Any]:
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON text, for HTTP bodies."""
-    return _dumps(obj)
+    """Compact JSON text that UTF-8 can carry, for HTTP bodies and client frames."""
+    text = _dumps(obj)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return _dumps_ascii(obj)
+    return text
 
 
 def loads(raw: str | bytes) -> Any:

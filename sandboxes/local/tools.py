@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from protocol import fields
 from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, StepReporter, Stream
 from sandboxes.local.jail import HOME
@@ -35,8 +36,6 @@ _KEYS = {
     "meta": "super", "cmd": "super", "win": "super",
 }  # fmt: skip
 _KEY_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
-_DEBIAN_NAME = re.compile(r"[a-z0-9][a-z0-9.+-]{0,99}")
-_PIP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-\[\],=<>!~]{0,199}")
 BASHRC = f"""\
 # Written by deskhive on the first setup; yours to change.
 export PATH="{HOME}/.local/bin:$PATH"
@@ -77,10 +76,16 @@ async def setup(sandbox: LocalSandbox, packages: Sequence[str], report: StepRepo
     report("setup.browser", browser=browser, present=shutil.which(browser) is not None)
     missing = []
     for name in packages:
-        if name.startswith("pip:"):
-            ok = await _pip_install(sandbox, name.removeprefix("pip:"), report)
+        # The codec and the workflow loader already refused what is not a
+        # package; this is the last check before a name reaches argv.
+        package = fields.parse_package(name)
+        if package is None:
+            report("setup.package", package=name, status="invalid", expected=fields.DESCRIBE_PACKAGE)
+            ok = False
+        elif package.manager == "pip":
+            ok = await _pip_install(sandbox, package.spec, report)
         else:
-            ok = await _debian_present(name, report)
+            ok = await _debian_present(package.spec, report)
         if not ok:
             missing.append(name)
     if missing:
@@ -103,9 +108,6 @@ async def _prepare_home(sandbox: LocalSandbox) -> None:
 
 
 async def _debian_present(name: str, report: StepReporter) -> bool:
-    if not _DEBIAN_NAME.fullmatch(name):
-        report("setup.package", package=name, manager="apt", status="invalid")
-        return False
     proc = await asyncio.create_subprocess_exec(
         "dpkg-query", "-W", "-f=${Status}", "--", name, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
@@ -125,9 +127,6 @@ async def _debian_present(name: str, report: StepReporter) -> bool:
 
 
 async def _pip_install(sandbox: LocalSandbox, name: str, report: StepReporter) -> bool:
-    if not _PIP_NAME.fullmatch(name):
-        report("setup.package", package=name, manager="pip", status="invalid")
-        return False
     argv = ["python3", "-m", "pip", "install", "--user", "--break-system-packages", "--no-input"]
     argv += ["--disable-pip-version-check", "--progress-bar", "off", "--", name]
     out: list[str] = []
