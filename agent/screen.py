@@ -20,9 +20,9 @@ from PIL import Image
 from agent.model import ModelConfig
 
 #: The box a step's thumbnail fits in (a few KiB of JPEG for the session's log).
-THUMBNAIL_BOX = (192, 192)
+THUMBNAIL_BOX = (160, 160)
 JPEG_QUALITY = 80
-THUMBNAIL_QUALITY = 50
+THUMBNAIL_QUALITY = 45
 
 
 @attrs.frozen(kw_only=True)

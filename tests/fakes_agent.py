@@ -87,7 +87,7 @@ class RecordingDesktop:
 
     async def screenshot(self) -> bytes:
         self.calls.append(("screenshot", ()))
-        return png(*self.size, shade=len(self.calls))
+        return png(*self.size, shade=len(self.calls) * 37)
 
     async def left_click(self, x: int, y: int) -> None:
         self.calls.append(("left_click", (x, y)))
