@@ -83,6 +83,25 @@ class Settings:
     command_file_size: int = 1024**3
     log_level: str = "info"
     log_format: str = "auto"
+    agent_max_steps: int = 30
+    agent_timeout: float = 1800.0
+    model_timeout: float = 120.0
+    model_retries: int = 2
+    agent_images: int = 1
+    agent_image_width: int = 1280
+    agent_image_height: int = 1280
+    agent_image_format: str = "jpeg"
+    agent_coordinate_grid: int = 0
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, not {text!r}")
+        return text.lower()
+
+    parse.__name__ = "choice"
+    return parse
 
 
 #: (option, parser, help); the default comes from ``Settings``.
@@ -115,6 +134,19 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ),
     ("log_level", str, "debug, info, warning or error"),
     ("log_format", str, "json, console or auto (console on a terminal)"),
+    ("agent_max_steps", _positive(int), "model round trips one run_task may take"),
+    ("agent_timeout", _positive(float), "seconds one run_task may take in all"),
+    ("model_timeout", _positive(float), "seconds one model request may take"),
+    ("model_retries", _at_least(int, 0, "0 sends each request once"), "retries of a failed model request"),
+    ("agent_images", _positive(int), "screenshots sent per model request (vLLM often takes 1)"),
+    ("agent_image_width", _positive(int), "screenshots are scaled down to this width or less"),
+    ("agent_image_height", _positive(int), "screenshots are scaled down to this height or less"),
+    ("agent_image_format", _one_of("jpeg", "png"), "how screenshots are sent to the model: jpeg or png"),
+    (
+        "agent_coordinate_grid",
+        _at_least(int, 0, "0 means screenshot pixels"),
+        "0: the model answers screenshot pixels; N: a 0..N grid (1000 for Qwen-VL, UI-TARS)",
+    ),
 )
 
 

@@ -112,7 +112,7 @@ async def execute(job: m.Job | m.KillDesktop, ctx: JobContext) -> m.Result:
             code = await run_command(ctx, cmd, timeout)
             return m.Result(id=rid, ok=code == 0, exit_code=code)
         case m.RunTask(query=query):
-            return m.Result(id=rid, ok=True, data={"answer": await run_task(ctx, query)})
+            return m.Result(id=rid, ok=True, data=await run_task(ctx, query))
         case m.RunWorkflow(workflow=name, query=query):
             steps = await run_workflow(ctx, name or "default", query)
             return m.Result(id=rid, ok=True, data={"workflow": name or "default", "steps": steps})
@@ -151,7 +151,8 @@ async def run_command(ctx: JobContext, cmd: str, timeout: float | None) -> int:
         raise CommandTimeout(f"command ran over its timeout of {seconds:g} s") from None
 
 
-async def run_task(ctx: JobContext, query: str) -> str:
+async def run_task(ctx: JobContext, query: str) -> dict[str, Any]:
+    """The agent's run for *query*: the result's data, its ``answer`` and ``steps``."""
     model, http = ctx.config.model, ctx.config.http
     if model is None or http is None:
         raise NotConfigured(
@@ -160,7 +161,8 @@ async def run_task(ctx: JobContext, query: str) -> str:
         )
     from agent import run_agent  # the agent pulls in its model client only when used
 
-    return await run_agent(query, ctx.sandbox, model, http, ctx.log, ctx.output)
+    done = await run_agent(query, ctx.sandbox, model, http, ctx.log, ctx.output)
+    return {"answer": done.answer, "steps": done.steps}
 
 
 async def run_workflow(ctx: JobContext, name: str, query: str | None) -> int:

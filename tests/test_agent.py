@@ -12,9 +12,10 @@ import pytest
 
 from agent import AgentResult, ModelConfig, run_agent
 from agent.tools import Captured
-from protocol.errors import ModelFailed
+from protocol.errors import CommandTimeout, ModelFailed
 from sandboxes.base import Stream
 from tests.fakes_agent import (
+    Answer,
     ModelServer,
     RecordingDesktop,
     RecordingLog,
@@ -255,3 +256,19 @@ def test_captured_output_keeps_head_and_tail() -> None:
 def test_model_key_is_not_in_the_repr() -> None:
     """The model's API key never shows in logs of the config."""
     assert "sk-test" not in repr(ModelConfig(url="http://x", model="m", api_key="sk-test"))
+
+
+async def test_the_whole_task_has_a_time_limit(
+    endpoint: ModelServer,
+    model: ModelConfig,
+    http: aiohttp.ClientSession,
+    desktop: RecordingDesktop,
+    log: RecordingLog,
+) -> None:
+    """A task still running at its time limit fails as a timeout, whatever step it is in."""
+    endpoint.answer(completion(tool_call("screenshot", {})), Answer(hold=True))
+    limited = attrs.evolve(model, task_timeout=0.5, timeout=30)
+    with pytest.raises(CommandTimeout, match=r"did not finish the task within 0\.5 s"):
+        await run_agent("wait", desktop, limited, http, log, Output())
+    assert len(endpoint.requests) == 2
+    assert ("warning", "agent.gave_up", {"steps": 2, "reason": "timeout"}) in log.entries
