@@ -86,8 +86,12 @@ def make_frame(png: bytes, model: ModelConfig) -> Frame:
             grid=model.coordinate_grid,
         )
     shown = _fit(screen, (model.image_width, model.image_height))
+    if shown is screen and model.image_format == "png" and png.startswith(b"\x89PNG"):
+        url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")  # no need to encode again
+    else:
+        url = _data_url(shown, model.image_format, JPEG_QUALITY)
     return Frame(
-        url=_data_url(shown, model.image_format, JPEG_QUALITY),
+        url=url,
         width=shown.width,
         height=shown.height,
         screen_width=screen.width,
