@@ -180,3 +180,21 @@ async def test_unreadable_text_calls_end_with_what_the_server_sent(
         await _run(model, http, RecordingDesktop())
     assert content[:20] in caught.value.message
     assert len(endpoint.requests) == 1
+
+
+async def test_reasoning_is_the_steps_text_when_there_is_no_content(
+    endpoint: ModelServer, model: ModelConfig, http: aiohttp.ClientSession
+) -> None:
+    """A reasoning model's reasoning_content shows as the step's text, and is not sent back."""
+    reply = completion(tool_call("screenshot", {}))
+    reply["choices"][0]["message"]["reasoning_content"] = "The dialog is still loading; look again."
+    endpoint.answer(reply, finish("ok"))
+    log = RecordingLog()
+
+    async def sink(stream: str, data: str) -> None:
+        pass
+
+    await run_agent("task", RecordingDesktop(), model, http, log, sink)
+    first = next(kw for _, event, kw in log.entries if event == "agent.step")
+    assert first["text"] == "The dialog is still loading; look again."
+    assert "loading" not in json.dumps(endpoint.bodies()[1]["messages"])
