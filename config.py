@@ -119,6 +119,15 @@ class Settings:
     max_connections: int = 0
     #: Secret options given as flags, for a warning at start-up (never their values).
     secrets_on_command_line: tuple[str, ...] = ()
+    agent_max_steps: int = 30
+    agent_timeout: float = 1800.0
+    model_timeout: float = 120.0
+    model_retries: int = 2
+    agent_images: int = 1
+    agent_image_width: int = 1280
+    agent_image_height: int = 1280
+    agent_image_format: str = "jpeg"
+    agent_coordinate_grid: int = 0
 
 
 #: (option, parser, help); the default comes from ``Settings``.
@@ -157,6 +166,19 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
         "max_connections",
         _at_least(int, 0, "0 derives it from the descriptor limit"),
         "open connections at once (0: the descriptor limit less a reserve)",
+    ),
+    ("agent_max_steps", _positive(int), "model round trips one run_task may take"),
+    ("agent_timeout", _positive(float), "seconds one run_task may take in all"),
+    ("model_timeout", _positive(float), "seconds one model request may take"),
+    ("model_retries", _at_least(int, 0, "0 sends each request once"), "retries of a failed model request"),
+    ("agent_images", _positive(int), "screenshots sent per model request (vLLM often takes 1)"),
+    ("agent_image_width", _positive(int), "screenshots are scaled down to this width or less"),
+    ("agent_image_height", _positive(int), "screenshots are scaled down to this height or less"),
+    ("agent_image_format", _choice(("jpeg", "png")), "how screenshots are sent to the model: jpeg or png"),
+    (
+        "agent_coordinate_grid",
+        _at_least(int, 0, "0 means screenshot pixels"),
+        "0: the model answers screenshot pixels; N: a 0..N grid (1000 for Qwen-VL, UI-TARS)",
     ),
 )
 

@@ -54,7 +54,20 @@ def model_config(settings: Settings) -> ModelConfig | None:
         return None
     from agent import ModelConfig  # the agent's modules load only when a model is configured
 
-    return ModelConfig(url=settings.model_url, model=settings.model, api_key=settings.model_key)
+    return ModelConfig(
+        url=settings.model_url,
+        model=settings.model,
+        api_key=settings.model_key,
+        timeout=settings.model_timeout,
+        max_steps=settings.agent_max_steps,
+        task_timeout=settings.agent_timeout,
+        retries=settings.model_retries,
+        keep_images=settings.agent_images,
+        image_width=settings.agent_image_width,
+        image_height=settings.agent_image_height,
+        image_format="png" if settings.agent_image_format == "png" else "jpeg",
+        coordinate_grid=settings.agent_coordinate_grid,
+    )
 
 
 def sandbox_factory(settings: Settings) -> SandboxFactory:

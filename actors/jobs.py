@@ -15,7 +15,6 @@ task, and :func:`outcome` reads the result from how that task ended
 from __future__ import annotations
 
 import asyncio
-import struct
 from base64 import b64encode
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,7 @@ from protocol.errors import (
     ProtocolError,
     StepFailed,
 )
-from sandboxes.base import Sandbox, Stream
+from sandboxes.base import Sandbox, Stream, png_size
 
 if TYPE_CHECKING:
     import aiohttp
@@ -166,7 +165,7 @@ async def execute(job: m.Job | m.KillDesktop, ctx: JobContext) -> m.Result:
             code = await run_command(ctx, cmd, timeout)
             return m.Result(id=rid, ok=code == 0, exit_code=code)
         case m.RunTask(query=query):
-            return m.Result(id=rid, ok=True, data={"answer": await run_task(ctx, query)})
+            return m.Result(id=rid, ok=True, data=await run_task(ctx, query))
         case m.RunWorkflow(workflow=name, query=query):
             steps = await run_workflow(ctx, name or "default", query)
             return m.Result(id=rid, ok=True, data={"workflow": name or "default", "steps": steps})
@@ -205,7 +204,8 @@ async def run_command(ctx: JobContext, cmd: str, timeout: float | None) -> int:
         raise CommandTimeout(f"command ran over its timeout of {seconds:g} s") from None
 
 
-async def run_task(ctx: JobContext, query: str) -> str:
+async def run_task(ctx: JobContext, query: str) -> dict[str, Any]:
+    """The agent's run for *query*: the result's data, its ``answer`` and ``steps``."""
     model, http = ctx.config.model, ctx.config.http
     if model is None or http is None:
         raise NotConfigured(
@@ -214,7 +214,8 @@ async def run_task(ctx: JobContext, query: str) -> str:
         )
     from agent import run_agent  # the agent pulls in its model client only when used
 
-    return await run_agent(query, ctx.sandbox, model, http, ctx.log, ctx.output)
+    done = await run_agent(query, ctx.sandbox, model, http, ctx.log, ctx.output)
+    return {"answer": done.answer, "steps": done.steps}
 
 
 async def run_workflow(ctx: JobContext, name: str, query: str | None) -> int:
@@ -245,11 +246,3 @@ async def run_step(ctx: JobContext, step: Step, query: str | None) -> None:
             if not text:
                 raise ProtocolError("this workflow needs a 'query'")
             await run_task(ctx, text)
-
-
-def png_size(png: bytes) -> tuple[int, int]:
-    """Width and height from a PNG's IHDR chunk (0, 0 if it is not a PNG)."""
-    if len(png) < 24 or not png.startswith(b"\x89PNG\r\n\x1a\n"):
-        return 0, 0
-    width, height = struct.unpack(">II", png[16:24])
-    return int(width), int(height)

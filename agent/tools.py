@@ -7,8 +7,9 @@ correct; it never ends the run. Sandbox failures do end it.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -20,7 +21,6 @@ from sandboxes.base import OutputSink, Sandbox, ScrollDirection, Stream
 OUTPUT_FOR_MODEL = 4000
 COMMAND_TIMEOUT_DEFAULT = 60
 COMMAND_TIMEOUT_MAX = 600
-_MAX_COORDINATE = 16_384
 _SCROLL: dict[str, ScrollDirection] = {"up": "up", "down": "down", "left": "left", "right": "right"}
 
 
@@ -29,6 +29,15 @@ class AgentLog(Protocol):
 
     def info(self, event: str, **kw: Any) -> Any: ...
     def warning(self, event: str, **kw: Any) -> Any: ...
+
+
+#: Maps the model's (x, y) to a screen pixel.
+ToScreen = Callable[[float, float], tuple[int, int]]
+
+
+def pixels_as_is(x: float, y: float) -> tuple[int, int]:
+    """The model's coordinates as screen pixels, when no screenshot says how to scale them."""
+    return max(0, round(x)), max(0, round(y))
 
 
 class ToolError(ValueError):
@@ -61,80 +70,75 @@ def _tool(
     }
 
 
-_COORD = {"type": "integer", "minimum": 0}
-TOOLS: list[dict[str, Any]] = [
-    _tool("screenshot", "Take a fresh screenshot of the desktop.", {}),
-    _tool(
-        "click",
-        "Click at pixel (x, y) of the latest screenshot.",
-        {
-            "x": _COORD,
-            "y": _COORD,
-            "button": {"type": "string", "enum": ["left", "right"], "default": "left"},
-            "double": {"type": "boolean", "default": False, "description": "double-click (left button)"},
-        },
-        ["x", "y"],
-    ),
-    _tool("type", "Type text at the keyboard focus.", {"text": {"type": "string"}}, ["text"]),
-    _tool(
-        "key",
-        "Press a key or a chord, e.g. ['enter'] or ['ctrl', 'l'].",
-        {"keys": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
-        ["keys"],
-    ),
-    _tool(
-        "scroll",
-        "Scroll the mouse wheel where the pointer is.",
-        {
-            "direction": {"type": "string", "enum": ["up", "down", "left", "right"]},
-            "amount": {"type": "integer", "minimum": 1, "maximum": 50, "default": 3},
-        },
-        ["direction"],
-    ),
-    _tool(
-        "command",
-        "Run a shell command in the sandbox (not on screen); get its exit code and output.",
-        {
-            "cmd": {"type": "string"},
-            "timeout": {"type": "integer", "minimum": 1, "maximum": COMMAND_TIMEOUT_MAX},
-        },
-        ["cmd"],
-    ),
-    _tool("finish", "End the task with the answer for the user.", {"answer": {"type": "string"}}, ["answer"]),
-]
+def tools_for(grid: int = 0) -> list[dict[str, Any]]:
+    """The tools offered to a model answering pixels of the screenshot, or a 0..*grid* grid."""
+    where = f"({grid}, {grid}) its bottom right" if grid else "pixels of the latest screenshot"
+    coordinate = {"type": "number", "minimum": 0, **({"maximum": grid} if grid else {})}
+    return [
+        _tool("screenshot", "Take a fresh screenshot of the desktop.", {}),
+        _tool(
+            "click",
+            f"Click at (x, y) of the latest screenshot; (0, 0) is its top left, {where}.",
+            {
+                "x": coordinate,
+                "y": coordinate,
+                "button": {"type": "string", "enum": ["left", "right"], "default": "left"},
+                "double": {"type": "boolean", "default": False, "description": "double-click, left button"},
+            },
+            ["x", "y"],
+        ),
+        _tool("type", "Type text at the keyboard focus.", {"text": {"type": "string"}}, ["text"]),
+        _tool(
+            "key",
+            "Press a key or a chord, e.g. ['enter'] or ['ctrl', 'l'].",
+            {"keys": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+            ["keys"],
+        ),
+        _tool(
+            "scroll",
+            "Scroll the mouse wheel where the pointer is.",
+            {
+                "direction": {"type": "string", "enum": ["up", "down", "left", "right"]},
+                "amount": {"type": "integer", "minimum": 1, "maximum": 50, "default": 3},
+            },
+            ["direction"],
+        ),
+        _tool(
+            "command",
+            "Run a shell command in the sandbox (not on screen); get its exit code and output.",
+            {
+                "cmd": {"type": "string"},
+                "timeout": {"type": "integer", "minimum": 1, "maximum": COMMAND_TIMEOUT_MAX},
+            },
+            ["cmd"],
+        ),
+        _tool(
+            "finish", "End the task with the answer for the user.", {"answer": {"type": "string"}}, ["answer"]
+        ),
+    ]
 
 
-def parse_call(call: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The tool name and arguments of one entry of ``tool_calls``."""
-    function = call.get("function")
-    name = function.get("name") if isinstance(function, dict) else None
-    if not isinstance(function, dict) or not isinstance(name, str) or not name:
-        raise ToolError("a tool call needs a function with a name")
-    return name, parse_arguments(function.get("arguments"))
+#: The tools for a model that answers in pixels.
+TOOLS: list[dict[str, Any]] = tools_for()
 
 
-def parse_arguments(raw: object) -> dict[str, Any]:
-    """A tool call's ``arguments`` (JSON text, or already an object) as a dict."""
-    if raw is None or raw == "":
-        return {}
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError as exc:
-            raise ToolError(f"arguments are not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ToolError("arguments must be a JSON object")
-    return raw
+async def run_tool(
+    name: str,
+    args: dict[str, Any],
+    desktop: Sandbox,
+    on_output: OutputSink,
+    to_screen: ToScreen = pixels_as_is,
+) -> Outcome:
+    """Run tool *name* with *args* on *desktop*; ``ToolError`` if the call is wrong.
 
-
-async def run_tool(name: str, args: dict[str, Any], desktop: Sandbox, on_output: OutputSink) -> Outcome:
-    """Run tool *name* with *args* on *desktop*; ``ToolError`` if the call is wrong."""
+    *to_screen* maps the model's coordinates to screen pixels.
+    """
     match name:
         case "screenshot":
             _only(args)
             return Outcome(content="screenshot taken", screen_changed=True)
         case "click":
-            return await _click(args, desktop)
+            return await _click(args, desktop, to_screen)
         case "type":
             _only(args, "text")
             await desktop.write(_string(args, "text", allow_empty=False))
@@ -156,10 +160,9 @@ async def run_tool(name: str, args: dict[str, Any], desktop: Sandbox, on_output:
     raise ToolError(f"unknown tool {name!r}; use one of: {', '.join(t['function']['name'] for t in TOOLS)}")
 
 
-async def _click(args: dict[str, Any], desktop: Sandbox) -> Outcome:
+async def _click(args: dict[str, Any], desktop: Sandbox, to_screen: ToScreen) -> Outcome:
     _only(args, "x", "y", "button", "double")
-    x = _int(args, "x", 0, _MAX_COORDINATE, None)
-    y = _int(args, "y", 0, _MAX_COORDINATE, None)
+    x, y = to_screen(_number(args, "x"), _number(args, "y"))
     button = _choice(args, "button", ("left", "right"), "left")
     double = args.get("double", False)
     if not isinstance(double, bool):
@@ -220,6 +223,16 @@ def _only(args: dict[str, Any], *allowed: str) -> None:
     unknown = sorted(set(args) - set(allowed))
     if unknown:
         raise ToolError(f"unexpected argument {unknown[0]!r}; expected: {', '.join(allowed) or 'none'}")
+
+
+def _number(args: dict[str, Any], key: str) -> float:
+    value = args.get(key)
+    if isinstance(value, str):  # "512" from a model that quotes everything
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ToolError(f"{key!r} must be a number")
+    return float(value)
 
 
 def _string(args: dict[str, Any], key: str, *, allow_empty: bool) -> str:

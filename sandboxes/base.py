@@ -14,6 +14,7 @@ what the call started (a command's whole process tree) before it propagates.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -129,3 +130,11 @@ class StreamedSandbox(Protocol):
 
 
 SandboxFactory = Callable[[SandboxSpec], Sandbox]
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """Width and height of a screenshot from its PNG header, or (0, 0) if it is not a PNG."""
+    if len(png) < 24 or not png.startswith(b"\x89PNG\r\n\x1a\n"):
+        return 0, 0
+    width, height = struct.unpack(">II", png[16:24])
+    return int(width), int(height)

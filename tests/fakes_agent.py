@@ -1,18 +1,41 @@
-"""A recording desktop and a recording log for the agent's tests."""
+"""Fakes for the agent: a recording desktop and log, and a scripted model endpoint.
+
+Model replies are built from OpenAI's own types, every request the agent
+sends is checked against OpenAI's request type and the pairing rules real
+servers enforce, and the endpoint is a real HTTP server on 127.0.0.1, so
+statuses and headers are real.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Sequence
+import io
+import json
+import re
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from aiohttp import ClientResponse
+import attrs
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestServer
+from openai.types.chat import ChatCompletion, ChatCompletionMessage, ChatCompletionMessageFunctionToolCall
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_message_function_tool_call import Function
+from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
+from PIL import Image
+from pydantic import TypeAdapter
 
 from protocol.errors import CommandTimeout
 from sandboxes.base import OutputSink, ScrollDirection, StepReporter, Stream
 
-#: A 2x1 PNG header is all the agent reads of a screenshot.
-PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x02\x00\x00\x00\x01" + b"\x00" * 8
+
+def png(width: int, height: int, shade: int = 0) -> bytes:
+    """A real PNG of one colour (*shade* tells screenshots apart)."""
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (shade % 256, 80, 160)).save(out, format="PNG")
+    return out.getvalue()
 
 
 class RecordingDesktop:
@@ -20,7 +43,9 @@ class RecordingDesktop:
 
     kind = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, size: tuple[int, int] = (40, 20)) -> None:
+        #: Screen size; each screenshot is a real PNG of it, a shade apart from the last.
+        self.size = size
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         #: cmd -> (output chunks, exit code); a missing cmd exits 0 silently.
         self.scripts: dict[str, tuple[list[tuple[Stream, str]], int]] = {}
@@ -62,7 +87,7 @@ class RecordingDesktop:
 
     async def screenshot(self) -> bytes:
         self.calls.append(("screenshot", ()))
-        return PNG
+        return png(*self.size, shade=len(self.calls) * 37)
 
     async def left_click(self, x: int, y: int) -> None:
         self.calls.append(("left_click", (x, y)))
@@ -132,3 +157,147 @@ class CompatResponse(ClientResponse):
 
 
 _NEEDS_STREAM_WRITER = "stream_writer" in inspect.signature(ClientResponse.__init__).parameters
+
+
+# ----------------------------------------------------------------------------
+# The model endpoint: replies from OpenAI's types, request checks, a real server
+
+_PARAMS: TypeAdapter[CompletionCreateParamsNonStreaming] = TypeAdapter(CompletionCreateParamsNonStreaming)
+_MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")
+
+
+def tool_call(
+    name: str, arguments: dict[str, Any], call_id: str = ""
+) -> ChatCompletionMessageFunctionToolCall:
+    """One function call, as OpenAI's client types it."""
+    function = Function(name=name, arguments=json.dumps(arguments))
+    return ChatCompletionMessageFunctionToolCall(
+        id=call_id or f"call_{name}", type="function", function=function
+    )
+
+
+def completion(
+    *calls: ChatCompletionMessageFunctionToolCall,
+    content: str | None = None,
+    refusal: str | None = None,
+    finish_reason: str = "",
+) -> dict[str, Any]:
+    """A chat completion as OpenAI sends it (every field, nulls included)."""
+    message = ChatCompletionMessage(
+        role="assistant", content=content, refusal=refusal, tool_calls=list(calls) or None
+    )
+    reason = finish_reason or ("tool_calls" if calls else "stop")
+    choice = Choice(index=0, message=message, finish_reason=reason)  # type: ignore[arg-type]
+    reply = ChatCompletion(id="chatcmpl-1", object="chat.completion", created=0, model="m", choices=[choice])
+    return reply.model_dump(mode="json")
+
+
+def finish(answer: str) -> dict[str, Any]:
+    return completion(tool_call("finish", {"answer": answer}))
+
+
+def check_request(body: dict[str, Any], max_images: int = 1) -> None:
+    """Fail unless *body* is a valid OpenAI request whose calls and results pair up."""
+    _drain(_PARAMS.validate_python(body))
+    messages = body["messages"]
+    seen: set[str] = set()
+    waiting: list[str] = []
+    for message in messages:
+        if message["role"] == "tool":
+            assert message["tool_call_id"] in waiting, f"a result for no open call: {message}"
+            waiting.remove(message["tool_call_id"])
+            continue
+        assert not waiting, f"calls left unanswered: {waiting}"
+        for call in message.get("tool_calls", []):
+            assert _MISTRAL_ID.fullmatch(call["id"]), f"id not 9 alphanumerics: {call['id']!r}"
+            assert call["id"] not in seen, f"duplicate call id {call['id']}"
+            assert isinstance(call["function"]["arguments"], str)
+            assert isinstance(json.loads(call["function"]["arguments"]), dict)
+            seen.add(call["id"])
+            waiting.append(call["id"])
+    images = [p for m in messages if isinstance(m["content"], list) for p in m["content"] if "image_url" in p]
+    assert len(images) <= max_images, f"{len(images)} images in one request"
+
+
+def _drain(value: object) -> None:
+    """Walk what pydantic validated: Iterable fields are validated only as they are read."""
+    if isinstance(value, dict):
+        for item in value.values():
+            _drain(item)
+    elif isinstance(value, Iterator | list | tuple):
+        for item in list(value):
+            _drain(item)
+
+
+@attrs.frozen(kw_only=True)
+class Answer:
+    """One scripted HTTP answer."""
+
+    status: int = 200
+    headers: dict[str, str] = attrs.Factory(dict)
+    body: bytes = b""
+    #: Never answer (until the server closes): a model that does not reply in time.
+    hold: bool = False
+
+    @classmethod
+    def json(cls, payload: dict[str, Any], status: int = 200, **headers: str) -> Answer:
+        return cls(status=status, headers=headers, body=json.dumps(payload).encode())
+
+
+@attrs.define
+class Seen:
+    """One request the endpoint received."""
+
+    at: float
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+class ModelServer:
+    """A real HTTP server speaking chat completions from a script; every request is checked."""
+
+    def __init__(self, max_images: int = 1) -> None:
+        self.script: list[Answer] = []
+        self.requests: list[Seen] = []
+        self.max_images = max_images
+        self.problems: list[str] = []
+        self.arrived = asyncio.Event()
+        self._closing = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        self.server = TestServer(app, host="127.0.0.1", port=0)
+
+    async def start(self) -> None:
+        await self.server.start_server()
+
+    async def close(self) -> None:
+        self._closing.set()
+        await self.server.close()
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+    def answer(self, *answers: Answer | dict[str, Any]) -> None:
+        self.script.extend(a if isinstance(a, Answer) else Answer.json(a) for a in answers)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [seen.body for seen in self.requests]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(Seen(at=time.monotonic(), body=body, headers=dict(request.headers)))
+        self.arrived.set()
+        try:
+            check_request(body, self.max_images)
+        except AssertionError as exc:  # reported by the fixture: the agent's bug, not the server's
+            self.problems.append(str(exc))
+        except ValueError as exc:  # pydantic's ValidationError
+            self.problems.append(str(exc))
+        if not self.script:
+            return web.Response(status=400, text="the test's script ran out")
+        answer = self.script.pop(0)
+        if answer.hold:
+            async with asyncio.timeout(30):
+                await self._closing.wait()
+        return web.Response(status=answer.status, headers=answer.headers, body=answer.body)
