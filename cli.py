@@ -51,9 +51,40 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = T
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=_LineLoggerFactory(sys.stdout),
         cache_logger_on_first_use=cache,
     )
+
+
+class _LineLogger:
+    """Writes each rendered line to *file*; a line that cannot be written is dropped.
+
+    A closed or broken stdout (the pipe to a log collector gone) must not
+    raise into whatever logged: a crash report that crashes would take the
+    supervisor down with it.
+    """
+
+    __slots__ = ("_file",)
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def msg(self, message: str) -> None:
+        try:
+            self._file.write(message + "\n")
+            self._file.flush()
+        except (OSError, ValueError):  # closed, broken, or text it cannot encode
+            pass
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = msg
+
+
+class _LineLoggerFactory:
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> _LineLogger:
+        return _LineLogger(self._file)
 
 
 def freeze_startup_heap() -> None:

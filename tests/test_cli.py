@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import resource
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 
+import cli
 import config
 from client import Client
 
@@ -245,3 +248,12 @@ async def test_sigterm_kills_every_local_sandbox_process() -> None:
     finally:
         assert await stop(served) == 0
     assert _processes_marked(sandbox_id) == []
+
+
+def test_a_log_line_to_a_closed_stream_is_dropped_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With stdout gone (a log collector's pipe closed), logging goes on without raising into the caller."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream)
+    cli.configure_logging("info", "json", cache=False)
+    stream.close()
+    structlog.get_logger("deskhive.test").error("actor.crashed", session_id="s")  # must not raise
