@@ -129,8 +129,9 @@ async def test_events_reach_the_file_without_anyone_waiting(tmp_path: Path) -> N
         reader = sqlite3.connect(tmp_path / "d.db")
         try:
             async with asyncio.timeout(2):
-                while not reader.execute("SELECT count(*) FROM events").fetchone()[0]:
-                    await asyncio.sleep(0.005)  # noqa: ASYNC110 - another process's view: nothing to wait on
+                # Another connection's view: there is no event to wait on.
+                while not reader.execute("SELECT count(*) FROM events").fetchone()[0]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
         finally:
             reader.close()
     finally:
