@@ -4,11 +4,12 @@ The store is in domain terms: sessions (created, touched, given a sandbox,
 ended with a tombstone), their shares, and each session's journal of
 encoded events. Two kinds of call:
 
-- *Announcing* writes (``create_session``, ``set_sandbox``, ``reserve_seq``,
-  ``end_session``, ``create_share``, ``revoke_share``) are awaited: they are
-  durable when they return, so the answer that announces what they wrote
-  (a login's 201, ``start_desktop``'s result) is sent after them.
-- *Streaming* writes (``append``, ``touch``, ``clear_journal``) return at
+- *Announcing* writes (``create_session``, ``set_sandbox``, ``end_session``,
+  ``create_share``, ``revoke_share``) are awaited: they are durable when
+  they return, so the answer that announces what they wrote (a login's 201,
+  ``start_desktop``'s result) is sent after them.
+- *Streaming* writes (``append``, ``touch``, ``clear_journal``,
+  ``reserve_seq``, ``add_pending``, ``remove_pending``) return at
   once and are committed in batches soon after (group commit): the live
   path never waits for the disk.
 
@@ -55,6 +56,8 @@ class SessionRecord:
     #: numbers new events above it.
     seq_reserved: int = 0
     shares: tuple[ShareRecord, ...] = ()
+    #: Requests that were acknowledged and have no result yet (waiting or running jobs).
+    pending: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -71,6 +74,9 @@ class Store(Protocol):
 
     #: Whether sessions outlive the process (``memory``: no).
     durable: bool
+    #: After ``open``: whether the previous server closed the store (False after a crash,
+    #: when seqs up to each session's ``seq_reserved`` may have been sent).
+    was_clean: bool
 
     async def open(self) -> None:
         """Create or migrate the schema; forget tombstones past their time."""
@@ -98,8 +104,16 @@ class Store(Protocol):
 
     async def set_sandbox(self, session_id: str, kind: str, sandbox_id: str | None) -> None: ...
 
-    async def reserve_seq(self, session_id: str, upto: int) -> None:
-        """Record that seqs up to *upto* may be sent (a high-water mark)."""
+    def reserve_seq(self, session_id: str, upto: int) -> None:
+        """Record that seqs up to *upto* may be sent (a high-water mark, never lowered); batched."""
+        ...
+
+    def add_pending(self, session_id: str, request_id: str) -> None:
+        """A request was acknowledged and waits for its result; batched."""
+        ...
+
+    def remove_pending(self, session_id: str, request_id: str) -> None:
+        """The request got its result; batched."""
         ...
 
     async def end_session(self, session_id: str, reason: str, at: float) -> None:

@@ -25,6 +25,7 @@ class MemoryStore:
     """Sessions, shares and journals in dictionaries."""
 
     durable = False
+    was_clean = True
 
     def __init__(self, journal_size: int = 1000) -> None:
         self._journal_size = journal_size
@@ -55,10 +56,20 @@ class MemoryStore:
     async def set_sandbox(self, session_id: str, kind: str, sandbox_id: str | None) -> None:
         self._update(session_id, sandbox_kind=kind, sandbox_id=sandbox_id)
 
-    async def reserve_seq(self, session_id: str, upto: int) -> None:
+    def reserve_seq(self, session_id: str, upto: int) -> None:
         record = self._sessions.get(session_id)
         if record is not None and upto > record.seq_reserved:
             self._update(session_id, seq_reserved=upto)
+
+    def add_pending(self, session_id: str, request_id: str) -> None:
+        record = self._sessions.get(session_id)
+        if record is not None and request_id not in record.pending:
+            self._update(session_id, pending=(*record.pending, request_id))
+
+    def remove_pending(self, session_id: str, request_id: str) -> None:
+        record = self._sessions.get(session_id)
+        if record is not None and request_id in record.pending:
+            self._update(session_id, pending=tuple(r for r in record.pending if r != request_id))
 
     async def end_session(self, session_id: str, reason: str, at: float) -> None:
         record = self._sessions.pop(session_id, None)

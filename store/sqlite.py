@@ -59,6 +59,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             reason TEXT NOT NULL,
             ended REAL NOT NULL
         ) WITHOUT ROWID""",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
     (
         """CREATE TABLE shares (
@@ -70,6 +71,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             created REAL NOT NULL
         )""",
         "CREATE INDEX shares_by_session ON shares (session_id)",
+        """CREATE TABLE pending (
+            session_id TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            PRIMARY KEY (session_id, request_id)
+        ) WITHOUT ROWID""",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -107,6 +113,8 @@ class SqliteStore:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
+        #: Whether the last server using the file closed it (False after a crash).
+        self.was_clean = True
 
     # -- life --------------------------------------------------------------
 
@@ -120,11 +128,19 @@ class SqliteStore:
         if found != SCHEMA_VERSION:
             logger.info("store.migrated", path=str(self.path), **{"from": found, "to": SCHEMA_VERSION})
         cutoff = time.time() - TOMBSTONE_SECONDS
-        await self._call(lambda c: c.execute("DELETE FROM tombstones WHERE ended < ?", (cutoff,)))
+
+        def start(c: sqlite3.Connection) -> bool:
+            c.execute("DELETE FROM tombstones WHERE ended < ?", (cutoff,))
+            row = c.execute("SELECT value FROM meta WHERE key = 'clean'").fetchone()
+            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '0')")
+            return row is None or row[0] == "1"
+
+        self.was_clean = await self._call(start)
 
     async def aclose(self) -> None:
         if self._thread is None or self._done is None:
             return
+        self._queue.put(("clean",))
         self._queue.put(_STOP)
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT_S):
@@ -173,13 +189,14 @@ class SqliteStore:
             )
         )
 
-    async def reserve_seq(self, session_id: str, upto: int) -> None:
-        await self._call(
-            lambda c: c.execute(
-                "UPDATE sessions SET seq_reserved = max(seq_reserved, ?) WHERE session_id = ?",
-                (upto, session_id),
-            )
-        )
+    def reserve_seq(self, session_id: str, upto: int) -> None:
+        self._queue.put(("reserve", session_id, upto))
+
+    def add_pending(self, session_id: str, request_id: str) -> None:
+        self._queue.put(("pending+", session_id, request_id))
+
+    def remove_pending(self, session_id: str, request_id: str) -> None:
+        self._queue.put(("pending-", session_id, request_id))
 
     async def end_session(self, session_id: str, reason: str, at: float) -> None:
         def end(c: sqlite3.Connection) -> None:
@@ -192,7 +209,7 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO tombstones (token_hash, reason, ended) VALUES (?, ?, ?)",
                 [(h, reason, at) for (h,) in hashes],
             )
-            for table in ("events", "shares", "sessions"):
+            for table in ("events", "shares", "pending", "sessions"):
                 c.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
 
         await self._call(end)
@@ -298,6 +315,17 @@ class SqliteStore:
                     conn.execute("UPDATE sessions SET last_active = ? WHERE session_id = ?", (op[2], op[1]))
                 elif kind == "clear":
                     conn.execute("DELETE FROM events WHERE session_id = ? AND seq <= ?", (op[1], op[2]))
+                elif kind == "pending+":
+                    conn.execute("INSERT OR IGNORE INTO pending VALUES (?, ?)", op[1:])
+                elif kind == "pending-":
+                    conn.execute("DELETE FROM pending WHERE session_id = ? AND request_id = ?", op[1:])
+                elif kind == "reserve":
+                    conn.execute(
+                        "UPDATE sessions SET seq_reserved = max(seq_reserved, ?) WHERE session_id = ?",
+                        (op[2], op[1]),
+                    )
+                elif kind == "clean":
+                    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '1')")
                 elif kind == "stop":
                     stop = True
             self._write_events(conn, rows)
@@ -375,6 +403,9 @@ def _read_sessions(c: sqlite3.Connection) -> list[SessionRecord]:
             created=created,
         )
         shares.setdefault(sid, []).append(share)
+    pending: dict[str, list[str]] = {}
+    for sid, rid in c.execute("SELECT session_id, request_id FROM pending"):
+        pending.setdefault(sid, []).append(rid)
     records = []
     for row in c.execute(
         "SELECT session_id, username, token_hash, created, last_active, aws_login, customer_name,"
@@ -394,6 +425,7 @@ def _read_sessions(c: sqlite3.Connection) -> list[SessionRecord]:
                 sandbox_id=row[8],
                 seq_reserved=row[9],
                 shares=tuple(shares.get(sid, ())),
+                pending=tuple(pending.get(sid, ())),
             )
         )
     return records

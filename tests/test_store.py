@@ -75,10 +75,22 @@ async def test_journal_keeps_the_newest_events_within_its_bound(store: Store) ->
 async def test_seq_reservation_is_kept(store: Store) -> None:
     """The reserved high-water mark of a session is what a restarted owner numbers above."""
     await store.create_session(record())
-    await store.reserve_seq("alice_1_00", 1000)
-    await store.reserve_seq("alice_1_00", 10)  # never lowered
+    store.reserve_seq("alice_1_00", 1000)
+    store.reserve_seq("alice_1_00", 10)  # never lowered
+    await store.flush()
     (live,) = await store.live_sessions()
     assert live.seq_reserved == 1000
+
+
+async def test_pending_requests_are_listed_until_answered(store: Store) -> None:
+    """Acknowledged requests stay listed until their result, so that a restart can answer them."""
+    await store.create_session(record())
+    store.add_pending("alice_1_00", "r1")
+    store.add_pending("alice_1_00", "r2")
+    store.remove_pending("alice_1_00", "r1")
+    await store.flush()
+    (live,) = await store.live_sessions()
+    assert live.pending == ("r2",)
 
 
 async def test_shares_are_listed_with_their_session_and_revoked_shares_leave_tombstones(store: Store) -> None:
@@ -112,6 +124,7 @@ async def test_sqlite_store_keeps_everything_across_a_reopen(tmp_path: Path) -> 
     again = SqliteStore(tmp_path / "d.db", 100)
     await again.open()
     try:
+        assert again.was_clean
         assert [r.session_id for r in await again.live_sessions()] == ["alice_1_00"]
         journal = await again.load_journal("alice_1_00")
         assert [seq for seq, _ in journal.events] == list(range(1, 51))
@@ -198,3 +211,21 @@ def test_store_urls() -> None:
     assert made.path == Path("/var/lib/x.db")
     with pytest.raises(NotConfigured, match="--store"):
         open_store("postgres://db", journal_size=10)
+
+
+async def test_a_store_left_open_by_a_crash_reads_as_not_clean(tmp_path: Path) -> None:
+    """A file its server never closed says so: seqs up to each reservation may have gone out."""
+    crashed = SqliteStore(tmp_path / "d.db")
+    await crashed.open()
+    await crashed.create_session(record())
+    crashed.reserve_seq("alice_1_00", 500)
+    await crashed.flush()
+    # No aclose: the server died. Its thread is abandoned; the next opener reads the file as left.
+    again = SqliteStore(tmp_path / "d.db")
+    await again.open()
+    try:
+        assert not again.was_clean
+        assert (await again.live_sessions())[0].seq_reserved == 500
+    finally:
+        await again.aclose()
+        await crashed.aclose()
