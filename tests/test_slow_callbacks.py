@@ -1,0 +1,53 @@
+"""`make test-dev` fails a test whose callback blocks the event loop; `make test` does not."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+INNER = """
+import asyncio
+import time
+
+
+async def test_blocks_the_loop():
+    time.sleep(0.3)  # the blocking call under test, on the loop
+
+
+async def test_yields():
+    await asyncio.sleep(0)
+"""
+CONFTEST = "from tests.conftest import pytest_configure, pytest_runtest_makereport  # noqa: F401\n"
+
+
+async def run_inner(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
+    (tmp_path / "test_inner.py").write_text(INNER)
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--asyncio-mode=auto",
+        "-o", "asyncio_default_fixture_loop_scope=function", *args, "test_inner.py",
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    async with asyncio.timeout(50):
+        out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def test_a_slow_callback_fails_its_test_naming_it(tmp_path: Path) -> None:
+    """Under the guard, the test that blocked the loop fails, naming the callback; the other passes."""
+    code, out = await run_inner(tmp_path, "--asyncio-debug", DESKHIVE_SLOW_CALLBACK="0.1")
+    assert code == 1, out
+    assert "1 failed, 1 passed" in out, out
+    assert "FAILED test_inner.py::test_blocks_the_loop" in out, out
+    assert "slow callbacks on the event loop during call" in out and "test_blocks_the_loop()" in out, out
+
+
+async def test_without_the_guard_slow_callbacks_pass(tmp_path: Path) -> None:
+    """A plain run (`make test`) is unaffected by slow callbacks."""
+    code, out = await run_inner(tmp_path)
+    assert code == 0 and "2 passed" in out, out
