@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +21,9 @@ from tests.fakes import FakeSandbox
 
 if TYPE_CHECKING:
     from sandboxes.local import LocalSandbox
+
+#: `make test-dev`'s guard against callbacks that block the event loop.
+pytest_plugins = ("tests.slow_callbacks",)
 
 
 @pytest.fixture(autouse=True)
@@ -106,67 +107,3 @@ async def make(root: Path) -> AsyncIterator[MakeLocal]:
     async with asyncio.timeout(20):
         for sandbox in made:
             await sandbox.close()
-
-
-# ----------------------------------------------------------------------------
-# `make test-dev`: asyncio's debug mode, in which a callback that holds the
-# event loop longer than DESKHIVE_SLOW_CALLBACK seconds fails the test it ran
-# in (SPEC: the loop is never blocked for more than 100 ms by one call).
-
-SLOW_CALLBACK_VAR = "DESKHIVE_SLOW_CALLBACK"
-
-
-class SlowCallbacks(logging.Handler):
-    """Keeps asyncio's "Executing <callback> took N seconds" warnings until a test's report takes them."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.seen: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith("Executing %s took"):
-            self.seen.append(record.getMessage())
-
-
-class SlowCallbackPolicy(asyncio.DefaultEventLoopPolicy):
-    """Every loop pytest-asyncio makes runs in debug mode with our threshold."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__()
-        self.seconds = seconds
-
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        loop = super().new_event_loop()
-        loop.set_debug(True)
-        loop.slow_callback_duration = self.seconds
-        return loop
-
-
-SLOW_CALLBACKS = pytest.StashKey[SlowCallbacks]()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    seconds = float(os.environ.get(SLOW_CALLBACK_VAR) or 0)
-    if seconds <= 0:
-        return
-    handler = SlowCallbacks()
-    logging.getLogger("asyncio").addHandler(handler)
-    config.stash[SLOW_CALLBACKS] = handler
-    asyncio.set_event_loop_policy(SlowCallbackPolicy(seconds))
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report: pytest.TestReport = yield
-    handler = item.config.stash.get(SLOW_CALLBACKS, None)
-    if handler is None or not handler.seen:
-        return report
-    slow, handler.seen = handler.seen, []
-    text = f"slow callbacks on the event loop during {call.when}:\n" + "\n".join(slow)
-    if report.failed:
-        report.sections.append(("slow callbacks", text))
-    else:
-        report.outcome, report.longrepr = "failed", text
-    return report

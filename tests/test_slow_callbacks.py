@@ -20,7 +20,7 @@ async def test_blocks_the_loop():
 async def test_yields():
     await asyncio.sleep(0)
 """
-CONFTEST = "from tests.conftest import pytest_configure, pytest_runtest_makereport  # noqa: F401\n"
+CONFTEST = 'pytest_plugins = ("tests.slow_callbacks",)\n'
 
 
 async def run_inner(tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
@@ -45,6 +45,8 @@ async def test_a_slow_callback_fails_its_test_naming_it(tmp_path: Path) -> None:
     assert "1 failed, 1 passed" in out, out
     assert "FAILED test_inner.py::test_blocks_the_loop" in out, out
     assert "slow callbacks on the event loop during call" in out and "test_blocks_the_loop()" in out, out
+    # Where the loop was held, from the watchdog's look at the stack.
+    assert "where the loop was held:" in out and "time.sleep(0.3)" in out, out
 
 
 async def test_without_the_guard_slow_callbacks_pass(tmp_path: Path) -> None:
