@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import gc
 import os
 import re
 import shlex
@@ -288,11 +289,28 @@ class Scanner(ast.NodeVisitor):
         self.paths(node, text)
 
 
+def parse(text: str, filename: str) -> ast.Module:
+    """``ast.parse`` with no collection during it.
+
+    A finalizer run by a collection inside ``ast.parse`` may parse too (on
+    3.11 a logged traceback does, for its carets), and that corrupts the
+    parse under way: "AST constructor recursion depth mismatch", CPython
+    gh-106905. Test runs with asyncio's debug mode log such tracebacks.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(text, filename)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def scan() -> list[Use]:
     uses: list[Use] = []
     for path in sources():
         scanner = Scanner(str(path.relative_to(ROOT)))
-        scanner.visit(ast.parse(path.read_text(), str(path)))
+        scanner.visit(parse(path.read_text(), str(path)))
         uses += scanner.uses
     uses += [Use(name, f"REQUIRED in scripts/programs.py: {why}", "start") for name, why in REQUIRED]
     return uses
