@@ -596,10 +596,11 @@ def soak_line(r: dict[str, Any]) -> str:
 def soak_figures(rounds: list[dict[str, Any]], options: SoakOptions) -> list[Figure]:
     rss = [r["rss_kib"] / 1024 for r in rounds]
     what = f"{options.sessions:,} sessions, {options.seconds:g} s, reconnect every {options.reconnect:g} s"
-    figures = [Figure("soak: VmRSS before", rss[0], "MiB", note=f"each round: {what}")]
+    before = f"{rounds[0]['fds']} descriptors; each round: {what}"
+    figures = [Figure("soak: VmRSS before", rss[0], "MiB", note=before)]
     for r in rounds[1:]:
         errors = r["errors"]
-        note = f"{r['logouts']:,} logged out, {r['fds']} descriptors"
+        note = f"{r['logouts']:,} logged out, {r['connects']:,} connects, {r['fds']} descriptors"
         note += f"; errors {errors}" if errors else ""
         figures.append(Figure(f"soak: VmRSS after round {r['round']}", r["rss_kib"] / 1024, "MiB", note=note))
     figures += [
