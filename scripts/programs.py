@@ -441,7 +441,7 @@ def problems(listed: set[str], absent: frozenset[str] = frozenset()) -> list[str
             why = "is not installed" if path is None else f"is {path}, which no Debian package owns"
             found.append(f"{name} ({use.where}) {why}: add it and its package to KNOWN and the list")
         elif pkgs and (use.kind != "word" or not pkgs & provided):
-            # A word that is no program here goes to NOT_PROGRAMS instead.
+            # A word that starts no program belongs in NOT_PROGRAMS instead.
             found.append(f"{name} ({use.where}) comes from {' or '.join(sorted(pkgs))}: add it to KNOWN")
     return found
 
