@@ -9,6 +9,9 @@ medians), so the verdicts do not depend on the machine's speed:
 - 10,000 idle sessions: <= 20 KiB each above the empty server (VmRSS), and
   logged in at >= 2,000 a second;
 - one sweep over 10,000 sessions in < 50 ms (in this process);
+- memory after a soak: three rounds of 1,000 sessions (log in, connect, ping,
+  reconnect every few seconds, log out) against one server; its VmRSS after
+  the second round's logouts <= 1.1 x after the first's (``bench/soak.py``);
 - the local sandbox's figures, from ``bench/local_bench.py`` when present.
 
 Servers are pinned to core 0 and the load generator to core 1 (when there are
@@ -19,8 +22,10 @@ out, and every wait is bounded.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import importlib
 import inspect
@@ -37,6 +42,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
+import aiohttp
 import attrs
 
 HERE: Final = Path(__file__).resolve().parent
@@ -59,6 +65,9 @@ IDLE_SESSIONS: Final = 10_000
 LOGIN_CONCURRENCY: Final = 50
 SWEEP_SESSIONS: Final = 10_000
 SWEEP_REPEATS: Final = 5
+SOAK_ROUNDS: Final = 3
+#: Bound on the wait for the server to count no session after a round.
+SOAK_SETTLE_S: Final = 15.0
 
 SERVER_CPU: Final = {0}
 LOAD_CPU: Final = {1}
@@ -538,6 +547,84 @@ def local_skipped(why: str) -> list[Figure]:
 
 
 # ----------------------------------------------------------------------------
+# Memory after a soak (bench/soak.py drives it)
+
+
+@attrs.frozen
+class SoakOptions:
+    """``--soak-*``: the soak's size; a round of ~20 s shows a leak as well as a minute does."""
+
+    sessions: int = 1000
+    seconds: float = 20.0
+    reconnect: float = 5.0
+
+    @property
+    def budget(self) -> float:
+        return SOAK_ROUNDS * (self.seconds + 45.0)
+
+
+async def soak_stage(tmp: str, options: SoakOptions) -> tuple[list[Figure], dict[str, Any]]:
+    args = [str(HERE / "soak.py"), "--url", "", "--sessions", str(options.sessions)]
+    args += ["--seconds", str(options.seconds), "--reconnect", str(options.reconnect)]
+    rounds: list[dict[str, Any]] = []
+    async with child("deskhive", deskhive_args(tmp), SERVER_CPU) as desk:
+        args[2] = await url_of(desk)
+        async with child("soak", args, LOAD_CPU, stdin=True) as load:
+            if "ready" not in await load.json_line(30.0):
+                raise RuntimeError(f"soak load: {load.output()}")
+            rounds.append({"round": 0, "rss_kib": desk.rss_kib(), "fds": open_fds(desk)})
+            for k in range(1, SOAK_ROUNDS + 1):
+                load.send(f"round {k}")
+                report = await load.json_line(options.seconds + 90.0)
+                if "error" in report:
+                    raise RuntimeError(f"soak load: {report['error']}")
+                await until_no_sessions(args[2])
+                rounds.append({**report, "rss_kib": desk.rss_kib(), "fds": open_fds(desk)})
+                print(f"  round {k}: {soak_line(rounds[-1])}", flush=True)
+            load.send("quit")
+    return soak_figures(rounds, options), {"options": attrs.asdict(options), "rounds": rounds}
+
+
+def soak_line(r: dict[str, Any]) -> str:
+    errors = sum(r["errors"].values())
+    return (
+        f"{r['logins']:,} logins, {r['connects']:,} connects, {r['logouts']:,} logouts, {errors} errors "
+        f"in {r['seconds']:.1f} s; VmRSS {r['rss_kib'] / 1024:.0f} MiB, {r['fds']} descriptors"
+    )
+
+
+def soak_figures(rounds: list[dict[str, Any]], options: SoakOptions) -> list[Figure]:
+    rss = [r["rss_kib"] / 1024 for r in rounds]
+    what = f"{options.sessions:,} sessions, {options.seconds:g} s, reconnect every {options.reconnect:g} s"
+    before = f"{rounds[0]['fds']} descriptors; each round: {what}"
+    figures = [Figure("soak: VmRSS before", rss[0], "MiB", note=before)]
+    for r in rounds[1:]:
+        errors = r["errors"]
+        note = f"{r['logouts']:,} logged out, {r['connects']:,} connects, {r['fds']} descriptors"
+        note += f"; errors {errors}" if errors else ""
+        figures.append(Figure(f"soak: VmRSS after round {r['round']}", r["rss_kib"] / 1024, "MiB", note=note))
+    figures += [
+        Figure("soak: VmRSS round 2 / round 1", rss[2] / rss[1], "x", 1.10, "<="),
+        Figure("soak: VmRSS round 3 / round 1", rss[3] / rss[1], "x"),
+    ]
+    return figures
+
+
+async def until_no_sessions(url: str) -> None:
+    """Wait until the server counts no session (logouts finish their cleanup after the 204)."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(SOAK_SETTLE_S):
+        while True:
+            async with http.get(f"{url}/healthz") as resp:
+                if (await resp.json()).get("sessions") == 0:
+                    return
+            await asyncio.sleep(0.1)
+
+
+def open_fds(c: Child) -> int:
+    return len(os.listdir(f"/proc/{c.proc.pid}/fd"))
+
+
+# ----------------------------------------------------------------------------
 
 
 #: (name, stage, most seconds it may take)
@@ -549,12 +636,31 @@ STAGES: Final = (
 )
 
 
-async def run_all() -> tuple[list[Figure], dict[str, Any]]:
+Stage = Callable[[str], Awaitable[tuple[list[Figure], dict[str, Any]]]]
+STAGE_NAMES: Final = (*(name for name, _, _ in STAGES), "soak")
+
+
+def stages(ns: argparse.Namespace) -> list[tuple[str, Stage, float]]:
+    """The stages asked for (``--stages``), the soak sized by ``--soak-*``."""
+    soak = SoakOptions(ns.soak_sessions, ns.soak_seconds, ns.soak_reconnect)
+    every: list[tuple[str, Stage, float]] = [
+        *STAGES,
+        ("soak", functools.partial(soak_stage, options=soak), soak.budget),
+    ]
+    wanted = set(ns.stages.split(",")) if ns.stages else {name for name, _, _ in every}
+    unknown = wanted - {name for name, _, _ in every}
+    if unknown:
+        raise SystemExit(f"unknown stages: {', '.join(sorted(unknown))}")
+    return [s for s in every if s[0] in wanted]
+
+
+async def run_all(chosen: list[tuple[str, Stage, float]]) -> tuple[list[Figure], dict[str, Any]]:
     figures: list[Figure] = []
     details: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="deskhive-bench-") as tmp:
-        deadline = time.perf_counter() + TOTAL_TIMEOUT_S
-        for name, stage, budget in STAGES:
+        soak_budget = sum(budget for name, _, budget in chosen if name == "soak")
+        deadline = time.perf_counter() + TOTAL_TIMEOUT_S + soak_budget
+        for name, stage, budget in chosen:
             print(f"== {name}", flush=True)
             started = time.perf_counter()
             # A late stage gets what is left: the table is printed either way.
@@ -572,9 +678,19 @@ async def run_all() -> tuple[list[Figure], dict[str, Any]]:
     return figures, details
 
 
-async def main() -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="deskhive's performance figures (make bench ARGS=...)")
+    default = SoakOptions()
+    parser.add_argument("--stages", default="", help="comma-separated, of: " + ", ".join(STAGE_NAMES))
+    parser.add_argument("--soak-sessions", type=int, default=default.sessions, help="sessions per round")
+    parser.add_argument("--soak-seconds", type=float, default=default.seconds, help="length of a round")
+    parser.add_argument("--soak-reconnect", type=float, default=default.reconnect, help="seconds between")
+    return parser.parse_args(argv)
+
+
+async def main(ns: argparse.Namespace) -> int:
     configure_quiet_logging()
-    figures, details = await run_all()
+    figures, details = await run_all(stages(ns))
     print_table(figures)
     pressure = cpu_pressure()
     if pressure is not None and pressure > 10:
@@ -618,4 +734,4 @@ def configure_quiet_logging() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(asyncio.run(main(parse())))

@@ -7,8 +7,11 @@ set -eu
 # x11-xserver-utils: xsetroot, which the desktop stream test paints with.
 # xfonts-base: Xvfb cannot start without the core "fixed" font, and
 # --no-install-recommends would leave it out. python3: Debian's interpreter
-# runs each session's command spawner inside its jail (never the server's venv).
-PACKAGES="python3 bubblewrap xvfb xfonts-base x11vnc x11-xserver-utils xdotool novnc imagemagick xterm openbox chromium fonts-dejavu-core util-linux"
+# runs each session's command spawner inside its jail (never the server's venv);
+# python3-pip: setup's "pip:NAME" packages run its `python3 -m pip`.
+# procps: ps, which the jail tests look for other sessions' processes with.
+# tests/test_programs.py checks that every program the code starts is here.
+PACKAGES="python3 python3-pip bubblewrap xvfb xfonts-base x11vnc x11-xserver-utils xdotool novnc imagemagick xterm openbox chromium fonts-dejavu-core util-linux procps"
 
 # One dpkg-query for all: names it does not list as installed are missing.
 # shellcheck disable=SC2086  # the list is meant to split into words

@@ -23,6 +23,9 @@ from tests.fakes import FakeSandbox
 if TYPE_CHECKING:
     from sandboxes.local import LocalSandbox
 
+#: `make test-dev`'s guard against callbacks that block the event loop.
+pytest_plugins = ("tests.slow_callbacks",)
+
 
 @pytest.fixture(autouse=True)
 def _logging() -> None:
