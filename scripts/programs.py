@@ -91,6 +91,8 @@ SHELLS = frozenset({"sh", "bash", "dash", "/bin/sh", "/bin/bash", "/usr/bin/bash
 NOT_PROGRAMS = {
     "as": "RLIMIT_AS's name for prlimit",
     "file": "a word of an option's help",
+    "g++": "a package name in a test of the package grammar",
+    "size": "a test parameter's name",
     "jq": "a package name in a workflow test (fake sandbox)",
     "look": "a word of a test's agent script",
     "make": "a word of a workflow step's text",
@@ -115,6 +117,7 @@ KNOWN: dict[str, str] = {
     "chromium": "chromium",
     "/usr/bin/chromium": "chromium",
     "bwrap": "bubblewrap",
+    "/usr/bin/bwrap": "bubblewrap",
     "python3": "python3-minimal",
     "/usr/bin/python3": "python3-minimal",
     "ps": "procps",
