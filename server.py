@@ -413,9 +413,3 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
         app.router.add_static("/novnc", NOVNC_DIR)
     return app
 
-
-if __name__ == "__main__":
-    # `python -m server` is kept for scripts written before cli.py existed.
-    from cli import main
-
-    main()

@@ -265,7 +265,7 @@ def deskhive_args(data_dir: str) -> list[str]:
     # Nothing may be reaped while it is measured: idle timeout and sweep a day away.
     return [
         "-m",
-        "server",
+        "cli",
         "serve",
         "--host",
         "127.0.0.1",
@@ -441,7 +441,7 @@ async def idle_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
 
 async def sweep_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
     from sandboxes.null import NullSandbox
-    from server import freeze_startup_heap
+    from cli import freeze_startup_heap
     from supervisor import Supervisor, SupervisorConfig
 
     freeze_startup_heap()  # as `deskhive serve` does before it serves
@@ -728,7 +728,7 @@ def cpu_pressure() -> float | None:
 
 def configure_quiet_logging() -> None:
     # The in-process supervisor logs per session: keep that off the table.
-    from server import configure_logging
+    from cli import configure_logging
 
     configure_logging("warning", "json")
 
