@@ -286,7 +286,7 @@ class E2BSandbox:
     async def _create(self) -> AsyncSandbox:
         sdk: AsyncSandbox | None = None
         metadata = sandbox_metadata(self._config.instance_id, self._spec)
-        lifetime = self._config.lifetime(self._config.sandbox_timeout)
+        lifetime = self._config.lifetime(self._config.sandbox_timeout + _RENEW_SLACK)
         try:
             with map_sdk_errors("create"):
                 async with asyncio.timeout(self._config.create_timeout):
@@ -376,7 +376,7 @@ class E2BSandbox:
             sdk.commands.run(
                 cmd,
                 background=True,
-                user=user,  # type: ignore[arg-type]  # "root" or the template's user
+                user=user,
                 timeout=math.ceil(limit) + _SDK_TIMEOUT_GRACE,
                 on_stdout=sink.stdout,
                 on_stderr=sink.stderr,

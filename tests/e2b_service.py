@@ -108,6 +108,8 @@ class E2BService:
         self.release_creates = asyncio.Event()
         #: The next this many kills are answered 500.
         self.fail_kills = 0
+        #: Set at each kill (tests clear it, then wait).
+        self.killed = asyncio.Event()
         #: Set at each ``set_timeout`` (tests clear it, then wait).
         self.timeout_set = asyncio.Event()
         #: Number of requests each route got, by route name.
@@ -131,6 +133,7 @@ class E2BService:
         box.alive = False
         for process in box.running():
             process.killed.set()
+            process.ended.set()  # gone with its sandbox, streamed or not
 
     def live(self) -> list[FakeBox]:
         return [b for b in self.boxes.values() if b.alive]
@@ -236,6 +239,7 @@ class E2BService:
             return _error(404, f"sandbox {request.match_info['id']} not found")
         box.kills += 1
         self.expire(box.sandbox_id)
+        self.killed.set()
         return web.Response(status=204)
 
     async def _list(self, request: web.Request) -> web.Response:
