@@ -26,15 +26,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import os
 import secrets
-import shlex
-import socket
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
-import attrs
 import structlog
 from e2b import AsyncSandbox, CommandExitException
 from e2b.sandbox_async.commands.command_handle import AsyncCommandHandle
@@ -42,15 +38,15 @@ from e2b.sandbox_async.commands.command_handle import AsyncCommandHandle
 from protocol.errors import (
     CommandTimeout,
     GatewayError,
-    NotConfigured,
     ProtocolError,
     SandboxBroken,
     SessionClosed,
 )
 from sandboxes import e2b_desktop as desktop
-from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter, Stream
+from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
+from sandboxes.e2b_commands import Sink, install
+from sandboxes.e2b_config import E2BConfig
 from sandboxes.e2b_sdk import (
-    Connection,
     Reaper,
     SandboxLost,
     kill_logged,
@@ -58,6 +54,9 @@ from sandboxes.e2b_sdk import (
     sandbox_metadata,
     sdk_error,
 )
+from sandboxes.e2b_sdk import sweep_orphans as sweep_tagged
+
+__all__ = ["E2BConfig", "E2BSandbox", "e2b_factory", "sweep_orphans"]
 
 log = structlog.get_logger(__name__)
 
@@ -73,56 +72,6 @@ _RENEW_MIN_GAIN = 30
 _SDK_TIMEOUT_GRACE = 30
 
 
-@attrs.frozen(kw_only=True)
-class E2BConfig:
-    """How the ``e2b`` backend reaches E2B, shared by every session."""
-
-    api_key: str | None = attrs.field(default=None, repr=False)
-    #: E2B template; the ``desktop`` template has Xvfb, XFCE, x11vnc and noVNC.
-    template: str = "desktop"
-    resolution: tuple[int, int] = (1280, 800)
-    #: Seconds E2B keeps a sandbox alive past its last use (the safety net).
-    sandbox_timeout: int = 3600
-    #: The most one ``set_timeout`` may ask: 3,600 s on E2B's Hobby plan, 86,400 s on Pro.
-    max_sandbox_timeout: int = 3600
-    #: Bound on one SDK call (a click, a screenshot, a kill).
-    call_timeout: float = 60.0
-    #: Bound on creating a sandbox and booting its desktop.
-    create_timeout: float = 180.0
-    #: Bound on each ``apt-get``/``pip`` step of ``setup``.
-    setup_timeout: float = 900.0
-    #: Tags this server's sandboxes; stable across restarts so a restarted
-    #: server recognises (and sweeps) the ones its predecessor left.
-    instance_id: str = attrs.field(factory=socket.gethostname)
-    #: Other SDK connection options (``api_url``, ``sandbox_url``, ``domain``,
-    #: ``http_version``, ``retries``, ``request_timeout``); the SDK also reads
-    #: them from ``E2B_*`` variables.
-    connection: Mapping[str, Any] = attrs.field(factory=dict)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> E2BConfig:
-        """A config keyed by ``E2B_API_KEY``; raises ``NotConfigured`` without one."""
-        config = cls(api_key=environ.get("E2B_API_KEY") or None, **overrides)
-        config.require_key()
-        return config
-
-    def require_key(self) -> str:
-        """The API key, or ``NotConfigured`` saying how to provide one."""
-        if not self.api_key:
-            raise NotConfigured(
-                "the e2b sandbox needs an E2B API key: set E2B_API_KEY "
-                "(see https://e2b.dev/dashboard) or choose another --sandbox"
-            )
-        return self.api_key
-
-    def connect(self) -> Connection:
-        return Connection(self.require_key(), self.connection)
-
-    def lifetime(self, seconds: float) -> int:
-        """The ``set_timeout`` that covers *seconds* from now, within the plan's cap."""
-        return max(1, min(self.max_sandbox_timeout, math.ceil(seconds)))
-
-
 def e2b_factory(config: E2BConfig | None = None) -> SandboxFactory:
     """A factory of ``E2BSandbox`` sharing *config* (default: from the environment).
 
@@ -136,9 +85,7 @@ def e2b_factory(config: E2BConfig | None = None) -> SandboxFactory:
 
 async def sweep_orphans(config: E2BConfig, live_ids: set[str]) -> list[str]:
     """At start-up: kill every sandbox of this instance that no live session owns; their ids."""
-    from sandboxes.e2b_sdk import sweep_orphans as sweep
-
-    return await sweep(config.connect(), config.instance_id, live_ids, limit=config.create_timeout)
+    return await sweep_tagged(config.connect(), config.instance_id, live_ids, limit=config.create_timeout)
 
 
 class E2BSandbox:
@@ -370,7 +317,7 @@ class E2BSandbox:
         user: str | None = None,
     ) -> int:
         sdk = await self._ready(busy_for=limit)
-        sink = _Sink(on_output)
+        sink = Sink(on_output)
         handle: AsyncCommandHandle[None] = await self._call(
             "run",
             sdk.commands.run(
@@ -394,7 +341,7 @@ class E2BSandbox:
             await asyncio.wait([keeper])
 
     async def _wait(
-        self, sdk: AsyncSandbox, handle: AsyncCommandHandle[None], limit: float, sink: _Sink
+        self, sdk: AsyncSandbox, handle: AsyncCommandHandle[None], limit: float, sink: Sink
     ) -> int:
         try:
             async with asyncio.timeout(limit) as deadline:
@@ -434,42 +381,11 @@ class E2BSandbox:
 
     async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
         """Install *packages* (``pip:NAME`` with pip, others with apt) and check the browser."""
-        apt = [p for p in packages if not p.startswith("pip:")]
-        pip = [p.removeprefix("pip:") for p in packages if p.startswith("pip:")]
-        if apt:
-            report("setup.apt_update")
-            await self._setup_step("apt-get update", "apt-get -q update", user="root")
-            report("setup.apt_install", packages=apt)
-            await self._setup_step(
-                "apt-get install",
-                "DEBIAN_FRONTEND=noninteractive apt-get -q install -y --no-install-recommends "
-                + shlex.join(apt),
-                user="root",
-            )
-        if pip:
-            report("setup.pip_install", packages=pip)
-            await self._setup_step("pip install", "python3 -m pip install --user -q " + shlex.join(pip))
-        report("setup.browser")
-        browser = await self._setup_step(
-            "browser check",
-            # A template without a browser still works for commands: not fatal.
-            "command -v firefox || command -v google-chrome || command -v chromium || true",
-        )
-        report("setup.done", browser=browser.strip().rsplit("/", 1)[-1] or None)
 
-    async def _setup_step(self, name: str, cmd: str, user: str | None = None) -> str:
-        """Run one setup command; its output, or ``SandboxBroken`` with its tail."""
-        chunks: list[str] = []
+        async def step(cmd: str, on_output: OutputSink, user: str | None) -> int:
+            return await self._run(cmd, limit=self._config.setup_timeout, on_output=on_output, user=user)
 
-        async def collect(_stream: Stream, data: str) -> None:
-            chunks.append(data)
-            del chunks[:-64]  # only the tail is ever shown
-
-        code = await self._run(cmd, limit=self._config.setup_timeout, on_output=collect, user=user)
-        output = "".join(chunks)
-        if code != 0:
-            raise SandboxBroken(f"e2b setup: {name} exited with {code}: {output[-500:]}")
-        return output
+        await install(step, packages, report)
 
     # ----------------------------------------------------------------------
     # Desktop input and screen
@@ -524,24 +440,3 @@ class E2BSandbox:
         sdk = await self._ready()
         handle = await self._call(operation, sdk.commands.run(cmd, background=True, timeout=0))
         await self._call(operation, handle.disconnect())
-
-
-class _Sink:
-    """Passes the SDK's output callbacks to the session's sink, remembering its own failure."""
-
-    def __init__(self, on_output: OutputSink) -> None:
-        self._on_output = on_output
-        self.failure: BaseException | None = None
-
-    async def _send(self, stream: Stream, data: str) -> None:
-        try:
-            await self._on_output(stream, data)
-        except Exception as exc:
-            self.failure = exc
-            raise
-
-    async def stdout(self, data: str) -> None:
-        await self._send("stdout", data)
-
-    async def stderr(self, data: str) -> None:
-        await self._send("stderr", data)
