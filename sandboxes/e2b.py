@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import structlog
-from e2b import AsyncSandbox, CommandExitException
+from e2b import AsyncSandbox, CommandExitException, SandboxNotFoundException, SandboxUnreachableException
 from e2b.sandbox_async.commands.command_handle import AsyncCommandHandle
 
 from protocol.errors import (
@@ -281,25 +281,41 @@ class E2BSandbox:
         """Await one SDK call, bounded, errors mapped; a lost sandbox is forgotten."""
         sdk = sdk or self._sdk
         try:
-            with map_sdk_errors(operation, None if sdk is None else sdk.sandbox_id):
-                async with asyncio.timeout(limit or self._config.call_timeout):
-                    return await job
-        except SandboxLost as exc:
-            self._lose(sdk, exc.message)
+            async with asyncio.timeout(limit or self._config.call_timeout):
+                return await job
+        except GatewayError:
             raise
+        except Exception as exc:
+            raise await self._failure(operation, exc, sdk) from exc
 
-    def _fail(self, operation: str, exc: Exception, sdk: AsyncSandbox) -> SandboxBroken:
-        """The mapped error for *exc*; a lost sandbox is forgotten."""
-        error = sdk_error(operation, exc, sdk.sandbox_id)
+    async def _failure(self, operation: str, exc: Exception, sdk: AsyncSandbox | None) -> SandboxBroken:
+        """The ``SandboxBroken`` for *exc*; when E2B confirms the sandbox gone, it is forgotten."""
+        error = sdk_error(operation, exc, None if sdk is None else sdk.sandbox_id)
+        if sdk is None:
+            return error
+        if isinstance(exc, SandboxUnreachableException) and await self._confirmed_gone(sdk):
+            error = SandboxLost(
+                f"e2b sandbox {sdk.sandbox_id} is gone (E2B no longer knows it) during {operation}"
+            )
+        if isinstance(error, SandboxLost) and self._sdk is not sdk:
+            # We stopped it ourselves (stop_desktop, close): not a loss to report.
+            return SandboxBroken(f"e2b sandbox {sdk.sandbox_id} was stopped during {operation}")
         if isinstance(error, SandboxLost):
-            self._lose(sdk, error.message)
+            log.warning("e2b.lost", sandbox_id=sdk.sandbox_id, reason=error.message)
+            self._lost = error.message
+            self._forget(sdk)
         return error
 
-    def _lose(self, sdk: AsyncSandbox | None, reason: str) -> None:
-        if sdk is not None and self._sdk is sdk:
-            log.warning("e2b.lost", sandbox_id=sdk.sandbox_id, reason=reason)
-            self._lost = reason
-            self._forget(sdk)
+    async def _confirmed_gone(self, sdk: AsyncSandbox) -> bool:
+        """Ask the control plane whether an unreachable sandbox still exists."""
+        try:
+            async with asyncio.timeout(self._config.call_timeout):
+                await sdk.get_info()
+        except SandboxNotFoundException:
+            return True
+        except Exception as exc:  # noqa: BLE001 - unknown stays "unreachable", not "lost"
+            log.info("e2b.probe_failed", sandbox_id=sdk.sandbox_id, error=repr(exc))
+        return False
 
     # ----------------------------------------------------------------------
     # Commands
@@ -349,21 +365,21 @@ class E2BSandbox:
         except CommandExitException as exc:
             return exc.exit_code
         except TimeoutError as exc:
-            await self._kill_command(handle)
+            await self._kill_command(handle, sdk)
             if deadline.expired():
                 raise CommandTimeout(f"command timed out after {limit:g} s") from exc
             raise
         except BaseException as exc:
             # Cancelled, the sink failed or the stream broke: the command must not run on.
-            await self._kill_command(handle)
+            await self._kill_command(handle, sdk)
             if isinstance(exc, Exception) and not isinstance(exc, GatewayError) and exc is not sink.failure:
-                raise self._fail("run", exc, sdk) from exc
+                raise await self._failure("run", exc, sdk) from exc
             raise
         return 0
 
-    async def _kill_command(self, handle: AsyncCommandHandle[None]) -> None:
+    async def _kill_command(self, handle: AsyncCommandHandle[None], sdk: AsyncSandbox) -> None:
         async def kill() -> None:
-            with map_sdk_errors("command.kill"):
+            with map_sdk_errors("command.kill", sdk.sandbox_id):
                 await handle.kill()
             await handle.disconnect()
 

@@ -192,6 +192,8 @@ class Reaper:
                 await job
         except TimeoutError:
             log.warning("e2b.cleanup_slow", cleanup=name)
+        except SandboxLost:
+            log.info("e2b.cleanup_moot", cleanup=name)  # what it would end ended with its sandbox
         except Exception as exc:  # noqa: BLE001 - a clean-up logs; nothing awaits its error
             log.warning("e2b.cleanup_failed", cleanup=name, error=repr(exc))
 

@@ -106,6 +106,8 @@ class E2BService:
         self.hold_creates = False
         self.create_held = asyncio.Event()
         self.release_creates = asyncio.Event()
+        #: When set, envd cannot be reached (E2B's proxy says its port is not open).
+        self.unreachable = False
         #: The next this many kills are answered 500.
         self.fail_kills = 0
         #: Set at each kill (tests clear it, then wait).
@@ -173,6 +175,7 @@ class E2BService:
         app.router.add_post("/v2/sandboxes/{id}/connect", self._connect)
         app.router.add_post("/sandboxes/{id}/timeout", self._set_timeout)
         app.router.add_delete("/sandboxes/{id}", self._kill)
+        app.router.add_get("/sandboxes/{id}", self._info)
         app.router.add_get("/health", self._envd(self._health))
         app.router.add_get("/files", self._envd(self._read_file))
         process_app = process_connect.ProcessASGIApplication(_ProcessService(self))
@@ -242,6 +245,12 @@ class E2BService:
         self.killed.set()
         return web.Response(status=204)
 
+    async def _info(self, request: web.Request) -> web.Response:
+        box = self._box(request)
+        if box is None:
+            return _error(404, f"sandbox {request.match_info['id']} not found")
+        return web.json_response(_listed_json(box))
+
     async def _list(self, request: web.Request) -> web.Response:
         wanted = {
             urllib.parse.unquote(k): urllib.parse.unquote(v)
@@ -255,6 +264,8 @@ class E2BService:
 
         async def routed(request: web.Request) -> web.StreamResponse:
             sandbox_id = request.headers.get("E2b-Sandbox-Id", "")
+            if self.unreachable:
+                return _error(502, f"The sandbox {sandbox_id} is running but port is not open")
             box = self.boxes.get(sandbox_id)
             if box is None or not box.alive:
                 return _error(502, f"The sandbox {sandbox_id} was not found")

@@ -74,6 +74,31 @@ async def test_expired_sandbox_is_lost_and_the_next_start_makes_a_new_one(
     assert sandbox.lost_reason is None
 
 
+async def test_unreachable_sandbox_that_e2b_still_runs_is_kept(
+    sandbox: E2BSandbox, e2b_service: E2BService
+) -> None:
+    """A sandbox E2B's proxy cannot reach, but E2B still runs, fails the call and stays the session's."""
+    await sandbox.start_desktop()
+    e2b_service.unreachable = True
+    with pytest.raises(SandboxBroken, match="could not be reached during screenshot"):
+        await sandbox.screenshot()
+    assert sandbox.desktop_running
+    e2b_service.unreachable = False
+    assert (await sandbox.screenshot()).startswith(b"\x89PNG")
+
+
+async def test_unreachable_sandbox_that_e2b_no_longer_knows_is_lost(
+    sandbox: E2BSandbox, e2b_service: E2BService
+) -> None:
+    """An unreachable sandbox the control plane no longer knows counts as lost."""
+    await sandbox.start_desktop()
+    e2b_service.unreachable = True
+    e2b_service.expire(e2b_service.only().sandbox_id)
+    with pytest.raises(SandboxLost, match="is gone"):
+        await sandbox.left_click(1, 1)
+    assert not sandbox.desktop_running
+
+
 async def test_sandbox_expiring_under_a_command_is_lost(sandbox: E2BSandbox, e2b_service: E2BService) -> None:
     """A command whose sandbox expires mid-way fails as lost, not as a hang or a timeout."""
     script = e2b_service.on("serve", Script(hang=True))
@@ -269,3 +294,18 @@ async def test_long_command_renews_the_deadline_under_the_plan_cap(e2b_service: 
         assert len(timeouts) >= 2 and max(timeouts) <= 2
     finally:
         await box.close()
+
+
+async def test_command_ended_by_our_own_stop_is_not_a_loss(
+    sandbox: E2BSandbox, e2b_service: E2BService
+) -> None:
+    """A command whose sandbox we stopped fails as stopped, and nothing is reported lost."""
+    script = e2b_service.on("serve", Script(hang=True))
+    async with asyncio.timeout(10):
+        job = asyncio.ensure_future(sandbox.run("serve", timeout=60, on_output=discard))
+        await script.started.wait()
+        await sandbox.stop_desktop()
+        with pytest.raises(SandboxBroken, match="was stopped during run") as caught:
+            await job
+    assert not isinstance(caught.value, SandboxLost)
+    assert sandbox.lost_reason is None
