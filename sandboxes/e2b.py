@@ -28,7 +28,7 @@ import functools
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -83,7 +83,7 @@ def e2b_factory(config: E2BConfig | None = None) -> SandboxFactory:
     return functools.partial(E2BSandbox, config=shared)
 
 
-async def sweep_orphans(config: E2BConfig, live_ids: set[str]) -> list[str]:
+async def sweep_orphans(config: E2BConfig, live_ids: Collection[str]) -> list[str]:
     """At start-up: kill every sandbox of this instance that no live session owns; their ids."""
     return await sweep_tagged(config.connect(), config.instance_id, live_ids, limit=config.create_timeout)
 

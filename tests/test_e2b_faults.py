@@ -11,7 +11,8 @@ from protocol.errors import SandboxBroken, SessionClosed
 from sandboxes.base import Stream
 from sandboxes.e2b import E2BSandbox, sweep_orphans
 from sandboxes.e2b_sdk import SandboxLost
-from tests.e2b_service import SPEC, E2BService, Script, e2b_service, make_config, sandbox, spec
+from tests.e2b_envd import Script
+from tests.e2b_service import SPEC, E2BService, e2b_service, make_config, sandbox, spec
 
 __all__ = ["e2b_service", "sandbox"]  # fixtures
 

@@ -10,7 +10,8 @@ import pytest
 from protocol.errors import CommandTimeout, NotConfigured, ProtocolError, SandboxBroken, SessionClosed
 from sandboxes.base import Sandbox, Stream
 from sandboxes.e2b import E2BConfig, E2BSandbox, e2b_factory
-from tests.e2b_service import SPEC, E2BService, Script, e2b_service, make_config, sandbox
+from tests.e2b_envd import Script
+from tests.e2b_service import SPEC, E2BService, e2b_service, make_config, sandbox
 
 __all__ = ["e2b_service", "sandbox"]  # fixtures
 
