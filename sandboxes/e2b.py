@@ -368,7 +368,7 @@ class E2BSandbox:
             await self._kill_command(handle, sdk)
             if deadline.expired():
                 raise CommandTimeout(f"command timed out after {limit:g} s") from exc
-            raise
+            raise await self._failure("run", exc, sdk) from exc  # a transport's own timeout
         except BaseException as exc:
             # Cancelled, the sink failed or the stream broke: the command must not run on.
             await self._kill_command(handle, sdk)
