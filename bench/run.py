@@ -440,8 +440,8 @@ async def idle_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
 
 
 async def sweep_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
-    from sandboxes.null import NullSandbox
     from cli import freeze_startup_heap
+    from sandboxes.null import NullSandbox
     from supervisor import Supervisor, SupervisorConfig
 
     freeze_startup_heap()  # as `deskhive serve` does before it serves

@@ -1,20 +1,24 @@
 """The ``e2b`` backend: one E2B Desktop cloud sandbox per session.
 
-The ``e2b-desktop`` SDK is synchronous, so every call goes through
-``asyncio.to_thread`` under ``asyncio.timeout``. A worker thread cannot be
-interrupted: when we stop waiting for it (timeout, cancellation) the thread
-finishes on its own, and whatever it was creating or running is killed so
-nothing is left billing in the cloud.
+Every call is a coroutine of ``e2b.AsyncSandbox`` under ``asyncio.timeout``
+(see :mod:`sandboxes.e2b_sdk`): no thread is held by a running command, and
+kills run as owned clean-ups that a cancelled caller cannot stop.
 
 The sandbox is created lazily, on the first call that needs it, tagged with
-metadata naming the deskhive session (see :func:`sandbox_metadata`) so a
-server can find its own sandboxes later with ``Sandbox.list``.
+metadata naming this server instance and the session, so a restarted server
+finds its own with ``sweep_orphans`` and kills those no session owns.
 
 E2B kills a sandbox when its timeout runs out, counted from the last
-``set_timeout``. While the session uses it we push that deadline back (at
-most once per half timeout, and far enough for a long command), so the
-sandbox lives as long as the session's activity; the session's end kills it
-explicitly, and the timeout is only the safety net if this process dies.
+``set_timeout``. We keep that deadline at or beyond the session's own idle
+deadline (``keep_alive``, called by the session on any activity) and beyond
+a running command's timeout, renewing during long commands because a plan
+may cap one ``set_timeout`` (Hobby: 3,600 s). The session's end kills the
+sandbox explicitly; the timeout is only the safety net if this process dies.
+
+A sandbox that E2B reports gone (expired, killed elsewhere) is forgotten at
+once: ``desktop_running`` turns False, the call raises ``SandboxLost`` (a
+``SandboxBroken``) saying so, ``lost_reason`` keeps why, and the next
+``start_desktop`` creates a new one.
 """
 
 from __future__ import annotations
@@ -22,85 +26,50 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import os
-import shlex
+import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Awaitable, Collection, Sequence
+from typing import Any, TypeVar
 
-import attrs
 import structlog
+from e2b import AsyncSandbox, CommandExitException, SandboxNotFoundException, SandboxUnreachableException
+from e2b.sandbox_async.commands.command_handle import AsyncCommandHandle
 
-from protocol.errors import CommandTimeout, NotConfigured, SandboxBroken, SessionClosed
-from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter, Stream
+from protocol.errors import (
+    CommandTimeout,
+    GatewayError,
+    ProtocolError,
+    SandboxBroken,
+    SessionClosed,
+)
+from sandboxes import e2b_desktop as desktop
+from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
+from sandboxes.e2b_commands import Sink, install
+from sandboxes.e2b_config import E2BConfig
 from sandboxes.e2b_sdk import (
-    CommandHandleSDK,
-    CreateSandbox,
-    DesktopSDK,
-    OutputPump,
-    PendingCreate,
-    create_desktop,
-    kill_quietly,
+    Reaper,
+    SandboxLost,
+    kill_logged,
     map_sdk_errors,
+    sandbox_metadata,
     sdk_error,
 )
+from sandboxes.e2b_sdk import sweep_orphans as sweep_tagged
+
+__all__ = ["E2BConfig", "E2BSandbox", "e2b_factory", "sweep_orphans"]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-#: Metadata key and value every deskhive sandbox carries.
-METADATA_APP = "deskhive"
-#: E2B keeps a sandbox alive at most this long after a ``set_timeout``.
-MAX_SANDBOX_TIMEOUT = 86_400
-#: Extra seconds of sandbox life asked for beyond a command's own timeout.
-_KEEPALIVE_MARGIN = 120
+#: Extra seconds of sandbox life asked for beyond what is needed, so that
+#: E2B's deadline is not renewed on every call.
+_RENEW_SLACK = 300
+#: A renewal that would gain less than this is skipped (the plan's cap reached).
+_RENEW_MIN_GAIN = 30
 #: Extra seconds the SDK's own command timeout runs past ours: ours fires
 #: first and kills the command; the SDK's only ends a stream we lost.
 _SDK_TIMEOUT_GRACE = 30
-#: xdotool buttons for horizontal scrolling (the SDK scrolls only up/down).
-_HSCROLL_BUTTONS = {"left": 6, "right": 7}
-
-
-@attrs.frozen(kw_only=True)
-class E2BConfig:
-    """How the ``e2b`` backend reaches E2B, shared by every session."""
-
-    api_key: str | None = attrs.field(default=None, repr=False)
-    #: E2B template; ``None`` is the SDK's default ``desktop`` template.
-    template: str | None = None
-    resolution: tuple[int, int] = (1280, 800)
-    #: Seconds E2B keeps an unused sandbox alive (the safety net above).
-    sandbox_timeout: int = 3600
-    #: Bound on one SDK call (a click, a screenshot, a kill).
-    call_timeout: float = 60.0
-    #: Bound on creating a sandbox (it boots Xvfb and XFCE first).
-    create_timeout: float = 180.0
-    #: Bound on each ``apt-get``/``pip`` step of ``setup``.
-    setup_timeout: float = 900.0
-    #: The SDK's ``Sandbox.create``; tests substitute a fake here.
-    create: CreateSandbox = create_desktop
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> E2BConfig:
-        """A config keyed by ``E2B_API_KEY``; raises ``NotConfigured`` without one."""
-        config = cls(api_key=environ.get("E2B_API_KEY") or None, **overrides)
-        config.require_key()
-        return config
-
-    def require_key(self) -> str:
-        """The API key, or ``NotConfigured`` saying how to provide one."""
-        if not self.api_key:
-            raise NotConfigured(
-                "the e2b sandbox needs an E2B API key: set E2B_API_KEY "
-                "(see https://e2b.dev/dashboard) or choose another --sandbox"
-            )
-        return self.api_key
-
-
-def sandbox_metadata(spec: SandboxSpec) -> dict[str, str]:
-    """The metadata a session's sandbox is created with (query it with ``Sandbox.list``)."""
-    return {"app": METADATA_APP, "session_id": spec.session_id, "username": spec.username}
 
 
 def e2b_factory(config: E2BConfig | None = None) -> SandboxFactory:
@@ -114,17 +83,9 @@ def e2b_factory(config: E2BConfig | None = None) -> SandboxFactory:
     return functools.partial(E2BSandbox, config=shared)
 
 
-def _create_in_thread(config: E2BConfig, spec: SandboxSpec, pending: PendingCreate) -> DesktopSDK:
-    sdk = config.create(
-        api_key=config.api_key,
-        template=config.template,
-        resolution=config.resolution,
-        timeout=config.sandbox_timeout,
-        metadata=sandbox_metadata(spec),
-    )
-    if not pending.deliver(sdk):
-        kill_quietly(sdk, "abandoned")
-    return sdk
+async def sweep_orphans(config: E2BConfig, live_ids: Collection[str]) -> list[str]:
+    """At start-up: kill every sandbox of this instance that no live session owns; their ids."""
+    return await sweep_tagged(config.connect(), config.instance_id, live_ids, limit=config.create_timeout)
 
 
 class E2BSandbox:
@@ -133,15 +94,18 @@ class E2BSandbox:
     kind = "e2b"
 
     def __init__(self, spec: SandboxSpec, config: E2BConfig) -> None:
-        config.require_key()
         self._spec = spec
         self._config = config
-        self._sdk: DesktopSDK | None = None
-        self._pending: PendingCreate | None = None
-        self._create_lock = asyncio.Lock()
+        self._conn = config.connect()
+        self._sdk: AsyncSandbox | None = None
+        self._display_up = False
         self._stream_url: str | None = None
-        self._expires_at = 0.0
+        self._lost: str | None = None
         self._closed = False
+        self._create_lock = asyncio.Lock()
+        self._reaper = Reaper(config.call_timeout)
+        #: When (monotonic) E2B will kill the sandbox unless told otherwise.
+        self._e2b_deadline = 0.0
 
     @property
     def sandbox_id(self) -> str | None:
@@ -155,6 +119,11 @@ class E2BSandbox:
     def desktop_running(self) -> bool:
         return self._stream_url is not None
 
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the last sandbox was lost (E2B expired or killed it), until the next one starts."""
+        return self._lost
+
     # ----------------------------------------------------------------------
     # Lifecycle
 
@@ -163,222 +132,327 @@ class E2BSandbox:
         sdk = await self._ready()
         if self._stream_url is not None:
             return
-        await self._call("stream.start", lambda: sdk.stream.start(require_auth=True))
-        key = await self._call("stream.get_auth_key", sdk.stream.get_auth_key)
-        self._stream_url = await self._call("stream.get_url", lambda: sdk.stream.get_url(auth_key=key))
+        if not self._display_up:  # a reattached sandbox may have lost its display
+            if not await self._call("display check", desktop.display_alive(sdk)):
+                await self._call("display boot", desktop.boot_display(sdk, self._config.resolution))
+            self._display_up = True
+        url = await self._call("stream.start", desktop.start_stream(sdk, secrets.token_urlsafe(12)))
+        self._stream_url = url
         log.info("e2b.desktop_started", sandbox_id=sdk.sandbox_id)
 
     async def stop_desktop(self) -> None:
-        """Kill the sandbox; the next call that needs one creates a fresh one."""
-        # Killing the sandbox ends its stream with everything else, so the
-        # stream is not stopped first: that would cost three more round trips
-        # to a sandbox that may be the very thing that broke.
-        sdk, self._sdk, self._stream_url = self._sdk, None, None
+        """Kill the sandbox; the next call that needs one creates a fresh one.
+
+        The sandbox is forgotten only once E2B confirmed the kill (or no longer
+        knows it): a failed kill raises ``SandboxBroken`` and keeps it, so a
+        retry or the session's end kills it rather than leaving it billing.
+        """
+        sdk = self._sdk
+        self._stream_url = None
+        if sdk is None:
+            return
+        with map_sdk_errors("kill", sdk.sandbox_id):
+            async with asyncio.timeout(self._config.call_timeout):
+                killed = await self._conn.kill(sdk.sandbox_id)
+        log.info("e2b.killed" if killed else "e2b.already_gone", sandbox_id=sdk.sandbox_id, reason="stop")
+        self._forget(sdk)
+
+    async def reattach(self, sandbox_id: str) -> bool:
+        """Take over the session's stored sandbox *sandbox_id* (after a restart).
+
+        True when E2B still runs it: its programs and files are as they were,
+        and ``start_desktop`` gives a fresh stream URL (a new password). False
+        when it is gone: ``lost_reason`` says so, and the next use creates one.
+        """
+        try:
+            with map_sdk_errors("connect", sandbox_id):
+                async with asyncio.timeout(self._config.call_timeout):
+                    lifetime = self._config.lifetime(self._config.sandbox_timeout)
+                    sdk = await self._conn.connect(sandbox_id, timeout=lifetime)
+        except SandboxLost as exc:
+            self._lost = exc.message
+            log.warning("e2b.reattach_lost", sandbox_id=sandbox_id)
+            return False
+        self._sdk, self._display_up, self._stream_url = sdk, False, None
+        self._e2b_deadline = time.monotonic() + lifetime
+        log.info("e2b.reattached", sandbox_id=sandbox_id)
+        return True
+
+    async def keep_alive(self, seconds: float) -> None:
+        """Keep the sandbox alive at least *seconds* from now (the session's idle deadline).
+
+        Cheap to call on every client frame: E2B is asked only when its
+        deadline would fall short, with slack, so at most about once per
+        ``_RENEW_SLACK`` seconds (or ``_RENEW_MIN_GAIN`` at the plan's cap).
+        """
+        if self._sdk is not None and not self._closed:
+            await self._hold(self._sdk, seconds)
+
+    async def release(self, keep_for: float) -> None:
+        """Let go of the sandbox without killing it: E2B ends it *keep_for* seconds from now.
+
+        For a shutdown that keeps sessions (a durable store): the restarted
+        server reattaches it by id, or E2B's timeout ends it.
+        """
+        sdk, self._closed, self._stream_url = self._sdk, True, None
+        self._sdk = None
         if sdk is not None:
-            await self._call("kill", sdk.kill)
-            log.info("e2b.killed", sandbox_id=sdk.sandbox_id, reason="stop_desktop")
+            with map_sdk_errors("set_timeout", sdk.sandbox_id):
+                async with asyncio.timeout(self._config.call_timeout):
+                    await sdk.set_timeout(self._config.lifetime(keep_for))
 
     async def close(self) -> None:
-        """Kill the sandbox (and one still being created). Idempotent; never raises."""
+        """Kill the sandbox. Idempotent; never raises; the kill survives cancellation."""
         if self._closed:
+            await self._reaper.drain()
             return
         self._closed = True
         self._stream_url = None
-        doomed = [self._sdk] if self._sdk is not None else []
-        self._sdk = None
-        if self._pending is not None:
-            # Still being created: take it if it arrived, else its worker kills it.
-            arrived = self._pending.abandon()
-            doomed += [arrived] if arrived is not None else []
-        for sdk in doomed:
-            await self._kill_bounded(sdk, "close")
+        sdk, self._sdk = self._sdk, None
+        if sdk is not None:
+            await self._reaper.run(kill_logged(self._conn, sdk.sandbox_id, "close"), "kill")
+        # A sandbox still being created is killed by its creator, which sees
+        # _closed; wait for kills that cancelled callers left running.
+        await self._reaper.drain()
 
-    async def _kill_bounded(self, sdk: DesktopSDK, reason: str) -> None:
-        try:
-            async with asyncio.timeout(self._config.call_timeout):
-                await asyncio.to_thread(kill_quietly, sdk, reason)
-        except TimeoutError:
-            # The worker thread goes on and still kills it; we stop waiting.
-            log.warning("e2b.kill_slow", sandbox_id=sdk.sandbox_id, reason=reason)
+    def _forget(self, sdk: AsyncSandbox) -> None:
+        if self._sdk is sdk:
+            self._sdk, self._display_up, self._stream_url = None, False, None
 
-    async def _ready(self, busy_for: float = 0.0) -> DesktopSDK:
-        """The session's sandbox, created on first need and kept alive."""
+    async def _ready(self, busy_for: float = 0.0) -> AsyncSandbox:
+        """The session's sandbox, created on first need, alive for *busy_for* more seconds."""
         if self._closed:
             raise SessionClosed(f"sandbox of session {self._spec.session_id} is closed")
         async with self._create_lock:
             if self._sdk is None:
                 self._sdk = await self._create()
-        await self._keep_alive(self._sdk, busy_for)
-        return self._sdk
+        sdk = self._sdk
+        await self._hold(sdk, max(self._config.sandbox_timeout, busy_for + _RENEW_SLACK))
+        return sdk
 
-    async def _create(self) -> DesktopSDK:
-        pending = self._pending = PendingCreate()
+    async def _create(self) -> AsyncSandbox:
+        sdk: AsyncSandbox | None = None
+        metadata = sandbox_metadata(self._config.instance_id, self._spec)
+        lifetime = self._config.lifetime(self._config.sandbox_timeout + _RENEW_SLACK)
         try:
             with map_sdk_errors("create"):
                 async with asyncio.timeout(self._config.create_timeout):
-                    sdk = await asyncio.to_thread(_create_in_thread, self._config, self._spec, pending)
+                    sdk = await self._conn.create(
+                        template=self._config.template,
+                        timeout=lifetime,
+                        metadata=metadata,
+                        envs={"DISPLAY": desktop.DISPLAY},
+                    )
+                    await desktop.boot_display(sdk, self._config.resolution)
         except BaseException:
-            # Timed out, cancelled or failed: whatever arrives must not live on.
-            orphan = pending.abandon()
-            if orphan is not None:
-                await self._kill_bounded(orphan, "create_abandoned")
+            # Timed out, cancelled or failed: nothing created may live on. Without
+            # an answer the sandbox may still exist, so it is found by its tags.
+            await self._reaper.run(self._kill_abandoned(sdk, metadata), "create_abandoned")
             raise
-        finally:
-            self._pending = None
-        if self._closed:  # close() ran meanwhile and took care of the sandbox
+        if self._closed:  # close() ran meanwhile; it left this one to us
+            await self._reaper.run(kill_logged(self._conn, sdk.sandbox_id, "closed_while_creating"), "kill")
             raise SessionClosed(f"sandbox of session {self._spec.session_id} is closed")
-        self._expires_at = time.monotonic() + self._config.sandbox_timeout
+        self._lost, self._display_up = None, True
+        self._e2b_deadline = time.monotonic() + lifetime
         log.info("e2b.created", sandbox_id=sdk.sandbox_id, template=self._config.template)
         return sdk
 
-    async def _keep_alive(self, sdk: DesktopSDK, busy_for: float) -> None:
-        """Push E2B's kill deadline back when less than half of it remains."""
-        wanted = min(
-            MAX_SANDBOX_TIMEOUT,
-            max(self._config.sandbox_timeout, math.ceil(busy_for) + _KEEPALIVE_MARGIN),
-        )
-        remaining = self._expires_at - time.monotonic()
-        if remaining >= wanted / 2 and remaining >= busy_for + _KEEPALIVE_MARGIN / 2:
-            return
-        await self._call("set_timeout", lambda: sdk.set_timeout(wanted))
-        self._expires_at = time.monotonic() + wanted
-        log.debug("e2b.keepalive", sandbox_id=sdk.sandbox_id, seconds=wanted)
+    async def _kill_abandoned(self, sdk: AsyncSandbox | None, metadata: dict[str, str]) -> None:
+        ids = [sdk.sandbox_id] if sdk is not None else await self._conn.list_ids(metadata)
+        for sandbox_id in ids:
+            await kill_logged(self._conn, sandbox_id, "create_abandoned")
 
-    async def _call(self, operation: str, fn: Callable[[], T], limit: float | None = None) -> T:
-        """Run one blocking SDK call in a thread, bounded, errors mapped."""
-        with map_sdk_errors(operation):
+    async def _hold(self, sdk: AsyncSandbox, seconds: float) -> None:
+        """Push E2B's deadline to cover *seconds* from now, when it falls short."""
+        now = time.monotonic()
+        needed = now + min(seconds, self._config.max_sandbox_timeout)
+        if self._e2b_deadline >= needed:
+            return
+        ask = self._config.lifetime(seconds + _RENEW_SLACK)
+        if now + ask - self._e2b_deadline < min(_RENEW_MIN_GAIN, self._config.max_sandbox_timeout / 4):
+            return
+        await self._call("set_timeout", sdk.set_timeout(ask), sdk=sdk)
+        self._e2b_deadline = now + ask
+        log.debug("e2b.keepalive", sandbox_id=sdk.sandbox_id, seconds=ask)
+
+    async def _call(
+        self, operation: str, job: Awaitable[T], limit: float | None = None, sdk: AsyncSandbox | None = None
+    ) -> T:
+        """Await one SDK call, bounded, errors mapped; a lost sandbox is forgotten."""
+        sdk = sdk or self._sdk
+        try:
             async with asyncio.timeout(limit or self._config.call_timeout):
-                return await asyncio.to_thread(fn)
+                return await job
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise await self._failure(operation, exc, sdk) from exc
+
+    async def _failure(self, operation: str, exc: Exception, sdk: AsyncSandbox | None) -> SandboxBroken:
+        """The ``SandboxBroken`` for *exc*; when E2B confirms the sandbox gone, it is forgotten."""
+        error = sdk_error(operation, exc, None if sdk is None else sdk.sandbox_id)
+        if sdk is None:
+            return error
+        if isinstance(exc, SandboxUnreachableException) and await self._confirmed_gone(sdk):
+            error = SandboxLost(
+                f"e2b sandbox {sdk.sandbox_id} is gone (E2B no longer knows it) during {operation}"
+            )
+        if isinstance(error, SandboxLost) and self._sdk is not sdk:
+            # We stopped it ourselves (stop_desktop, close): not a loss to report.
+            return SandboxBroken(f"e2b sandbox {sdk.sandbox_id} was stopped during {operation}")
+        if isinstance(error, SandboxLost):
+            log.warning("e2b.lost", sandbox_id=sdk.sandbox_id, reason=error.message)
+            self._lost = error.message
+            self._forget(sdk)
+        return error
+
+    async def _confirmed_gone(self, sdk: AsyncSandbox) -> bool:
+        """Ask the control plane whether an unreachable sandbox still exists."""
+        try:
+            async with asyncio.timeout(self._config.call_timeout):
+                await sdk.get_info()
+        except SandboxNotFoundException:
+            return True
+        except Exception as exc:  # noqa: BLE001 - unknown stays "unreachable", not "lost"
+            log.info("e2b.probe_failed", sandbox_id=sdk.sandbox_id, error=repr(exc))
+        return False
 
     # ----------------------------------------------------------------------
     # Commands
 
-    async def run(
-        self,
-        cmd: str,
-        *,
-        timeout: float,
-        on_output: OutputSink,
-    ) -> int:
+    async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:
         """Run *cmd* through bash in the sandbox, streaming its output."""
         return await self._run(cmd, limit=timeout, on_output=on_output)
 
-    async def _run(self, cmd: str, *, limit: float, on_output: OutputSink, user: str | None = None) -> int:
+    async def _run(
+        self,
+        cmd: str,
+        *,
+        limit: float,
+        on_output: OutputSink,
+        user: str | None = None,
+    ) -> int:
         sdk = await self._ready(busy_for=limit)
-        sdk_timeout = math.ceil(limit) + _SDK_TIMEOUT_GRACE
-        handle: CommandHandleSDK = await self._call(
-            "run", lambda: sdk.commands.run(cmd, background=True, timeout=sdk_timeout, user=user)
+        sink = Sink(on_output)
+        handle: AsyncCommandHandle[None] = await self._call(
+            "run",
+            sdk.commands.run(
+                cmd,
+                background=True,
+                user=user,
+                timeout=math.ceil(limit) + _SDK_TIMEOUT_GRACE,
+                on_stdout=sink.stdout,
+                on_stderr=sink.stderr,
+                retain_output=False,  # the output goes to the sink; keeping it costs memory
+            ),
         )
-        pump = OutputPump(asyncio.get_running_loop())
-        waiter = asyncio.get_running_loop().run_in_executor(None, pump.wait, handle)
+        if limit + _RENEW_SLACK <= self._config.max_sandbox_timeout:
+            return await self._wait(sdk, handle, limit, sink)
+        # Owned here and ended here: renews E2B's deadline while the command runs.
+        keeper = asyncio.get_running_loop().create_task(self._keep_up(sdk, limit), name="e2b-keep-up")
+        try:
+            return await self._wait(sdk, handle, limit, sink)
+        finally:
+            keeper.cancel()
+            await asyncio.wait([keeper])
+
+    async def _wait(
+        self, sdk: AsyncSandbox, handle: AsyncCommandHandle[None], limit: float, sink: Sink
+    ) -> int:
         try:
             async with asyncio.timeout(limit) as deadline:
-                while (item := await pump.queue.get()) is not None:
-                    await on_output(*item)
-                outcome = await waiter
+                await handle.wait()
+        except CommandExitException as exc:
+            return exc.exit_code
         except TimeoutError as exc:
-            await self._kill_command(handle)
+            await self._kill_command(handle, sdk)
             if deadline.expired():
                 raise CommandTimeout(f"command timed out after {limit:g} s") from exc
+            raise await self._failure("run", exc, sdk) from exc  # a transport's own timeout
+        except BaseException as exc:
+            # Cancelled, the sink failed or the stream broke: the command must not run on.
+            await self._kill_command(handle, sdk)
+            if isinstance(exc, Exception) and not isinstance(exc, GatewayError) and exc is not sink.failure:
+                raise await self._failure("run", exc, sdk) from exc
             raise
-        except BaseException:
-            # Cancelled, or the sink failed: the command must not run on.
-            await self._kill_command(handle)
-            raise
-        if isinstance(outcome, Exception):
-            raise sdk_error("run", outcome) from outcome
-        return outcome
+        return 0
 
-    async def _kill_command(self, handle: CommandHandleSDK) -> None:
-        try:
-            await self._call("command.kill", handle.kill)
-        except SandboxBroken as exc:
-            log.warning("e2b.command_kill_failed", error=exc.message)
+    async def _kill_command(self, handle: AsyncCommandHandle[None], sdk: AsyncSandbox) -> None:
+        async def kill() -> None:
+            with map_sdk_errors("command.kill", sdk.sandbox_id):
+                await handle.kill()
+            await handle.disconnect()
+
+        await self._reaper.run(kill(), "command.kill")
+
+    async def _keep_up(self, sdk: AsyncSandbox, limit: float) -> None:
+        """During a command longer than the plan's cap, renew E2B's deadline as it nears."""
+        end = time.monotonic() + limit
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(self._config.max_sandbox_timeout / 2)
+            try:
+                await self._hold(sdk, left + _RENEW_SLACK)
+            except SandboxBroken as exc:  # the command's own stream reports a real loss
+                log.warning("e2b.keepalive_failed", sandbox_id=sdk.sandbox_id, error=exc.message)
 
     async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
         """Install *packages* (``pip:NAME`` with pip, others with apt) and check the browser."""
-        apt = [p for p in packages if not p.startswith("pip:")]
-        pip = [p.removeprefix("pip:") for p in packages if p.startswith("pip:")]
-        if apt:
-            report("setup.apt_update")
-            await self._setup_step("apt-get update", "apt-get -q update", user="root")
-            report("setup.apt_install", packages=apt)
-            await self._setup_step(
-                "apt-get install",
-                "DEBIAN_FRONTEND=noninteractive apt-get -q install -y --no-install-recommends "
-                + shlex.join(apt),
-                user="root",
-            )
-        if pip:
-            report("setup.pip_install", packages=pip)
-            await self._setup_step("pip install", "python3 -m pip install --user -q " + shlex.join(pip))
-        report("setup.browser")
-        browser = await self._setup_step(
-            "browser check",
-            # A template without a browser still works for commands: not fatal.
-            "command -v firefox || command -v google-chrome || command -v chromium || true",
-        )
-        report("setup.done", browser=browser.strip().rsplit("/", 1)[-1] or None)
 
-    async def _setup_step(self, name: str, cmd: str, user: str | None = None) -> str:
-        """Run one setup command; its output, or ``SandboxBroken`` with its tail."""
-        chunks: list[str] = []
+        async def step(cmd: str, on_output: OutputSink, user: str | None) -> int:
+            return await self._run(cmd, limit=self._config.setup_timeout, on_output=on_output, user=user)
 
-        async def collect(_stream: Stream, data: str) -> None:
-            chunks.append(data)
-
-        code = await self._run(cmd, limit=self._config.setup_timeout, on_output=collect, user=user)
-        output = "".join(chunks)
-        if code != 0:
-            raise SandboxBroken(f"e2b setup: {name} exited with {code}: {output[-500:]}")
-        return output
+        await install(step, packages, report)
 
     # ----------------------------------------------------------------------
     # Desktop input and screen
 
+    async def _xdo(self, operation: str, cmd: str, *, limit: float | None = None, **kw: Any) -> str:
+        """Run one desktop command, bounded; its stderr (xdotool reports some faults only there)."""
+        sdk = await self._ready()
+        timeout = math.ceil(limit or self._config.call_timeout)
+        result = await self._call(operation, sdk.commands.run(cmd, timeout=timeout, **kw), limit=limit)
+        return result.stderr or ""
+
     async def screenshot(self) -> bytes:
         sdk = await self._ready()
-        return bytes(await self._call("screenshot", lambda: sdk.screenshot(format="bytes")))
+        return await self._call("screenshot", desktop.screenshot(sdk))
 
     async def left_click(self, x: int, y: int) -> None:
-        sdk = await self._ready()
-        await self._call("left_click", lambda: sdk.left_click(x, y))
+        await self._xdo("left_click", desktop.click_command(x, y, 1))
 
     async def double_click(self, x: int, y: int) -> None:
-        sdk = await self._ready()
-        await self._call("double_click", lambda: sdk.double_click(x, y))
+        await self._xdo("double_click", desktop.click_command(x, y, 1, repeat=2))
 
     async def right_click(self, x: int, y: int) -> None:
-        sdk = await self._ready()
-        await self._call("right_click", lambda: sdk.right_click(x, y))
+        await self._xdo("right_click", desktop.click_command(x, y, 3))
 
     async def move_mouse(self, x: int, y: int) -> None:
-        sdk = await self._ready()
-        await self._call("move_mouse", lambda: sdk.move_mouse(x, y))
+        await self._xdo("move_mouse", desktop.move_command(x, y))
 
     async def scroll(self, direction: ScrollDirection = "down", amount: int = 1) -> None:
-        sdk = await self._ready()
-        if direction in ("up", "down"):
-            vertical: Literal["up", "down"] = "up" if direction == "up" else "down"
-            await self._call("scroll", lambda: sdk.scroll(vertical, amount))
-            return
-        button = _HSCROLL_BUTTONS[direction]
-        await self._call("scroll", lambda: sdk.commands.run(f"xdotool click --repeat {int(amount)} {button}"))
+        await self._xdo("scroll", desktop.scroll_command(direction, amount))
 
     async def write(self, text: str) -> None:
-        sdk = await self._ready()
-        await self._call("write", lambda: sdk.write(text))
+        """Type *text*, bounded by the call timeout plus twice the typing time it needs."""
+        cmd, envs = desktop.write_command(text)
+        limit = self._config.call_timeout + 2 * desktop.write_seconds(text)
+        await self._xdo("write", cmd, limit=limit, envs=envs)
 
     async def press(self, keys: str | Sequence[str]) -> None:
-        sdk = await self._ready()
-        key: str | list[str] = keys if isinstance(keys, str) else list(keys)
-        await self._call("press", lambda: sdk.press(key))
+        """Press a key or chord; a key name xdotool does not know is an error, not a no-op."""
+        stderr = await self._xdo("press", desktop.press_command(keys))
+        unknown = desktop.unknown_keys(stderr)
+        if unknown:
+            raise ProtocolError(f"unknown key name {', '.join(unknown)}: use X keysym names such as Return")
 
     async def open(self, url_or_file: str) -> None:
-        sdk = await self._ready()
-        # The SDK pastes its argument into a shell command unquoted.
-        await self._call("open", lambda: sdk.open(shlex.quote(url_or_file)))
+        await self._start_program("open", desktop.open_command(url_or_file))
 
     async def launch(self, app: str) -> None:
+        await self._start_program("launch", desktop.launch_command(app))
+
+    async def _start_program(self, operation: str, cmd: str) -> None:
+        """Start a program on the desktop and return once it runs, not when it exits."""
         sdk = await self._ready()
-        await self._call("launch", lambda: sdk.launch(shlex.quote(app)))
+        handle = await self._call(operation, sdk.commands.run(cmd, background=True, timeout=0))
+        await self._call(operation, handle.disconnect())
