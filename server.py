@@ -412,4 +412,3 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
     if NOVNC_DIR.is_dir():
         app.router.add_static("/novnc", NOVNC_DIR)
     return app
-
