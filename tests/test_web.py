@@ -61,7 +61,7 @@ class ServerProcess:
             [
                 sys.executable,
                 "-m",
-                "server",
+                "cli",
                 "serve",
                 "--host",
                 "127.0.0.1",
