@@ -58,10 +58,10 @@ async def test_sessions_do_not_share_jails(make: Make) -> None:
 
 
 async def test_limits_and_default_signals_reach_commands(make: Make) -> None:
-    """Each command gets the configured rlimits and SIGPIPE's default action."""
-    code, out = await run(make("ada"), "ulimit -u; ulimit -v; ulimit -t; yes | head -1")
+    """Each command gets the configured rlimits (memory as data, not address space) and SIGPIPE's default."""
+    code, out = await run(make("ada"), "ulimit -u; ulimit -d; ulimit -v; ulimit -t; yes | head -1")
     assert code == 0
-    assert out.text("stdout").split() == ["256", str(2 * 1024**2), "600", "y"]
+    assert out.text("stdout").split() == ["256", str(2 * 1024**2), "unlimited", "600", "y"]
     assert out.text("stderr") == ""
 
 

@@ -222,7 +222,7 @@ def _prlimit(limits: Limits | None) -> list[str]:
         return []
     pairs = (
         ("cpu", limits.cpu_seconds),
-        ("as", limits.memory_bytes),
+        ("data", limits.memory_bytes),
         ("nproc", limits.processes),
         ("fsize", limits.file_bytes),
     )
