@@ -22,6 +22,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from protocol.errors import SandboxBroken
+from sandboxes.local.sockets import connectable
 
 logger = structlog.get_logger()
 
@@ -103,7 +104,8 @@ async def pipe(
 
 async def _connect(endpoint: Endpoint) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if isinstance(endpoint, str):
-        return await asyncio.open_unix_connection(endpoint)
+        with connectable(endpoint) as address:
+            return await asyncio.open_unix_connection(address)
     return await asyncio.open_connection(*endpoint)
 
 
