@@ -185,3 +185,17 @@ def test_start_up_removes_session_folders_left_by_a_killed_server(root: Path) ->
     (sandboxes / "README").write_text("not a session")
     local_factory(LocalConfig(root=sandboxes), keep=frozenset({kept.name}))
     assert sorted(p.name for p in sandboxes.iterdir()) == ["README", kept.name]
+
+
+async def test_a_server_starting_removes_what_a_killed_one_left(
+    start_server: StartServer, root: Path
+) -> None:
+    """Session folders (homes included) left under the data folder are gone once the server serves."""
+    left = root / "sandboxes" / "ada_1700000000_0123456789abcdef"
+    os.makedirs(left / "home" / "work")
+    os.symlink(root, left / "home" / "work" / "loop")
+    client = await start_local(start_server, root)
+    assert not exists(left) and exists(root)
+    login = await client.login("ada")
+    async with client.connect(login) as conn:
+        assert await command(conn, "true") == 0

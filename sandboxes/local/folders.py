@@ -34,12 +34,13 @@ _ERRORS_KEPT = 5
 
 
 def check_enterable(folder: Path) -> None:
-    """Raise ``SandboxBroken`` naming the first of *folder* and its parents that other users cannot enter.
+    """Raise ``SandboxBroken`` naming the first of existing *folder* and its parents others cannot enter.
 
     Sandboxed commands run as other users than the server's, so every folder
-    above the ones they use must have o+x.
+    above the ones they use must have o+x. Links are resolved first: what
+    counts is the folders they lead through.
     """
-    folder = folder.absolute()
+    folder = folder.resolve()
     for path in [folder, *folder.parents]:
         if not path.stat().st_mode & stat.S_IXOTH:
             raise SandboxBroken(
