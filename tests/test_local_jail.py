@@ -24,8 +24,8 @@ Make = Callable[..., LocalSandbox]
 
 
 def spawner_pid(sandbox: LocalSandbox) -> int:
-    assert sandbox._cmd_jail is not None
-    (pid,) = sandbox.command_jail_pids() - {sandbox._cmd_jail.proc.pid}
+    assert sandbox._commands.jail is not None
+    (pid,) = sandbox.command_jail_pids() - {sandbox._commands.jail.proc.pid}
     return pid
 
 

@@ -9,7 +9,7 @@ Layout of a session's folder (``<root>/<session_id>`` or the spec's
             desktop starts after the jail)
     vnc/    x11vnc's unix socket; never mounted in a jail the user's code runs in
 
-Commands run in one long-lived jail per session (see ``cmdjail``), whose
+Commands run in one long-lived jail per session (see ``commands``), whose
 ``/tmp`` therefore lasts from one command to the next, like a machine's, until
 the desktop stops or the session closes: both end that jail with everything
 in it, including what commands left running in the background.
@@ -31,15 +31,15 @@ from pathlib import Path
 import attrs
 import structlog
 
-from protocol.errors import CommandTimeout, ProtocolError, SandboxBroken
+from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.local import tools
-from sandboxes.local.cmdjail import CommandJail
+from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
 from sandboxes.local.folders import check_enterable, remove_logged, sweep_orphans
-from sandboxes.local.jail import HOME, X11_DIR, Identity, Jail, Mount, session_pids, spawn
-from sandboxes.local.procs import exit_code, kill_now, pump_both, reap, terminate
+from sandboxes.local.jail import HOME, Identity, Jail, Mount, session_pids, spawn
+from sandboxes.local.procs import kill_now, reap, terminate
 
 logger = structlog.get_logger()
 
@@ -61,10 +61,7 @@ class LocalSandbox:
         self._jail: Jail | None = None
         self._desktop: Desktop | None = None
         self._apps: list[asyncio.subprocess.Process] = []
-        self._commands: set[asyncio.subprocess.Process] = set()
-        #: The jail the session's commands run in, started at the first one.
-        self._cmd_jail: CommandJail | None = None
-        self._cmd_lock = asyncio.Lock()
+        self._commands = Commands(self._id, config, self._base)
         self._ensure_lock = asyncio.Lock()
         self._closed = False
 
@@ -107,8 +104,7 @@ class LocalSandbox:
 
     def command_jail_pids(self) -> set[int]:
         """Host pids of the command jail itself (bwrap, spawner), for tests and operators."""
-        cmd_jail = self._cmd_jail
-        return cmd_jail.pids() if cmd_jail is not None and cmd_jail.ended is None else set()
+        return self._commands.pids()
 
     # -- life cycle ----------------------------------------------------------
 
@@ -178,10 +174,10 @@ class LocalSandbox:
         """End the desktop, its apps and any running command of the session."""
         desktop, self._desktop = self._desktop, None
         apps, self._apps = self._apps, []
-        cmd_jail, self._cmd_jail = self._cmd_jail, None
+        cmd_jail = self._commands.take()
         if self._jail is None:
             return
-        procs = [*apps, *self._commands, *(desktop.procs if desktop else [])]
+        procs = [*apps, *self._commands.alone, *(desktop.procs if desktop else [])]
         if cmd_jail is not None:
             # Its running commands answer 137, as with any SIGKILLed jail.
             cmd_jail.stopping = True
@@ -207,7 +203,7 @@ class LocalSandbox:
         """
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._commands.closed = True
         loop = asyncio.get_running_loop()
         try:
             await self.stop_desktop()
@@ -222,11 +218,9 @@ class LocalSandbox:
 
     def _abort_processes(self) -> None:
         # Synchronous, so that it also happens when close() itself is cancelled.
-        for proc in [*self._apps, *self._commands]:
+        for proc in self._apps:
             kill_now(proc)
-        cmd_jail, self._cmd_jail = self._cmd_jail, None
-        if cmd_jail is not None:
-            cmd_jail.abort()
+        self._commands.abort()
 
     def _teardown(self) -> None:
         """SIGKILL what is left of the session, remove its folder, free its uid (blocking; never raises)."""
@@ -255,92 +249,18 @@ class LocalSandbox:
     async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:
         return await self.exec(["/bin/bash", "-c", cmd], timeout=timeout, on_output=on_output)
 
-    async def _command_jail(self) -> CommandJail:
-        """The session's command jail, started (again) when there is none alive."""
-        jail = await self._ensure()
-        try:
-            async with asyncio.timeout(self._config.start_timeout * 2), self._cmd_lock:
-                return await self._start_command_jail(jail)
-        except TimeoutError:
-            raise SandboxBroken("the sandbox's command jail did not become ready in time") from None
-
-    async def _start_command_jail(self, jail: Jail) -> CommandJail:
-        """The live command jail, or a new one in place of a dead one (under the lock)."""
-        old = self._cmd_jail
-        if old is not None and old.ended is None:
-            return old
-        if old is not None:
-            await old.close()
-            logger.warning("sandbox.command_jail_restarted", sandbox_id=self._id, reason=old.ended)
-        # The X socket folder read-only: the display's socket can be used
-        # (connect needs no write on the mount) but not replaced.
-        mounts = [Mount(self.home, HOME, writable=True), Mount(self._base / "x11", X11_DIR)]
-        started = time.monotonic()
-        new = await CommandJail.start(
-            jail,
-            mounts=mounts,
-            network=self._config.network_on,
-            limits=self._config.limits,
-            timeout=self._config.start_timeout,
-        )
-        if self._closed:
-            await new.close()
-            raise SandboxBroken(f"sandbox {self._id} is closed")
-        self._cmd_jail = new
-        seconds = round(time.monotonic() - started, 3)
-        logger.info("sandbox.command_jail_started", sandbox_id=self._id, pid=new.proc.pid, seconds=seconds)
-        return new
-
     async def exec(
         self, argv: Sequence[str], *, timeout: float, on_output: OutputSink, network: bool | None = None
     ) -> int:
-        """Run *argv* with the home (and display) mounted; its exit code.
-
-        Commands with the session's usual network setting run in its
-        long-lived command jail; cancelling or timing out one kills its
-        process group. Others get a jail of their own, killed whole.
-        """
-        net = self._config.network_on if network is None else network
-        if net == self._config.network_on:
-            cmd_jail = await self._command_jail()
-            display = self._desktop.display if self._desktop is not None and self.desktop_running else None
-            env = (await self._ensure()).env(display)
-            return await cmd_jail.run(argv, env=env, cwd=HOME, timeout=timeout, on_output=on_output)
-        return await self._exec_alone(argv, timeout=timeout, on_output=on_output, network=net)
-
-    async def _exec_alone(
-        self, argv: Sequence[str], *, timeout: float, on_output: OutputSink, network: bool
-    ) -> int:
-        """Run *argv* in a jail of its own, killed whole when it ends, is cancelled or times out."""
+        """Run *argv* with the home (and display) mounted; its exit code (see ``commands``)."""
         jail = await self._ensure()
         mounts, display = self._mounts()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
-            try:
-                proc = await spawn(
-                    jail, argv, mounts=mounts, display=display, network=network, limits=self._config.limits,
-                    stdout=out_w, stderr=err_w,
-                )  # fmt: skip
-            finally:
-                os.close(out_w)
-                os.close(err_w)
-            self._commands.add(proc)
-            deadline = asyncio.timeout(timeout)
-            try:
-                async with deadline:
-                    await pump_both(((out_r, "stdout"), (err_r, "stderr")), on_output)
-                    return exit_code(await proc.wait())
-            except TimeoutError:
-                if not deadline.expired():
-                    raise
-                raise CommandTimeout(f"command timed out after {timeout:g} s") from None
-            finally:
-                self._commands.discard(proc)
-                await reap(proc)
-        finally:
-            for fd in (out_r, err_r):
-                os.close(fd)
+        net = self._config.network_on if network is None else network
+        if net == self._config.network_on:
+            return await self._commands.run(jail, argv, display=display, timeout=timeout, on_output=on_output)
+        return await self._commands.run_alone(
+            jail, argv, mounts=mounts, display=display, network=net, timeout=timeout, on_output=on_output
+        )
 
     async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
         await tools.setup(self, packages, report)
