@@ -10,9 +10,10 @@ whole when they end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -49,6 +50,12 @@ class Commands:
         """The command jail, which the caller now ends; the next command starts another."""
         cmd_jail, self.jail = self.jail, None
         return cmd_jail
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """No command jail starts inside (while the session's uid is being swept)."""
+        async with self._lock:
+            yield
 
     def abort(self) -> None:
         """Kill every command now, without waiting (for paths that cannot await)."""

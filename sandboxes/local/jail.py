@@ -83,7 +83,9 @@ UIDS = NumberPool()
 DISPLAYS = NumberPool()
 #: Signals every process the caller may signal (all of its uid's, since it has
 #: no capability), itself excepted: ``kill(2)`` with pid -1. The shell is
-#: Debian's dash, whose ``kill`` is built in.
+#: Debian's dash, whose ``kill`` is built in. setpriv (util-linux) changes the
+#: uid after exec, so the server starts it with vfork: a fork with a uid change
+#: would copy the whole server's page tables, stalling its other threads.
 _KILL_ALL = ("/bin/sh", "-c", "kill -s KILL -- -1", "kill-all")
 _KILL_ALL_TIMEOUT = 5.0
 
@@ -113,10 +115,9 @@ def kill_uid(uid: int) -> None:
         raise ValueError(f"refusing to signal every process of uid {uid}")
     try:
         subprocess.run(
-            _KILL_ALL,
-            user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=_KILL_ALL_TIMEOUT,
-            env={}, check=False,
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *_KILL_ALL],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=_KILL_ALL_TIMEOUT, env={"PATH": "/usr/bin:/bin"}, check=False,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError) as exc:
         raise SandboxBroken(f"cannot signal the processes of uid {uid}: {exc}") from exc

@@ -25,7 +25,7 @@ import secrets
 import shlex
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -189,9 +189,11 @@ class LocalSandbox:
                 await cmd_jail.close()
             if desktop is not None:
                 desktop.release()
-        # Anything of the session's left outside the jails walked above.
+        # Anything of the session's left outside the jails walked above (a
+        # desktop helper in flight); no new command jail may start meanwhile.
         if self._jail.identity.dropped:
-            await asyncio.to_thread(self._jail.identity.kill_all)
+            async with self._commands.held():
+                await asyncio.to_thread(self._jail.identity.kill_all)
         logger.info("sandbox.desktop_stopped", sandbox_id=self._id, ignored_sigterm=stubborn)
 
     async def close(self) -> None:
@@ -211,9 +213,9 @@ class LocalSandbox:
             logger.exception("sandbox.close_failed", sandbox_id=self._id)
         finally:
             self._abort_processes()
-            context = contextvars.copy_context()
-            teardown = loop.run_in_executor(None, context.run, self._teardown)
-        await asyncio.shield(teardown)
+            teardown = _in_thread(loop, self._teardown)
+        if teardown is not None:
+            await asyncio.shield(teardown)
         logger.info("sandbox.closed", sandbox_id=self._id)
 
     def _abort_processes(self) -> None:
@@ -355,6 +357,15 @@ class LocalSandbox:
         )
         self._apps.append(proc)
         logger.info("sandbox.app_launched", sandbox_id=self._id, app=argv[0], pid=proc.pid)
+
+
+def _in_thread(loop: asyncio.AbstractEventLoop, work: Callable[[], None]) -> asyncio.Future[None] | None:
+    """*work* started in the loop's executor, or done right here when that is shut down."""
+    try:
+        return loop.run_in_executor(None, contextvars.copy_context().run, work)
+    except RuntimeError:  # the loop is closing: better late on the loop than never
+        work()
+        return None
 
 
 def _release_identity(made: asyncio.Future[Identity]) -> None:
