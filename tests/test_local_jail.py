@@ -14,7 +14,7 @@ import pytest
 
 from protocol.errors import CommandTimeout, SandboxBroken
 from sandboxes.local import LocalSandbox, cmdjail
-from sandboxes.local.jail import session_pids
+from sandboxes.local.jail import lock_uid, session_pids
 from sandboxes.local.procs import REAP_TIMEOUT
 from tests.test_local_sandbox import Output, leftovers, run
 
@@ -187,3 +187,21 @@ async def test_a_command_the_spawner_cannot_start_answers_at_once(make: Make) ->
         assert code == 126
         assert "cannot run" in out.text()
         assert (await run(sandbox, "echo fine"))[0] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="uids are only handed out by a root server")
+async def test_a_uid_another_server_holds_is_never_shared(make: Make) -> None:
+    """A uid locked by another server on the host (no process of it running yet) is skipped."""
+    base = 260_000 + (os.getpid() % 1000) * 10
+    held = lock_uid(base)
+    assert held is not None
+    try:
+        sandbox = make("ada", uid_base=base, uid_count=10)
+        assert (await run(sandbox, "true"))[0] == 0
+        assert sandbox.jail is not None and sandbox.jail.identity.uid != base
+        await sandbox.close()
+        again = lock_uid(sandbox.jail.identity.uid)  # given back at close
+        assert again is not None
+        os.close(again)
+    finally:
+        os.close(held)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import pwd
 import subprocess
@@ -104,6 +105,32 @@ def uid_is_free(uid: int, in_use: set[int]) -> bool:
     return False
 
 
+#: One lock file per uid in use by a session of any server on this host.
+UID_LOCKS = Path("/run/deskhive/uids")
+#: The descriptors holding this process's uid locks, by uid.
+_UID_LOCK_FDS: dict[int, int] = {}
+
+
+def lock_uid(uid: int) -> int | None:
+    """Hold an flock on *uid*'s lock file; its descriptor, or ``None`` if another holds it.
+
+    A uid is taken before any process runs as it, so the scan of /proc alone
+    cannot keep two servers on one host from taking the same one. The kernel
+    drops the lock when its holder dies, however it dies.
+    """
+    try:
+        UID_LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(UID_LOCKS / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SandboxBroken(f"cannot lock uid {uid} in {UID_LOCKS}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def kill_uid(uid: int) -> None:
     """SIGKILL every process of *uid* with ``kill(-1)`` run as *uid* (blocking: a process start).
 
@@ -141,11 +168,23 @@ class Identity:
         # process of the host runs as (another server's session, a container's
         # mapped user) is never shared, and never killed by kill_all.
         in_use = uids_in_use()
-        uid = UIDS.take(uid_base, uid_count, lambda n: uid_is_free(n, in_use))
+
+        def free(n: int) -> bool:
+            if not uid_is_free(n, in_use) or (fd := lock_uid(n)) is None:
+                return False
+            _UID_LOCK_FDS[n] = fd
+            return True
+
+        uid = UIDS.take(uid_base, uid_count, free)
         return cls(uid=uid, gid=uid, dropped=True)
 
     def release(self) -> None:
-        if self.dropped:
+        """Give the uid back, here and host-wide; a second call does nothing."""
+        if not self.dropped:
+            return
+        fd = _UID_LOCK_FDS.pop(self.uid, None)
+        if fd is not None:
+            os.close(fd)
             UIDS.give(self.uid)
 
     def kill_all(self) -> None:
