@@ -151,7 +151,7 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ("model_key", str, "API key for the model endpoint; prefer the variable or --model-key-file"),
     ("sandbox_network", _flag, "give local sandboxes a network (off by default)"),
     ("command_cpu_seconds", _positive(int), "CPU seconds a local sandbox command may use"),
-    ("command_memory", _positive(int), "bytes of address space a local sandbox command may use"),
+    ("command_memory", _positive(int), "bytes of memory (data segment) a local sandbox command may use"),
     ("command_processes", _positive(int), "processes a local sandbox session may run at once"),
     (
         "command_file_size",

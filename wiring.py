@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -17,7 +16,7 @@ from actors.jobs import JobConfig
 from actors.session import ActorConfig
 from actors.workflows import Workflow
 from config import Settings
-from protocol.errors import NotConfigured
+from protocol.errors import NotConfigured, SandboxBroken
 from sandboxes.base import Limits, SandboxFactory
 from supervisor import SupervisorConfig
 
@@ -80,11 +79,19 @@ def sandbox_factory(settings: Settings) -> SandboxFactory:
         from sandboxes.e2b import e2b_factory
 
         return e2b_factory()
-    from sandboxes.local import LocalConfig, local_factory
+    from sandboxes.local import LocalConfig, check_enterable, local_factory
 
     root = settings.data_dir / "sandboxes"
     if os.geteuid() == 0:
-        check_enterable(root)
+        # Fail at start-up, not at the first command, on a folder sandboxes cannot reach.
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
+        try:
+            check_enterable(root)
+        except SandboxBroken as exc:
+            raise NotConfigured(
+                f"data folder {settings.data_dir}: {exc.message}; choose another --data-dir"
+            ) from None
     limits = Limits(
         cpu_seconds=settings.command_cpu_seconds,
         memory_bytes=settings.command_memory,
@@ -92,15 +99,3 @@ def sandbox_factory(settings: Settings) -> SandboxFactory:
         file_bytes=settings.command_file_size,
     )
     return local_factory(LocalConfig(root=root, limits=limits, network=settings.sandbox_network))
-
-
-def check_enterable(folder: Path) -> None:
-    """Fail at start-up, not at the first command, on a folder sandboxes cannot reach."""
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o755)
-    for part in (folder.resolve(), *folder.resolve().parents):
-        if not part.stat().st_mode & 0o001:
-            raise NotConfigured(
-                f"data folder {folder}: {part} is not enterable by other users, and sandboxed "
-                "commands run as other users; choose another --data-dir or chmod o+x it"
-            )

@@ -14,7 +14,7 @@ import pytest
 
 from protocol.errors import CommandTimeout, SandboxBroken
 from sandboxes.local import LocalSandbox, cmdjail
-from sandboxes.local.jail import session_pids
+from sandboxes.local.jail import lock_uid, session_pids
 from sandboxes.local.procs import REAP_TIMEOUT
 from tests.test_local_sandbox import Output, leftovers, run
 
@@ -24,8 +24,8 @@ Make = Callable[..., LocalSandbox]
 
 
 def spawner_pid(sandbox: LocalSandbox) -> int:
-    assert sandbox._cmd_jail is not None
-    (pid,) = sandbox.command_jail_pids() - {sandbox._cmd_jail.proc.pid}
+    assert sandbox._commands.jail is not None
+    (pid,) = sandbox.command_jail_pids() - {sandbox._commands.jail.proc.pid}
     return pid
 
 
@@ -58,10 +58,10 @@ async def test_sessions_do_not_share_jails(make: Make) -> None:
 
 
 async def test_limits_and_default_signals_reach_commands(make: Make) -> None:
-    """Each command gets the configured rlimits and SIGPIPE's default action."""
-    code, out = await run(make("ada"), "ulimit -u; ulimit -v; ulimit -t; yes | head -1")
+    """Each command gets the configured rlimits (memory as data, not address space) and SIGPIPE's default."""
+    code, out = await run(make("ada"), "ulimit -u; ulimit -d; ulimit -v; ulimit -t; yes | head -1")
     assert code == 0
-    assert out.text("stdout").split() == ["256", str(2 * 1024**2), "600", "y"]
+    assert out.text("stdout").split() == ["256", str(2 * 1024**2), "unlimited", "600", "y"]
     assert out.text("stderr") == ""
 
 
@@ -187,3 +187,21 @@ async def test_a_command_the_spawner_cannot_start_answers_at_once(make: Make) ->
         assert code == 126
         assert "cannot run" in out.text()
         assert (await run(sandbox, "echo fine"))[0] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="uids are only handed out by a root server")
+async def test_a_uid_another_server_holds_is_never_shared(make: Make) -> None:
+    """A uid locked by another server on the host (no process of it running yet) is skipped."""
+    base = 260_000 + (os.getpid() % 1000) * 10
+    held = lock_uid(base)
+    assert held is not None
+    try:
+        sandbox = make("ada", uid_base=base, uid_count=10)
+        assert (await run(sandbox, "true"))[0] == 0
+        assert sandbox.jail is not None and sandbox.jail.identity.uid != base
+        await sandbox.close()
+        again = lock_uid(sandbox.jail.identity.uid)  # given back at close
+        assert again is not None
+        os.close(again)
+    finally:
+        os.close(held)

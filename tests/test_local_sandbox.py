@@ -213,3 +213,14 @@ async def test_stop_and_close_leave_no_process_and_no_home(make: Make) -> None:
     assert not home.exists()
     if sandbox.jail.identity.dropped:
         assert uid not in UIDS._taken
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+async def test_chromium_renders_a_local_page_under_the_default_limits(make: Make) -> None:
+    """`chromium --headless --dump-dom` of a file in the home prints its DOM under the 2 GiB memory limit."""
+    sandbox = make("web")
+    page = '<p id="x">rendered by chromium</p>'
+    assert (await run(sandbox, f"echo '{page}' > page.html"))[0] == 0
+    code, out = await run(sandbox, "chromium --headless --dump-dom file://$HOME/page.html", timeout=60)
+    assert code == 0, out.text("stderr")[-2000:]
+    assert '<p id="x">rendered by chromium</p>' in out.text("stdout")

@@ -131,3 +131,55 @@ async def test_view_only_viewer_cannot_move_the_pointer_but_control_can(
             await driver.sync()
     await watcher.ws.close()
     await driver.ws.close()
+
+
+async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+    """The close code the proxy ends *ws* with (skipping any frames before it)."""
+    while (msg := await ws.receive()).type is aiohttp.WSMsgType.BINARY:
+        pass
+    assert msg.type is aiohttp.WSMsgType.CLOSE
+    return ws.close_code
+
+
+@pytest.mark.parametrize("mode", ["view", "control"])
+async def test_a_clipboard_length_past_the_cap_closes_that_viewer_alone(
+    connect: Connect, desktop: LocalSandbox, mode: str
+) -> None:
+    """A ClientCutText announcing 2 GiB closes the sender at once (1008), unread; another viewer works on."""
+    async with asyncio.timeout(15):
+        other = Viewer(await connect("control"))
+        await other.handshake()
+        sender = Viewer(await connect(mode))
+        await sender.handshake()
+        await sender.ws.send_bytes(struct.pack(">BxxxI", 6, 0x7FFFFFFF))
+        assert await closed_with(sender.ws) == aiohttp.WSCloseCode.POLICY_VIOLATION
+        await other.pointer(123, 45)
+        await other.sync()
+        while await pointer_at(desktop) != (123, 45):
+            await other.sync()
+    await other.ws.close()
+
+
+async def test_a_view_only_clipboard_is_dropped_as_it_streams(connect: Connect) -> None:
+    """A view-only viewer's 1 MiB clipboard text, sent in pieces, is skipped and the viewer goes on."""
+    async with asyncio.timeout(15):
+        watcher = Viewer(await connect("view"))
+        await watcher.handshake()
+        await watcher.ws.send_bytes(struct.pack(">BxxxI", 6, 1024 * 1024))
+        for _ in range(16):
+            await watcher.ws.send_bytes(b"x" * 65536)
+        await watcher.sync()
+    await watcher.ws.close()
+
+
+async def test_an_unknown_message_closes_that_viewer_alone(connect: Connect) -> None:
+    """A message type the proxy cannot parse closes its viewer with 1008; another viewer keeps its stream."""
+    async with asyncio.timeout(15):
+        other = Viewer(await connect("view"))
+        await other.handshake()
+        sender = Viewer(await connect("control"))
+        await sender.handshake()
+        await sender.ws.send_bytes(b"\x63rest")
+        assert await closed_with(sender.ws) == aiohttp.WSCloseCode.POLICY_VIOLATION
+        await other.sync()
+    await other.ws.close()

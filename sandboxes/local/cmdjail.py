@@ -20,7 +20,6 @@ the jail's bwrap and with it the whole PID namespace.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import json
 import os
@@ -31,9 +30,9 @@ from pathlib import Path
 import structlog
 
 from protocol.errors import CommandTimeout, SandboxBroken
-from sandboxes.base import Limits, OutputSink, Stream
+from sandboxes.base import Limits, OutputSink
 from sandboxes.local.jail import Jail, Mount, spawn
-from sandboxes.local.procs import CHUNK, REAP_TIMEOUT, kill_now, reap, wait_gone
+from sandboxes.local.procs import REAP_TIMEOUT, kill_now, pump_both, reap, wait_gone
 
 logger = structlog.get_logger()
 
@@ -45,8 +44,6 @@ REPLY_MAX = 256
 #: Requests stay well under the socket buffer set below (commands are <= 32 K chars).
 REQUEST_MAX = 512 * 1024
 SOCKET_BUFFER = 1024 * 1024
-#: Output still read after the command exited, when something else keeps writing.
-DRAIN_MAX = 1024 * 1024
 #: An exit code meaning "the jail ended under the command, not on our request".
 _BROKEN = -1
 
@@ -206,7 +203,7 @@ class CommandJail:
             deadline = asyncio.timeout(timeout)
             try:
                 async with deadline:
-                    await _pump_both(((out_r, "stdout"), (err_r, "stderr")), on_output, future)
+                    await pump_both(((out_r, "stdout"), (err_r, "stderr")), on_output, future)
                     code = await future
             except TimeoutError:
                 if not deadline.expired():
@@ -261,51 +258,3 @@ def _loads(data: bytes) -> object:
         return json.loads(data) if len(data) <= REPLY_MAX else None
     except ValueError:
         return None
-
-
-async def _pump_both(
-    pipes: Sequence[tuple[int, Stream]], sink: OutputSink, exited: asyncio.Future[int]
-) -> None:
-    """Stream both pipes apart, at once, until both close or the command has exited."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for fd, name in pipes:
-                tg.create_task(_pump(fd, name, sink, exited))
-    except BaseExceptionGroup as group:
-        # The sink's own error (say, an output cap) reaches the caller as is.
-        raise group.exceptions[0] from None
-
-
-async def _pump(fd: int, stream: Stream, sink: OutputSink, exited: asyncio.Future[int]) -> None:
-    """Forward *fd* to *sink*; once the command exited, only what is left in the pipe.
-
-    A process the command left in the background may hold the pipe open for
-    ever; the command is over when its shell exits, as it was when each
-    command had a jail of its own that died with it.
-    """
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    readable = asyncio.Event()
-    loop.add_reader(fd, readable.set)
-    exited.add_done_callback(lambda _: readable.set())
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    after_exit = 0
-    try:
-        while after_exit < DRAIN_MAX:
-            try:
-                chunk = os.read(fd, CHUNK)
-            except BlockingIOError:
-                if exited.done():
-                    break
-                readable.clear()
-                await readable.wait()
-                continue
-            if not chunk:
-                break
-            after_exit += len(chunk) if exited.done() else 0
-            if text := decoder.decode(chunk):
-                await sink(stream, text)
-    finally:
-        loop.remove_reader(fd)
-    if tail := decoder.decode(b"", final=True):
-        await sink(stream, tail)

@@ -24,6 +24,7 @@ from protocol.errors import SandboxBroken
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.jail import DISPLAYS, X11_DIR, Jail, Mount, spawn
 from sandboxes.local.procs import reap
+from sandboxes.local.sockets import connectable
 
 logger = structlog.get_logger()
 
@@ -46,6 +47,11 @@ class Desktop:
     x11_dir: Path
     vnc_dir: Path
     procs: list[asyncio.subprocess.Process] = attrs.field(factory=list)
+    #: The program each process runs, by pid (for messages).
+    names: dict[int, str] = attrs.field(factory=dict)
+    #: What the start waits for, and why it is not there yet (for the error).
+    waiting: str = ""
+    last_error: str = ""
 
     @property
     def x_socket(self) -> Path:
@@ -69,8 +75,14 @@ class Desktop:
                     await desktop._start_x(config)
                     await desktop._start_clients(config)
             except TimeoutError:
-                raise SandboxBroken(f"the desktop did not start within {config.start_timeout:g} s") from None
-        except BaseException:
+                raise SandboxBroken(
+                    f"the desktop did not start within {config.start_timeout:g} s: still waiting for "
+                    f"{desktop.waiting} ({desktop.last_error or 'no answer'})"
+                ) from None
+        except BaseException as exc:
+            if isinstance(exc, SandboxBroken):
+                # The reason says it all; a traceback would add nothing.
+                logger.error("sandbox.desktop_failed", display=display, reason=str(exc))  # noqa: TRY400
             await desktop.stop_processes()
             desktop.release()
             raise
@@ -82,7 +94,7 @@ class Desktop:
         width, height = config.screen
         xvfb = ["Xvfb", f":{self.display}", "-screen", "0", f"{width}x{height}x{config.depth}"]
         xvfb += ["-nolisten", "tcp", "-extension", "MIT-SHM", "-noreset"]
-        self.procs.append(await spawn(self.jail, xvfb, mounts=[Mount(self.x11_dir, X11_DIR, writable=True)]))
+        self._add(await spawn(self.jail, xvfb, mounts=[Mount(self.x11_dir, X11_DIR, writable=True)]), "Xvfb")
         await self._until_accepting(self.x_socket, "Xvfb")
 
     async def _start_clients(self, config: LocalConfig) -> None:
@@ -90,16 +102,15 @@ class Desktop:
         # The desktop's own programs get a HOME on their private /tmp: no
         # access to the session's files, and a writable HOME (openbox stalls
         # for seconds at start without one).
-        self.procs.append(
-            await spawn(self.jail, config.window_manager, mounts=x, display=self.display, extra_env=OWN_HOME)
-        )
+        wm = await spawn(self.jail, config.window_manager, mounts=x, display=self.display, extra_env=OWN_HOME)
+        self._add(wm, config.window_manager[0])
         vnc = ["x11vnc", "-display", f":{self.display}", "-rfbport", "0", "-unixsock", f"{VNC_DIR}/sock"]
         vnc += ["-forever", "-shared", "-nopw", "-norc", "-noshm", "-nocmds", "-noremote", "-quiet"]
         vnc_mounts = [*x, Mount(self.vnc_dir, VNC_DIR, writable=True)]
         # x11vnc rarely dies of an X I/O error right at start; one retry covers it.
         for attempt in (1, 2):
             proc = await spawn(self.jail, vnc, mounts=vnc_mounts, display=self.display, extra_env=OWN_HOME)
-            self.procs.append(proc)
+            self._add(proc, "x11vnc")
             try:
                 await self._until_accepting(self.vnc_socket, "x11vnc")
             except SandboxBroken:
@@ -111,13 +122,24 @@ class Desktop:
                 return
 
     async def _until_accepting(self, path: Path, what: str) -> None:
-        """Poll until *path* accepts a connection; fail if the server died."""
+        """Poll until *path* accepts a connection; fail, naming it, if a desktop program exited."""
         started = time.monotonic()
-        while not _accepts(path):
-            if any(p.returncode is not None for p in self.procs):
-                raise SandboxBroken(f"{what} exited while the desktop started")
+        self.waiting, self.last_error = f"{what} at {path}", ""
+        while (error := _connect_error(path)) is not None:
+            self.last_error = error
+            for proc in self.procs:
+                if proc.returncode is not None:
+                    name = self.names.get(proc.pid, "a desktop program")
+                    raise SandboxBroken(
+                        f"{name} exited with code {proc.returncode} while the desktop started "
+                        f"(waiting for {what}: {error})"
+                    )
             await asyncio.sleep(POLL)
         logger.debug("sandbox.desktop_piece_ready", piece=what, seconds=round(time.monotonic() - started, 3))
+
+    def _add(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.procs.append(proc)
+        self.names[proc.pid] = name
 
     async def stop_processes(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -136,15 +158,17 @@ class Desktop:
         return all(p.returncode is None for p in self.procs)
 
 
-def _accepts(path: Path) -> bool:
-    # A blocking connect to a unix socket does not wait: it succeeds or fails
-    # at once, so it is fine on the event loop.
+def _connect_error(path: Path) -> str | None:
+    """Why *path* does not accept a connection yet; ``None`` once it does."""
+    # A connect to a unix socket does not wait: it succeeds or fails at once,
+    # so it is fine on the event loop.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.setblocking(False)
         try:
-            s.connect(str(path))
+            with connectable(path) as address:
+                s.connect(address)
         except BlockingIOError:
-            return True  # listening, with a full backlog
-        except OSError:
-            return False
-    return True
+            return None  # listening, with a full backlog
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None

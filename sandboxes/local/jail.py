@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import pwd
 import signal
+import subprocess
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -63,34 +66,98 @@ class NumberPool:
     """Numbers (uids, X displays) handed out at most once in this process.
 
     They are host-wide resources, so one pool per process is the right scope;
-    nothing about any user is kept here.
+    nothing about any user is kept here. Thread-safe: uids are taken in a
+    thread, since checking that one is free scans the host's processes.
     """
 
     def __init__(self) -> None:
         self._taken: set[int] = set()
+        self._lock = threading.Lock()
 
     def take(self, first: int, count: int, is_free: Callable[[int], bool]) -> int:
         for n in range(first, first + count):
-            if n not in self._taken and is_free(n):
+            with self._lock:
+                if n in self._taken:
+                    continue
                 self._taken.add(n)
+            if is_free(n):
                 return n
+            self.give(n)
         raise SandboxBroken(f"no free number left in {first}..{first + count - 1}")
 
     def give(self, n: int) -> None:
-        self._taken.discard(n)
+        with self._lock:
+            self._taken.discard(n)
 
 
 UIDS = NumberPool()
 DISPLAYS = NumberPool()
+#: Signals every process the caller may signal (all of its uid's, since it has
+#: no capability), itself excepted: ``kill(2)`` with pid -1. The shell is
+#: Debian's dash, whose ``kill`` is built in. setpriv (util-linux) changes the
+#: uid after exec, so the server starts it with vfork: a fork with a uid change
+#: would copy the whole server's page tables, stalling its other threads.
+_KILL_ALL = ("/bin/sh", "-c", "kill -s KILL -- -1", "kill-all")
+_KILL_ALL_TIMEOUT = 5.0
 
 
-def uid_is_free(uid: int) -> bool:
-    """A uid no account has and no process runs as."""
+def uids_in_use() -> set[int]:
+    """The real uids of every live process on the host: one scan of /proc (blocking)."""
+    return {uid for pid in _pids() if (uid := _real_uid(pid)) is not None}
+
+
+def uid_is_free(uid: int, in_use: set[int]) -> bool:
+    """A uid no account has and no process in *in_use* runs as."""
     try:
         pwd.getpwuid(uid)
     except KeyError:
-        return not any(_real_uid(pid) == uid for pid in _pids())
+        return uid not in in_use
     return False
+
+
+#: One lock file per uid in use by a session of any server on this host.
+UID_LOCKS = Path("/run/deskhive/uids")
+#: The descriptors holding this process's uid locks, by uid.
+_UID_LOCK_FDS: dict[int, int] = {}
+
+
+def lock_uid(uid: int) -> int | None:
+    """Hold an flock on *uid*'s lock file; its descriptor, or ``None`` if another holds it.
+
+    A uid is taken before any process runs as it, so the scan of /proc alone
+    cannot keep two servers on one host from taking the same one. The kernel
+    drops the lock when its holder dies, however it dies.
+    """
+    try:
+        UID_LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(UID_LOCKS / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SandboxBroken(f"cannot lock uid {uid} in {UID_LOCKS}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def kill_uid(uid: int) -> None:
+    """SIGKILL every process of *uid* with ``kill(-1)`` run as *uid* (blocking: a process start).
+
+    No scan of /proc: the kernel finds them, in every namespace, since a
+    process's uid is the same seen from any of them. (Its answer says
+    nothing: ``kill(-1)`` succeeds whenever any other process exists.)
+    """
+    if uid == 0 or uid == os.getuid():
+        raise ValueError(f"refusing to signal every process of uid {uid}")
+    try:
+        subprocess.run(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *_KILL_ALL],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=_KILL_ALL_TIMEOUT, env={"PATH": "/usr/bin:/bin"}, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SandboxBroken(f"cannot signal the processes of uid {uid}: {exc}") from exc
 
 
 @attrs.frozen(kw_only=True)
@@ -104,14 +171,40 @@ class Identity:
 
     @classmethod
     def acquire(cls, uid_base: int, uid_count: int) -> Identity:
+        """A uid of the session's own (blocking when the server is root: run it in a thread)."""
         if os.geteuid() != 0:
             return cls(uid=os.getuid(), gid=os.getgid(), dropped=False)
-        uid = UIDS.take(uid_base, uid_count, uid_is_free)
+        # One scan for all candidates, in the caller's thread: a uid some
+        # process of the host runs as (another server's session, a container's
+        # mapped user) is never shared, and never killed by kill_all.
+        in_use = uids_in_use()
+
+        def free(n: int) -> bool:
+            if not uid_is_free(n, in_use) or (fd := lock_uid(n)) is None:
+                return False
+            _UID_LOCK_FDS[n] = fd
+            return True
+
+        uid = UIDS.take(uid_base, uid_count, free)
         return cls(uid=uid, gid=uid, dropped=True)
 
     def release(self) -> None:
-        if self.dropped:
+        """Give the uid back, here and host-wide; a second call does nothing."""
+        if not self.dropped:
+            return
+        fd = _UID_LOCK_FDS.pop(self.uid, None)
+        if fd is not None:
+            os.close(fd)
             UIDS.give(self.uid)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of this session's own uid (blocking).
+
+        Only for a dropped identity: without one the uid is the server's.
+        """
+        if not self.dropped:
+            raise ValueError("the session has no uid of its own")
+        kill_uid(self.uid)
 
     def popen_kwargs(self) -> dict[str, Any]:
         """``Popen`` arguments that switch to this user before exec."""
@@ -265,7 +358,7 @@ def _prlimit(limits: Limits | None) -> list[str]:
         return []
     pairs = (
         ("cpu", limits.cpu_seconds),
-        ("as", limits.memory_bytes),
+        ("data", limits.memory_bytes),
         ("nproc", limits.processes),
         ("fsize", limits.file_bytes),
     )
@@ -370,7 +463,12 @@ def _real_uid(pid: int) -> int | None:
 
 
 def session_pids(jail: Jail) -> list[int]:
-    """Host pids of every live process of the session: its uid or its marker."""
+    """Host pids of every live process of the session: its uid or its marker.
+
+    A scan of every process on the host (100 ms and more on a busy one): for
+    tests, operators, and a server without uids of its own to hand out, and
+    never on the event loop.
+    """
     me, needle = os.getpid(), f"\0{MARKER_VAR}={jail.marker}\0".encode()
     own_uid = jail.identity.uid if jail.identity.dropped else None
     found = []

@@ -13,12 +13,11 @@ import codecs
 import contextlib
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import structlog
 
 from sandboxes.base import OutputSink, Stream
-from sandboxes.local.jail import Jail, session_pids
 
 logger = structlog.get_logger()
 
@@ -26,6 +25,8 @@ CHUNK = 32 * 1024
 #: Bound on waiting for a SIGKILLed process to be reaped.
 REAP_TIMEOUT = 2.0
 POLL = 0.02
+#: Output still read after the command exited, when something else keeps writing.
+DRAIN_MAX = 1024 * 1024
 
 
 def exit_code(returncode: int) -> int:
@@ -78,73 +79,104 @@ async def wait_gone(pids: list[int], timeout: float) -> None:
         await asyncio.sleep(POLL)
 
 
-async def terminate(jail: Jail, procs: Iterable[asyncio.subprocess.Process], *, grace: float) -> int:
-    """End *procs* and every other process of the session; return the leftovers killed.
+async def terminate(procs: Iterable[asyncio.subprocess.Process], *, grace: float) -> int:
+    """End *procs*, the jails' outer processes, with all inside; how many ignored SIGTERM.
 
-    Programs inside get SIGTERM and *grace* seconds; then the jails' outer
-    bwraps get SIGKILL, which ends their namespaces, and any process of the
-    session still found in /proc gets SIGKILL too.
+    Programs inside get SIGTERM and *grace* seconds; then the outer bwraps get
+    SIGKILL, which ends their namespaces. The programs are found by walking
+    down from the outer processes (orphans in a jail are adopted by its init,
+    so none escapes the walk), never by scanning every process of the host.
+    Callers end whatever of the session's uid is left after this.
     """
     procs = list(procs)
-    outer = {p.pid for p in procs}
-    # Not the jails' own processes: bwrap, and a long-lived jail's spawner
-    # (the direct child of its outer bwrap, which a SIGTERM never stops).
-    inner = [
-        pid
-        for pid in session_pids(jail)
-        if pid not in outer and _comm(pid) != "bwrap" and _ppid(pid) not in outer
-    ]
+    inits = [child for proc in procs for child in _children(proc.pid)]
+    # Not the jails' inits (bwrap's, or a long-lived jail's spawner): they
+    # ignore signals from outside anyway, and die with their namespace.
+    inner = descendants(inits)
     _signal_all(inner, signal.SIGTERM)
     await wait_gone(inner, grace)
+    stubborn = sum(1 for pid in inner if _alive(pid))
     for proc in procs:
         kill_now(proc)
     async with asyncio.TaskGroup() as tg:
         for proc in procs:
             tg.create_task(reap(proc))
-    stragglers = session_pids(jail)
-    _signal_all(stragglers, signal.SIGKILL)
-    await wait_gone(stragglers, REAP_TIMEOUT)
-    return len(stragglers)
+    return stubborn
 
 
-def _ppid(pid: int) -> int | None:
+def descendants(roots: Iterable[int]) -> list[int]:
+    """Every process below *roots* (not the roots), from /proc/<pid>/task/*/children."""
+    found: list[int] = []
+    todo = list(roots)
+    seen = set(todo)
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in seen:
+                seen.add(child)
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def _children(pid: int) -> list[int]:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return ""
+        return []
+    children: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children += map(int, f.read().split())
+        except (OSError, ValueError):
+            continue
+    return children
 
 
-async def pump(reader: asyncio.StreamReader | None, stream: Stream, sink: OutputSink) -> None:
-    """Forward *reader* to *sink* chunk by chunk, decoding UTF-8 incrementally."""
-    if reader is None:
-        return
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while chunk := await reader.read(CHUNK):
-        if text := decoder.decode(chunk):
-            await sink(stream, text)
-    if tail := decoder.decode(b"", final=True):
-        await sink(stream, tail)
-
-
-async def pump_both(proc: asyncio.subprocess.Process, sink: OutputSink) -> None:
-    """Stream stdout and stderr apart, both at once, until both close."""
-    streams: tuple[tuple[asyncio.StreamReader | None, Stream], ...] = (
-        (proc.stdout, "stdout"),
-        (proc.stderr, "stderr"),
-    )
+async def pump_both(
+    pipes: Sequence[tuple[int, Stream]], sink: OutputSink, exited: asyncio.Future[int] | None = None
+) -> None:
+    """Stream both pipes apart, at once, until both close (or the command has exited)."""
     try:
         async with asyncio.TaskGroup() as tg:
-            for reader, name in streams:
-                tg.create_task(pump(reader, name, sink))
+            for fd, name in pipes:
+                tg.create_task(pump(fd, name, sink, exited))
     except BaseExceptionGroup as group:
         # The sink's own error (say, an output cap) reaches the caller as is.
         raise group.exceptions[0] from None
+
+
+async def pump(fd: int, stream: Stream, sink: OutputSink, exited: asyncio.Future[int] | None = None) -> None:
+    """Forward pipe *fd* to *sink*, decoding UTF-8 incrementally, until it closes.
+
+    With *exited*, once that is done only what is left in the pipe is read: a
+    process the command left in the background may hold the pipe open for
+    ever, and the command is over when its shell exits.
+    """
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    readable = asyncio.Event()
+    loop.add_reader(fd, readable.set)
+    if exited is not None:
+        exited.add_done_callback(lambda _: readable.set())
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    after_exit = 0
+    try:
+        while after_exit < DRAIN_MAX:
+            try:
+                chunk = os.read(fd, CHUNK)
+            except BlockingIOError:
+                if exited is not None and exited.done():
+                    break
+                readable.clear()
+                await readable.wait()
+                continue
+            if not chunk:
+                break
+            after_exit += len(chunk) if exited is not None and exited.done() else 0
+            if text := decoder.decode(chunk):
+                await sink(stream, text)
+    finally:
+        loop.remove_reader(fd)
+    if tail := decoder.decode(b"", final=True):
+        await sink(stream, tail)

@@ -9,7 +9,7 @@ Layout of a session's folder (``<root>/<session_id>`` or the spec's
             desktop starts after the jail)
     vnc/    x11vnc's unix socket; never mounted in a jail the user's code runs in
 
-Commands run in one long-lived jail per session (see ``cmdjail``), whose
+Commands run in one long-lived jail per session (see ``commands``), whose
 ``/tmp`` therefore lasts from one command to the next, like a machine's, until
 the desktop stops or the session closes: both end that jail with everything
 in it, including what commands left running in the background.
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import secrets
 import shlex
-import shutil
-import sys
+import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,14 +31,15 @@ from pathlib import Path
 import attrs
 import structlog
 
-from protocol.errors import CommandTimeout, ProtocolError, SandboxBroken
+from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.local import cgroups, tools
-from sandboxes.local.cmdjail import CommandJail
+from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
-from sandboxes.local.jail import HOME, X11_DIR, Identity, Jail, Mount, session_pids, spawn
-from sandboxes.local.procs import exit_code, kill_now, pump_both, reap, terminate
+from sandboxes.local.folders import check_enterable, remove_logged, sweep_orphans
+from sandboxes.local.jail import HOME, Identity, Jail, Mount, session_pids, spawn
+from sandboxes.local.procs import kill_now, reap, terminate
 
 logger = structlog.get_logger()
 
@@ -60,10 +61,8 @@ class LocalSandbox:
         self._jail: Jail | None = None
         self._desktop: Desktop | None = None
         self._apps: list[asyncio.subprocess.Process] = []
-        self._commands: set[asyncio.subprocess.Process] = set()
-        #: The jail the session's commands run in, started at the first one.
-        self._cmd_jail: CommandJail | None = None
-        self._cmd_lock = asyncio.Lock()
+        self._commands = Commands(self._id, config, self._base)
+        self._ensure_lock = asyncio.Lock()
         self._closed = False
 
     # -- Sandbox protocol: state -------------------------------------------
@@ -105,25 +104,55 @@ class LocalSandbox:
 
     def command_jail_pids(self) -> set[int]:
         """Host pids of the command jail itself (bwrap, spawner), for tests and operators."""
-        cmd_jail = self._cmd_jail
-        return cmd_jail.pids() if cmd_jail is not None and cmd_jail.ended is None else set()
+        return self._commands.pids()
 
     # -- life cycle ----------------------------------------------------------
 
-    def _ensure(self) -> Jail:
+    async def _ensure(self) -> Jail:
         """The session's jail, creating its folders and identity on first use."""
         if self._closed:
             raise SandboxBroken(f"sandbox {self._id} is closed")
         if self._jail is not None:
             return self._jail
+        async with self._ensure_lock:
+            if self._jail is None:
+                self._jail = await self._create_jail()
+        return self._jail
+
+    async def _create_jail(self) -> Jail:
+        # Finding a free uid starts processes: off the loop. Shielded, so that
+        # a cancelled start still gives back the uid the thread may take.
+        made = asyncio.get_running_loop().run_in_executor(None, self._prepare)
+        try:
+            identity = await asyncio.shield(made)
+        except asyncio.CancelledError:
+            made.add_done_callback(_release_identity)
+            raise
+        if self._closed:
+            identity.release()
+            raise SandboxBroken(f"sandbox {self._id} is closed")
+        config = self._config
+        try:
+            cgroup = cgroups.for_session(config, self._id)
+        except BaseException:
+            identity.release()
+            raise
+        logger.info("sandbox.created", sandbox_id=self._id, uid=identity.uid, base=str(self._base))
+        return Jail(
+            identity=identity, username=self._spec.username, marker=self._id, tmp_bytes=config.tmp_bytes,
+            shm_bytes=config.shm_bytes, root_bytes=config.root_bytes, cgroup=cgroup,
+        )  # fmt: skip
+
+    def _prepare(self) -> Identity:
+        """Take a uid and make the session's folders (blocking)."""
         identity = Identity.acquire(self._config.uid_base, self._config.uid_count)
         try:
-            # bwrap opens the mounted folders as the session's uid, so every
-            # folder above them must be searchable (o+x) by it; the session
-            # folders themselves are private to that uid.
+            # bwrap opens the mounted folders as the server (by descriptor),
+            # but the server reaches the sockets by path: every folder above
+            # must be searchable (o+x); the session's are private to its uid.
             self._base.mkdir(mode=0o711, parents=True, exist_ok=True)
             if identity.dropped:
-                _check_searchable(self._base)
+                check_enterable(self._base)
             for name in ("home", "x11", "vnc"):
                 folder = self._base / name
                 folder.mkdir(mode=0o700, exist_ok=True)
@@ -134,25 +163,14 @@ class LocalSandbox:
             if not isinstance(exc, OSError):
                 raise
             raise SandboxBroken(f"cannot create the sandbox folder {self._base}: {exc.strerror}") from exc
-        config = self._config
-        try:
-            cgroup = cgroups.for_session(config, self._id)
-        except BaseException:
-            identity.release()
-            raise
-        self._jail = Jail(
-            identity=identity, username=self._spec.username, marker=self._id, tmp_bytes=config.tmp_bytes,
-            shm_bytes=config.shm_bytes, root_bytes=config.root_bytes, cgroup=cgroup,
-        )  # fmt: skip
-        logger.info("sandbox.created", sandbox_id=self._id, uid=identity.uid, base=str(self._base))
-        return self._jail
+        return identity
 
     async def start_desktop(self) -> None:
         if self.desktop_running:
             return
         if self._desktop is not None:
             await self.stop_desktop()
-        jail, started = self._ensure(), time.monotonic()
+        jail, started = await self._ensure(), time.monotonic()
         self._desktop = await Desktop.start(jail, self._config, self._base / "x11", self._base / "vnc")
         seconds = round(time.monotonic() - started, 3)
         logger.info(
@@ -163,65 +181,75 @@ class LocalSandbox:
         """End the desktop, its apps and any running command of the session."""
         desktop, self._desktop = self._desktop, None
         apps, self._apps = self._apps, []
-        cmd_jail, self._cmd_jail = self._cmd_jail, None
+        cmd_jail = self._commands.take()
         if self._jail is None:
             return
-        procs = [*apps, *self._commands, *(desktop.procs if desktop else [])]
+        procs = [*apps, *self._commands.alone, *(desktop.procs if desktop else [])]
         if cmd_jail is not None:
             # Its running commands answer 137, as with any SIGKILLed jail.
             cmd_jail.stopping = True
             procs.append(cmd_jail.proc)
         try:
-            stragglers = await terminate(self._jail, procs, grace=self._config.kill_grace)
+            stubborn = await terminate(procs, grace=self._config.kill_grace)
         finally:
             if cmd_jail is not None:
                 await cmd_jail.close()
             if desktop is not None:
                 desktop.release()
-        logger.info("sandbox.desktop_stopped", sandbox_id=self._id, stragglers=stragglers)
+        # Anything of the session's left outside the jails walked above (a
+        # desktop helper in flight); no new command jail may start meanwhile.
+        if self._jail.identity.dropped:
+            async with self._commands.held():
+                await asyncio.to_thread(self._jail.identity.kill_all)
+        logger.info("sandbox.desktop_stopped", sandbox_id=self._id, ignored_sigterm=stubborn)
 
     async def close(self) -> None:
+        """End every process of the session and remove its folder; never raises but on cancellation.
+
+        The last steps (SIGKILL of the session's uid, removing the folder,
+        giving back the uid) run in a thread that finishes even if this call
+        is cancelled: a huge home takes seconds to remove, and never on the loop.
+        """
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._commands.closed = True
+        loop = asyncio.get_running_loop()
         try:
             await self.stop_desktop()
         except Exception:
             logger.exception("sandbox.close_failed", sandbox_id=self._id)
         finally:
-            self._kill_everything_now()
-            self._remove_folder()
-            if self._jail is not None:
-                if self._jail.cgroup is not None:
-                    await cgroups.close(self._jail.cgroup)
-                self._jail.identity.release()
+            self._abort_processes()
+            teardown = _in_thread(loop, self._teardown)
+        if teardown is not None:
+            await asyncio.shield(teardown)
+        if self._jail is not None and self._jail.cgroup is not None:
+            await cgroups.close(self._jail.cgroup)
         logger.info("sandbox.closed", sandbox_id=self._id)
 
-    def _kill_everything_now(self) -> None:
+    def _abort_processes(self) -> None:
         # Synchronous, so that it also happens when close() itself is cancelled.
-        for proc in [*self._apps, *self._commands]:
+        for proc in self._apps:
             kill_now(proc)
-        cmd_jail, self._cmd_jail = self._cmd_jail, None
-        if cmd_jail is not None:
-            cmd_jail.abort()
-        if self._jail is not None:
-            if self._jail.cgroup is not None:
-                self._jail.cgroup.kill()
-            for pid in session_pids(self._jail):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, 9)
+        self._commands.abort()
+        if self._jail is not None and self._jail.cgroup is not None:
+            self._jail.cgroup.kill()
 
-    def _remove_folder(self) -> None:
-        def note(_fn: Callable[..., object], path: str, exc: BaseException) -> None:
-            logger.warning("sandbox.remove_failed", path=path, error=str(exc))
-
-        if not self._base.exists():
-            return
-        # rmtree does not follow the symlinks a session may have left in its home.
-        if sys.version_info >= (3, 12):
-            shutil.rmtree(self._base, onexc=note)
-        else:
-            shutil.rmtree(self._base, onerror=lambda fn, path, info: note(fn, path, info[1]))
+    def _teardown(self) -> None:
+        """SIGKILL what is left of the session, remove its folder, free its uid (blocking; never raises)."""
+        jail, gone = self._jail, True
+        try:
+            if jail is not None:
+                gone = False
+                _kill_session(jail)
+                gone = True
+            remove_logged(self._base, sandbox_id=self._id)
+        except Exception:
+            logger.exception("sandbox.teardown_failed", sandbox_id=self._id)
+        finally:
+            # A uid whose processes may live on is never handed out again.
+            if jail is not None and gone:
+                jail.identity.release()
 
     # -- commands --------------------------------------------------------------
 
@@ -234,76 +262,18 @@ class LocalSandbox:
     async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:
         return await self.exec(["/bin/bash", "-c", cmd], timeout=timeout, on_output=on_output)
 
-    async def _command_jail(self) -> CommandJail:
-        """The session's command jail, started (again) when there is none alive."""
-        jail = self._ensure()
-        try:
-            async with asyncio.timeout(self._config.start_timeout * 2), self._cmd_lock:
-                return await self._start_command_jail(jail)
-        except TimeoutError:
-            raise SandboxBroken("the sandbox's command jail did not become ready in time") from None
-
-    async def _start_command_jail(self, jail: Jail) -> CommandJail:
-        """The live command jail, or a new one in place of a dead one (under the lock)."""
-        old = self._cmd_jail
-        if old is not None and old.ended is None:
-            return old
-        if old is not None:
-            await old.close()
-            logger.warning("sandbox.command_jail_restarted", sandbox_id=self._id, reason=old.ended)
-        # The X socket folder read-only: the display's socket can be used
-        # (connect needs no write on the mount) but not replaced.
-        mounts = [Mount(self.home, HOME, writable=True), Mount(self._base / "x11", X11_DIR)]
-        started = time.monotonic()
-        new = await CommandJail.start(
-            jail,
-            mounts=mounts,
-            network=self._config.network_on,
-            limits=self._config.limits,
-            timeout=self._config.start_timeout,
-        )
-        if self._closed:
-            await new.close()
-            raise SandboxBroken(f"sandbox {self._id} is closed")
-        self._cmd_jail = new
-        seconds = round(time.monotonic() - started, 3)
-        logger.info("sandbox.command_jail_started", sandbox_id=self._id, pid=new.proc.pid, seconds=seconds)
-        return new
-
     async def exec(
         self, argv: Sequence[str], *, timeout: float, on_output: OutputSink, network: bool | None = None
     ) -> int:
-        """Run *argv* with the home (and display) mounted; its exit code.
-
-        Commands with the session's usual network setting run in its
-        long-lived command jail; cancelling or timing out one kills its
-        process group. Others get a jail of their own, killed whole.
-        """
+        """Run *argv* with the home (and display) mounted; its exit code (see ``commands``)."""
+        jail = await self._ensure()
+        mounts, display = self._mounts()
         net = self._config.network_on if network is None else network
         if net == self._config.network_on:
-            cmd_jail = await self._command_jail()
-            display = self._desktop.display if self._desktop is not None and self.desktop_running else None
-            env = self._ensure().env(display)
-            return await cmd_jail.run(argv, env=env, cwd=HOME, timeout=timeout, on_output=on_output)
-        jail = self._ensure()
-        mounts, display = self._mounts()
-        proc = await spawn(
-            jail, argv, mounts=mounts, display=display, network=net, limits=self._config.limits,
-            stdout=PIPE, stderr=PIPE,
-        )  # fmt: skip
-        self._commands.add(proc)
-        deadline = asyncio.timeout(timeout)
-        try:
-            async with deadline:
-                await pump_both(proc, on_output)
-                return exit_code(await proc.wait())
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            raise CommandTimeout(f"command timed out after {timeout:g} s") from None
-        finally:
-            self._commands.discard(proc)
-            await reap(proc)
+            return await self._commands.run(jail, argv, display=display, timeout=timeout, on_output=on_output)
+        return await self._commands.run_alone(
+            jail, argv, mounts=mounts, display=display, network=net, timeout=timeout, on_output=on_output
+        )
 
     async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
         await tools.setup(self, packages, report)
@@ -317,7 +287,7 @@ class LocalSandbox:
 
     async def _tool(self, argv: Sequence[str]) -> bytes:
         """Run a desktop helper (xdotool, import) in a jail; its stdout."""
-        desktop, jail = self._need_desktop(), self._ensure()
+        desktop, jail = self._need_desktop(), await self._ensure()
         proc = await spawn(
             jail, argv, mounts=[desktop.x_mount()], display=desktop.display, stdout=PIPE, stderr=PIPE
         )
@@ -384,7 +354,7 @@ class LocalSandbox:
 
     async def _launch(self, argv: Sequence[str]) -> None:
         """Start a desktop app in a jail and leave it running until the desktop stops."""
-        desktop, jail = self._need_desktop(), self._ensure()
+        desktop, jail = self._need_desktop(), await self._ensure()
         self._apps = [p for p in self._apps if p.returncode is None]
         app_limits = attrs.evolve(self._config.limits, cpu_seconds=0, memory_bytes=0)
         mounts = [Mount(self.home, HOME, writable=True), desktop.x_mount()]
@@ -400,17 +370,40 @@ class LocalSandbox:
         logger.info("sandbox.app_launched", sandbox_id=self._id, app=argv[0], pid=proc.pid)
 
 
-def _check_searchable(folder: Path) -> None:
-    for path in [folder, *folder.parents]:
-        if not path.stat().st_mode & 0o001:
-            raise SandboxBroken(
-                f"{path} is not searchable by other users, so sandboxed uids cannot reach {folder}: "
-                "choose a sandbox root whose parents all have o+x"
-            )
+def _in_thread(loop: asyncio.AbstractEventLoop, work: Callable[[], None]) -> asyncio.Future[None] | None:
+    """*work* started in the loop's executor, or done right here when that is shut down."""
+    try:
+        return loop.run_in_executor(None, contextvars.copy_context().run, work)
+    except RuntimeError:  # the loop is closing: better late on the loop than never
+        work()
+        return None
 
 
-def local_factory(config: LocalConfig) -> SandboxFactory:
-    """A factory making one ``LocalSandbox`` per session, all sharing *config*."""
+def _release_identity(made: asyncio.Future[Identity]) -> None:
+    if not made.cancelled() and made.exception() is None:
+        made.result().release()
+
+
+def _kill_session(jail: Jail) -> None:
+    """SIGKILL every process of the session (blocking)."""
+    if jail.identity.dropped:
+        jail.identity.kill_all()
+        return
+    # No uid of its own (a server not run as root): find them by marker.
+    for pid in session_pids(jail):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def local_factory(config: LocalConfig, keep: frozenset[str] = frozenset()) -> SandboxFactory:
+    """A factory making one ``LocalSandbox`` per session, all sharing *config*.
+
+    Called once at start-up, before serving: it removes the session folders
+    under ``config.root`` that a server killed without its cleanup left
+    behind, all but those of the live sessions named in *keep*.
+    """
+    if config.root is not None:
+        sweep_orphans(config.root, keep)
 
     if config.cgroups:
         cgroups.shared()  # probed at start-up, so that a host without them is said at once

@@ -14,16 +14,14 @@ import asyncio
 import re
 import shutil
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from protocol import fields
 from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, StepReporter, Stream
+from sandboxes.local.config import LocalConfig
 from sandboxes.local.jail import HOME
 from sandboxes.local.procs import reap
-
-if TYPE_CHECKING:
-    from sandboxes.local.sandbox import LocalSandbox
 
 SCROLL_BUTTONS = {"up": "4", "down": "5", "left": "6", "right": "7"}
 BROWSER_NAMES = frozenset({"browser", "chromium", "chromium-browser", "google-chrome", "chrome", "firefox"})
@@ -41,6 +39,17 @@ BASHRC = f"""\
 export PATH="{HOME}/.local/bin:$PATH"
 PS1='\\u@sandbox:\\w\\$ '
 """
+
+
+class Runner(Protocol):
+    """What ``setup`` needs of a sandbox (``LocalSandbox`` is one; this module imports it not)."""
+
+    @property
+    def config(self) -> LocalConfig: ...
+
+    async def exec(
+        self, argv: Sequence[str], *, timeout: float, on_output: OutputSink, network: bool | None = None
+    ) -> int: ...
 
 
 def key_chord(keys: str | Sequence[str]) -> str:
@@ -68,7 +77,7 @@ def browser_argv(browser: str) -> list[str]:
     ]
 
 
-async def setup(sandbox: LocalSandbox, packages: Sequence[str], report: StepReporter) -> None:
+async def setup(sandbox: Runner, packages: Sequence[str], report: StepReporter) -> None:
     """Prepare the home, check the browser, then each package; fail naming the missing."""
     await _prepare_home(sandbox)
     report("setup.home", path=HOME)
@@ -92,7 +101,7 @@ async def setup(sandbox: LocalSandbox, packages: Sequence[str], report: StepRepo
         raise SandboxBroken(f"packages not available in the sandbox: {', '.join(missing)}")
 
 
-async def _prepare_home(sandbox: LocalSandbox) -> None:
+async def _prepare_home(sandbox: Runner) -> None:
     # Done inside the jail as the session's user: the home is the session's
     # to change, and the server must not follow links a session left there.
     script = (
@@ -126,7 +135,7 @@ async def _debian_present(name: str, report: StepReporter) -> bool:
     return present
 
 
-async def _pip_install(sandbox: LocalSandbox, name: str, report: StepReporter) -> bool:
+async def _pip_install(sandbox: Runner, name: str, report: StepReporter) -> bool:
     argv = ["python3", "-m", "pip", "install", "--user", "--break-system-packages", "--no-input"]
     argv += ["--disable-pip-version-check", "--progress-bar", "off", "--", name]
     out: list[str] = []

@@ -8,6 +8,10 @@ authenticated by the server's per-session stream token. Owning the
 handshake means the proxy always knows where the client's message stream
 begins, so it can parse it and, for a view-only viewer, drop every message
 that would act on the desktop (keys, pointer, clipboard, resizing).
+
+Every length a viewer sends is capped (``MAX_LENGTH``): a viewer that passes
+it, or sends a message the proxy cannot parse, is closed (1008) alone. A
+view-only viewer's clipboard text is skipped as it arrives, never held.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from protocol.errors import SandboxBroken
+from sandboxes.local.sockets import connectable
 
 logger = structlog.get_logger()
 
@@ -34,10 +39,17 @@ CHUNK: Final = 64 * 1024
 #: Client messages a view-only viewer may not send: KeyEvent, PointerEvent,
 #: ClientCutText, SetDesktopSize and QEMU's (extended key) messages.
 ACTING: Final = frozenset({4, 5, 6, 251, 255})
+#: Longest variable part of a viewer's message (clipboard text) the proxy takes.
+MAX_LENGTH: Final = 1024 * 1024
+CUT_TEXT: Final = 6
 
 
 class ClientGone(Exception):
     """The browser closed its WebSocket."""
+
+
+class BadViewer(Exception):
+    """The viewer sent RFB the proxy does not take (malformed, or a length past the cap)."""
 
 
 class WsBytes:
@@ -57,6 +69,20 @@ class WsBytes:
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
         return data
+
+    async def skip(self, n: int) -> None:
+        """Drop the next *n* bytes, one frame at a time, never holding more than one."""
+        while n > len(self._buffer):
+            n -= len(self._buffer)
+            self._buffer.clear()
+            await self.read_exact(1)
+            n -= 1
+        del self._buffer[:n]
+
+    async def refuse(self, reason: str) -> None:
+        """Close this viewer's socket alone, saying why."""
+        logger.warning("vncproxy.bad_viewer", error=reason)
+        await self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"malformed RFB")
 
 
 async def pipe(
@@ -103,7 +129,8 @@ async def pipe(
 
 async def _connect(endpoint: Endpoint) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if isinstance(endpoint, str):
-        return await asyncio.open_unix_connection(endpoint)
+        with connectable(endpoint) as address:
+            return await asyncio.open_unix_connection(address)
     return await asyncio.open_connection(*endpoint)
 
 
@@ -176,20 +203,37 @@ async def _client_to_server(
     # ClientInit: one byte, "shared"; always shared so no viewer drops the others.
     await client.read_exact(1)
     writer.write(b"\x01")
-    while True:
-        message = await _client_message(client)
-        if message[0] in ACTING:
-            if view_only:
+    try:
+        while True:
+            message = await _client_message(client, view_only)
+            if message is None or (message[0] in ACTING and view_only):
                 continue
-            if on_input is not None:
+            if message[0] in ACTING and on_input is not None:
                 on_input()
-        writer.write(message)
-        await writer.drain()
+            writer.write(message)
+            await writer.drain()
+    except BadViewer as exc:
+        await client.refuse(str(exc))
 
 
-async def _client_message(client: WsBytes) -> bytes:
-    """One whole client-to-server RFB message."""
+async def _cut_text(client: WsBytes, head: bytes, view_only: bool) -> bytes | None:
+    """ClientCutText: a view-only viewer's is skipped unread (``None``); any is capped."""
+    rest = await client.read_exact(7)
+    # A negative length is the extended clipboard's; its size is the same.
+    length = abs(struct.unpack(">i", rest[3:])[0])
+    if length > MAX_LENGTH:
+        raise BadViewer(f"viewer sent clipboard text of {length} bytes, over the {MAX_LENGTH} cap")
+    if view_only:
+        await client.skip(length)
+        return None
+    return head + rest + await client.read_exact(length)
+
+
+async def _client_message(client: WsBytes, view_only: bool) -> bytes | None:
+    """One whole client-to-server RFB message; ``None`` for one dropped unread."""
     head = await client.read_exact(1)
+    if head[0] == CUT_TEXT:
+        return await _cut_text(client, head, view_only)
     match head[0]:
         case 0:  # SetPixelFormat
             return head + await client.read_exact(19)
@@ -202,9 +246,6 @@ async def _client_message(client: WsBytes) -> bytes:
             return head + await client.read_exact(7)
         case 5:  # PointerEvent
             return head + await client.read_exact(5)
-        case 6:  # ClientCutText; a negative length is the extended clipboard's
-            rest = await client.read_exact(7)
-            return head + rest + await client.read_exact(abs(struct.unpack(">i", rest[3:])[0]))
         case 150:  # EnableContinuousUpdates
             return head + await client.read_exact(9)
         case 248:  # ClientFence
@@ -216,4 +257,4 @@ async def _client_message(client: WsBytes) -> bytes:
         case 255:  # QEMU client message (extended key event)
             return head + await client.read_exact(11)
         case other:
-            raise SandboxBroken(f"viewer sent RFB message type {other}, which the proxy cannot parse")
+            raise BadViewer(f"viewer sent RFB message type {other}, which the proxy cannot parse")
