@@ -496,7 +496,7 @@ async def test_shutdown_closes_sockets_with_going_away(start_server: StartServer
 @pytest.mark.local
 @pytest.mark.skipif(shutil.which("x11vnc") is None or os.geteuid() != 0, reason="needs root and x11vnc")
 async def test_desktop_stream_needs_its_token(start_server: StartServer, root: Path) -> None:
-    """The desktop proxy speaks RFB for the owner's and a view share's stream token and refuses a wrong one."""
+    """The desktop proxy speaks RFB for the owner's and a view share's stream token, refuses a wrong one."""
     test_server, client = await start_server(sandbox_factory=None, sandbox="local", data_dir=root)
     data = await client.call("POST", "/api/sessions", body={"username": "vnc"})
     login = Login(data["session_id"], data["token"], data["ws_url"], data["stream_url"])
