@@ -290,7 +290,7 @@ class Supervisor:
             created=round(time.time(), 3),
         )
         self._check_live(actor)
-        actor.check_share_quota()
+        actor.check_shareable(mode)
         if (store := self._share_store()) is not None:
             await store.create_share(share)
             self._check_live(actor)  # it may have ended while the store wrote

@@ -36,7 +36,15 @@ from actors.shares import OWNER, SHARES_PER_SESSION, Closable, Grant, Shares, ch
 from protocol import codec
 from protocol import messages as m
 from protocol.closecodes import CloseCode
-from protocol.errors import Forbidden, JobNotFound, MailboxFull, QuotaExceeded, SessionClosed, TooManySockets
+from protocol.errors import (
+    Forbidden,
+    JobNotFound,
+    MailboxFull,
+    NotConfigured,
+    QuotaExceeded,
+    SessionClosed,
+    TooManySockets,
+)
 from sandboxes.base import Sandbox
 from store.base import ShareRecord
 
@@ -308,8 +316,12 @@ class SessionActor:
     # ------------------------------------------------------------------
     # Shares and desktop streams
 
-    def check_share_quota(self) -> None:
-        """Raise ``QuotaExceeded`` when the session has as many shares as it may."""
+    def check_shareable(self, mode: str) -> None:
+        """Raise unless a new share of *mode* may be made: the per-session bound, the stream's reach."""
+        if mode == "view" and self.sandbox.kind == "e2b":
+            # E2B's stream URL, which every watcher sees, carries its password and
+            # takes input (view_only is only a flag in it): nothing here could drop it.
+            raise NotConfigured("a view share needs a desktop this server streams; E2B's stream takes input")
         if len(self.shares) >= SHARES_PER_SESSION:
             raise QuotaExceeded(
                 f"session {self.info.session_id} already has {SHARES_PER_SESSION} shares, "

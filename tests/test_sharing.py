@@ -344,3 +344,34 @@ async def test_a_share_of_an_ended_session_cannot_be_made(start_server: StartSer
     with pytest.raises(ClientError) as refused:
         await share(client, login, "view")
     assert refused.value.status == 404
+
+
+async def test_shares_per_session_are_bounded(served: tuple) -> None:
+    """The 65th live share of one session is refused with 429 naming the bound; revoking one makes room."""
+    _, client = served
+    login = await client.login("ada")
+    made = [await share(client, login, "view") for _ in range(64)]
+    with pytest.raises(ClientError) as refused:
+        await share(client, login, "view")
+    assert (refused.value.status, refused.value.code) == (429, "rate_limited")
+    assert "64" in refused.value.message
+    await client.call(
+        "DELETE", f"/api/sessions/{login.session_id}/shares/{made[0]['share_id']}", token=login.token
+    )
+    assert (await share(client, login, "control"))["mode"] == "control"
+
+
+class E2BLike(FakeSandbox):
+    """A sandbox whose desktop is streamed from elsewhere, with a URL that takes input."""
+
+    kind = "e2b"
+
+
+async def test_a_view_share_of_a_desktop_streamed_elsewhere_is_refused(start_server: StartServer) -> None:
+    """On E2B, whose stream URL every watcher sees and which takes input, a view share is 403, control is not."""
+    _, client = await start_server(sandbox_factory=E2BLike)
+    login = await client.login("ada")
+    with pytest.raises(ClientError) as refused:
+        await share(client, login, "view")
+    assert (refused.value.status, refused.value.code) == (403, "forbidden")
+    assert (await share(client, login, "control"))["mode"] == "control"
