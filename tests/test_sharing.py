@@ -368,7 +368,7 @@ class E2BLike(FakeSandbox):
 
 
 async def test_a_view_share_of_a_desktop_streamed_elsewhere_is_refused(start_server: StartServer) -> None:
-    """On E2B, whose stream URL every watcher sees and which takes input, a view share is 403, control is not."""
+    """On E2B, whose stream URL all watchers see and which takes input, a view share is 403, control not."""
     _, client = await start_server(sandbox_factory=E2BLike)
     login = await client.login("ada")
     with pytest.raises(ClientError) as refused:
