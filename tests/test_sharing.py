@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import cli
 from client import Client, ClientError, Connection, Login
 from protocol.closecodes import CloseCode
 from tests.conftest import StartServer
@@ -375,3 +376,33 @@ async def test_a_view_share_of_a_desktop_streamed_elsewhere_is_refused(start_ser
         await share(client, login, "view")
     assert (refused.value.status, refused.value.code) == (403, "forbidden")
     assert (await share(client, login, "control"))["mode"] == "control"
+
+
+async def test_share_tokens_reach_no_log_event_or_status(
+    served: tuple, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Making, joining, using and revoking shares puts no share token in the server log, events or /status."""
+    _, client = served
+    cli.configure_logging("debug", "json", cache=False)  # to the stdout capsys holds
+    login = await client.login("ada")
+    view, control = await share(client, login, "view"), await share(client, login, "control")
+    async with (
+        client.connect(as_guest(login, view)) as viewer,
+        client.connect(as_guest(login, control)) as driver,
+    ):
+        await error_for(viewer, await viewer.send("run_command", cmd="echo no"))
+        await driver.result(await driver.send("run_command", cmd="echo yes"))
+        await client.call("POST", "/start-desktop", token=control["token"])
+        status = json.dumps(await client.call("GET", "/status", token="admin-secret"))
+    for shared in (view, control):
+        await client.call(
+            "DELETE", f"/api/sessions/{login.session_id}/shares/{shared['share_id']}", token=login.token
+        )
+    with pytest.raises(ClientError):
+        await client.call("POST", "/start-desktop", token=view["token"])
+    async with client.connect(login, last_seq=0) as owner:
+        events = json.dumps(await log_events(owner, "share.revoked"))
+    log = capsys.readouterr()
+    assert '"share.revoked"' in log.out, "the server's log was captured"
+    for token in (view["token"], control["token"]):
+        assert token not in log.out + log.err and token not in status and token not in events
