@@ -406,3 +406,54 @@ async def test_share_tokens_reach_no_log_event_or_status(
     assert '"share.revoked"' in log.out, "the server's log was captured"
     for token in (view["token"], control["token"]):
         assert token not in log.out + log.err and token not in status and token not in events
+
+
+async def test_shares_are_kept_in_the_store_and_come_back_from_it(served: tuple) -> None:
+    """A share is stored as its hash before its 201, revoking leaves a tombstone, a restored one lets in."""
+    import auth
+    import server
+    from store import MemoryStore, SessionRecord, ShareRecord
+
+    test_server, client = served
+    supervisor = test_server.app[server.SUPERVISOR]
+    login = await client.login("ada")
+    actor = supervisor.get(login.session_id)
+    store = MemoryStore()
+    info = actor.info
+    await store.create_session(
+        SessionRecord(
+            session_id=info.session_id,
+            username=info.username,
+            token_hash=info.token_hash,
+            created=info.created_at,
+            last_active=info.created_at,
+        )
+    )
+    supervisor.store = store  # type: ignore[attr-defined]  # what the durable supervisor holds
+    shared = await share(client, login, "control")
+    (record,) = (await store.live_sessions())[0].shares
+    assert (record.share_id, record.mode, record.token_hash) == (
+        shared["share_id"],
+        "control",
+        auth.token_hash(shared["token"]),
+    )
+    await client.call(
+        "DELETE", f"/api/sessions/{login.session_id}/shares/{shared['share_id']}", token=login.token
+    )
+    assert (await store.live_sessions())[0].shares == ()
+    assert await store.ended_reason(auth.token_hash(shared["token"])) == "the share was revoked"
+
+    token = auth.new_token()
+    restored = ShareRecord(
+        share_id="sh_00000000000000aa",
+        session_id=login.session_id,
+        token_hash=auth.token_hash(token),
+        mode="view",
+        label=None,
+        created=1.0,
+    )
+    supervisor.add_share(actor, restored, announce=False)
+    async with client.connect(Login(login.session_id, token, login.ws_url, None), last_seq=0) as guest:
+        assert guest.welcome["role"] == "view"
+        created = await log_events(guest, "share.created")
+    assert [e["share_id"] for e in created] == [shared["share_id"]]
