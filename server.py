@@ -332,7 +332,7 @@ async def create_share(request: web.Request) -> web.Response:
 async def list_shares(request: web.Request) -> web.Response:
     """``GET /api/sessions/{id}/shares``: the live shares, without their tokens."""
     actor = _owner(request)
-    return _json({"shares": [attrs.asdict(share) for share in actor.share_stats()]})
+    return _json({"shares": [attrs.asdict(share) for share in actor.shares.stats()]})
 
 
 async def revoke_share(request: web.Request) -> web.Response:

@@ -32,7 +32,7 @@ import structlog
 from actors import jobs
 from actors.journal import Journal
 from actors.peer import Peer
-from actors.shares import OWNER, SHARES_PER_SESSION, Closable, Grant, Shares, check_allowed
+from actors.shares import OWNER, Closable, Grant, Shares, ShareStats, check_allowed
 from protocol import codec
 from protocol import messages as m
 from protocol.closecodes import CloseCode
@@ -41,7 +41,6 @@ from protocol.errors import (
     JobNotFound,
     MailboxFull,
     NotConfigured,
-    QuotaExceeded,
     SessionClosed,
     TooManySockets,
 )
@@ -97,18 +96,6 @@ class ActorStats:
     sandbox_id: str | None
     #: Each live share (never its token) and what is joined through it.
     shares: tuple[ShareStats, ...] = ()
-
-
-@attrs.frozen(kw_only=True)
-class ShareStats:
-    """One share of a session, as listed to its owner and in ``/status``."""
-
-    share_id: str
-    mode: str
-    label: str | None
-    created: float
-    sockets: int
-    streams: int
 
 
 @attrs.frozen
@@ -322,11 +309,7 @@ class SessionActor:
             # E2B's stream URL, which every watcher sees, carries its password and
             # takes input (view_only is only a flag in it): nothing here could drop it.
             raise NotConfigured("a view share needs a desktop this server streams; E2B's stream takes input")
-        if len(self.shares) >= SHARES_PER_SESSION:
-            raise QuotaExceeded(
-                f"session {self.info.session_id} already has {SHARES_PER_SESSION} shares, "
-                "the limit per session; revoke one first"
-            )
+        self.shares.check_room(self.info.session_id)
 
     def add_share(self, share: ShareRecord, *, announce: bool = True) -> None:
         """Let *share*'s token in; *announce* it with ``share.created`` (not when restored)."""
@@ -344,19 +327,6 @@ class SessionActor:
         self.log.info("share.revoked", share_id=share_id, mode=share.mode)
         await self._close_peers(members, "the share was revoked", CloseCode.FORBIDDEN)
         return share
-
-    def share_stats(self) -> tuple[ShareStats, ...]:
-        return tuple(
-            ShareStats(
-                share_id=s.share_id,
-                mode=s.mode,
-                label=s.label,
-                created=s.created,
-                sockets=self.shares.joined(s.share_id, "socket"),
-                streams=self.shares.joined(s.share_id, "stream"),
-            )
-            for s in self.shares
-        )
 
     @property
     def desktop_run(self) -> int:
@@ -418,7 +388,7 @@ class SessionActor:
             running_job=self._current.rid if self._current else None,
             sandbox_kind=self.sandbox.kind,
             sandbox_id=self.sandbox.sandbox_id,
-            shares=self.share_stats() if self.shares else (),
+            shares=self.shares.stats() if self.shares else (),
         )
 
     # ------------------------------------------------------------------

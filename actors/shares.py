@@ -14,7 +14,7 @@ from typing import Final, Literal, Protocol
 import attrs
 
 from protocol import messages as m
-from protocol.errors import Forbidden
+from protocol.errors import Forbidden, QuotaExceeded
 from store.base import ShareRecord
 
 Role = Literal["owner", "view", "control"]
@@ -53,6 +53,18 @@ def check_allowed(role: Role, msg: m.Request) -> None:
         raise Forbidden("only the session's owner may clear its logs", request_id=msg.id)
 
 
+@attrs.frozen(kw_only=True)
+class ShareStats:
+    """One share of a session, as listed to its owner and in ``/status``."""
+
+    share_id: str
+    mode: str
+    label: str | None
+    created: float
+    sockets: int
+    streams: int
+
+
 class Closable(Protocol):
     """A socket or desktop stream joined through a share."""
 
@@ -74,6 +86,27 @@ class Shares:
 
     def __iter__(self) -> Iterator[ShareRecord]:
         return iter(self._live.values())
+
+    def check_room(self, session_id: str) -> None:
+        """Raise ``QuotaExceeded`` when the session has as many shares as it may."""
+        if len(self._live) >= SHARES_PER_SESSION:
+            raise QuotaExceeded(
+                f"session {session_id} already has {SHARES_PER_SESSION} shares, "
+                "the limit per session; revoke one first"
+            )
+
+    def stats(self) -> tuple[ShareStats, ...]:
+        return tuple(
+            ShareStats(
+                share_id=s.share_id,
+                mode=s.mode,
+                label=s.label,
+                created=s.created,
+                sockets=self.joined(s.share_id, "socket"),
+                streams=self.joined(s.share_id, "stream"),
+            )
+            for s in self._live.values()
+        )
 
     def add(self, share: ShareRecord) -> None:
         self._live[share.share_id] = share
