@@ -2,8 +2,14 @@
 
 - A session token is 256 random bits; only its SHA-256 is kept (a fast hash
   is right for a random secret of that size).
-- A stream token is an HMAC of the session id under a key that lives only in
-  the server's memory, so it is never stored and never inside a sandbox.
+- A share token is a session token's equal (256 random bits, only its hash
+  kept); it grants a guest ``view`` or ``control`` of one session.
+- A stream token opens one desktop run's stream for one grant (the owner or
+  one share): an HMAC of the session id, the run, the grant and its mode
+  under a key that lives only in the server's memory, so it is never stored
+  and never inside a sandbox, and dies with the run (``kill_desktop``, a
+  restart) or the share (revocation). It travels as a WebSocket subprotocol,
+  never in a URL's query, which reverse proxies log.
 - Passwords (users file) are checked against salted scrypt hashes, off the
   event loop.
 """
@@ -20,12 +26,18 @@ import time
 from pathlib import Path
 from typing import Final, Literal
 
+import attrs
+
 from protocol import fields
 from protocol.errors import ProtocolError, Unauthorized
 
 USERNAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 StreamMode = Literal["control", "view"]
+#: The grant of a session's own token in stream tokens (shares use their id).
+OWNER_GRANT: Final = "owner"
+#: The WebSocket subprotocol that carries a stream token: ``deskhive.stream.<token>``.
+STREAM_PROTOCOL_PREFIX: Final = "deskhive.stream."
 
 
 def check_username(username: object) -> str:
@@ -40,7 +52,13 @@ def new_session_id(username: str) -> str:
 
 
 def new_token() -> str:
+    """A session or share token: 256 random bits."""
     return secrets.token_urlsafe(32)
+
+
+def new_share_id() -> str:
+    """A share's public name (not a credential)."""
+    return f"sh_{secrets.token_hex(8)}"
 
 
 def token_hash(token: str) -> bytes:
@@ -62,24 +80,59 @@ def bearer(header: str | None) -> str:
     return token
 
 
+@attrs.frozen
+class StreamGrant:
+    """What a stream token names before it is checked: a grant and a desktop run."""
+
+    grant: str
+    run: int
+
+
 class StreamTokens:
-    """Per-session desktop stream tokens, derived rather than stored."""
+    """Desktop stream tokens, derived rather than stored: ``<grant>.<run>.<mac>``."""
 
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key or secrets.token_bytes(32)
 
-    def token(self, session_id: str, mode: StreamMode = "control") -> str:
-        mac = hmac.new(self._key, f"{mode}:{session_id}".encode(), hashlib.sha256).digest()
+    def token(
+        self, session_id: str, mode: StreamMode = "control", *, run: int = 0, grant: str = OWNER_GRANT
+    ) -> str:
+        """The token of *grant* for desktop *run* (run 0 is no desktop: never accepted)."""
+        return f"{grant}.{run}.{self._mac(session_id, mode, run, grant)}"
+
+    def _mac(self, session_id: str, mode: StreamMode, run: int, grant: str) -> str:
+        message = f"{mode}:{session_id}:{run}:{grant}".encode()
+        mac = hmac.new(self._key, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
-    def mode(self, session_id: str, token: str) -> StreamMode:
-        """Which access *token* grants to the session's stream, else ``Unauthorized``."""
-        # compare_digest refuses str with non-ASCII characters: check the shape first.
-        if fields.is_token(token):
-            for mode in ("control", "view"):
-                if hmac.compare_digest(self.token(session_id, mode), token):
-                    return mode
-        raise Unauthorized(f"wrong stream token for session {session_id}")
+    @staticmethod
+    def parse(token: str) -> StreamGrant:
+        """The grant and run *token* claims, else ``Unauthorized``; its MAC is checked by ``check``."""
+        grant, _, rest = token.partition(".")
+        run, _, mac = rest.partition(".")
+        if not (fields.is_token(token) and grant and mac and run.isdigit() and len(run) < 12):
+            raise Unauthorized("malformed stream token")
+        return StreamGrant(grant, int(run))
+
+    def check(self, session_id: str, token: str, mode: StreamMode, run: int) -> None:
+        """Raise ``Unauthorized`` unless *token* is the one for this run and grant's *mode*."""
+        claim = self.parse(token)
+        expected = self.token(session_id, mode, run=run, grant=claim.grant)
+        # Both are ASCII (parse checked the shape), which compare_digest needs.
+        if run <= 0 or not hmac.compare_digest(expected, token):
+            raise Unauthorized(f"wrong or outdated stream token for session {session_id}")
+
+
+def stream_token_of(protocols: list[str]) -> str:
+    """The stream token among a handshake's ``Sec-WebSocket-Protocol`` values, else ``Unauthorized``."""
+    for value in protocols:
+        for protocol in value.split(","):
+            protocol = protocol.strip()
+            if protocol.startswith(STREAM_PROTOCOL_PREFIX):
+                return protocol.removeprefix(STREAM_PROTOCOL_PREFIX)
+    raise Unauthorized(
+        f"a stream token is required, as the WebSocket subprotocol '{STREAM_PROTOCOL_PREFIX}<token>'"
+    )
 
 
 # --------------------------------------------------------------------------

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
+import attrs
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
 
 import auth
 import httpguard
 import wiring
 from actors.session import SessionActor
+from actors.shares import OWNER, SHARE_MODES, Grant
 from actors.workflows import Workflow, describe, load_workflows
 from config import Settings
 from protocol import codec
@@ -70,9 +72,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, compress=False, heartbeat=30.0)
     peer = WsPeer(ws, request, await ws.prepare(request))
     request.app[SOCKETS].add(peer)
-    actor = await _hello(ws, peer, request.app[SUPERVISOR])
-    if actor is None:
+    bound = await _hello(ws, peer, request.app[SUPERVISOR])
+    if bound is None:
         return ws
+    actor, grant = bound
     sid = actor.info.session_id
     with structlog.contextvars.bound_contextvars(session_id=sid, peer=request.remote):
         # The socket's own task sends the rest of a replay and closes it on
@@ -82,7 +85,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             try:
                 async for frame in ws:
                     if frame.type is WSMsgType.TEXT:
-                        await _forward(actor, peer, frame.data)
+                        await _forward(actor, peer, grant, frame.data)
                     elif frame.type is WSMsgType.BINARY:
                         peer.send_error(ProtocolError("binary frames are not part of the protocol"))
             finally:
@@ -91,8 +94,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _hello(ws: web.WebSocketResponse, peer: WsPeer, supervisor: Supervisor) -> SessionActor | None:
-    """Bind the socket to a session, or close it with 4401, 4404 or 4429."""
+async def _hello(
+    ws: web.WebSocketResponse, peer: WsPeer, supervisor: Supervisor
+) -> tuple[SessionActor, Grant] | None:
+    """Bind the socket to a session as its owner or a share's guest, or close it (4401, 4403, 4404, 4429)."""
     try:
         async with asyncio.timeout(HELLO_TIMEOUT_S):
             frame = await ws.receive()
@@ -106,13 +111,13 @@ async def _hello(ws: web.WebSocketResponse, peer: WsPeer, supervisor: Supervisor
         hello = codec.decode(frame.data)
         if not isinstance(hello, m.Hello):
             raise Unauthorized("the first frame must be a hello", request_id=getattr(hello, "id", None))
-        actor = supervisor.by_token(hello.token)
-        actor.attach(peer, hello.last_seq)
+        actor, grant = supervisor.resolve(hello.token)
+        actor.attach(peer, hello.last_seq, grant)
     except GatewayError as exc:
         peer.send_error(exc)
         await peer.close(_hello_close_code(exc), exc.message)
         return None
-    return actor
+    return actor, grant
 
 
 def _hello_close_code(exc: GatewayError) -> CloseCode:
@@ -120,15 +125,17 @@ def _hello_close_code(exc: GatewayError) -> CloseCode:
         return CloseCode.NOT_FOUND
     if isinstance(exc, TooManySockets):
         return CloseCode.RATE_LIMITED
+    if isinstance(exc, Forbidden):
+        return CloseCode.FORBIDDEN
     return CloseCode.UNAUTHORIZED
 
 
-async def _forward(actor: SessionActor, peer: WsPeer, data: str) -> None:
+async def _forward(actor: SessionActor, peer: WsPeer, grant: Grant, data: str) -> None:
     try:
         msg = codec.decode(data)
         if isinstance(msg, m.Hello):
             raise ProtocolError("this socket is already bound to a session")
-        actor.tell(msg, peer)
+        actor.tell(msg, peer, grant)
     except SessionNotFound as exc:
         await peer.close(CloseCode.NOT_FOUND, exc.message)
     except GatewayError as exc:
@@ -221,16 +228,32 @@ def _optional_text(body: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def _session(request: web.Request) -> SessionActor:
+def _credential(request: web.Request) -> tuple[SessionActor, Grant]:
+    """The session the bearer token opens, and as whom (owner or a share's guest)."""
     token = auth.bearer(request.headers.get("Authorization"))
-    return request.app[SUPERVISOR].by_token(token)
+    return request.app[SUPERVISOR].resolve(token)
 
 
-def _stream_url(app: web.Application, session_id: str, mode: auth.StreamMode = "control") -> str | None:
-    """The noVNC page of a desktop this server streams itself (``None`` for others)."""
+def _owner(request: web.Request) -> SessionActor:
+    """The session of the path, for its owner's token only (a share's gets 403)."""
+    actor, grant = _credential(request)
+    sid = request.match_info["session_id"]
+    if grant.share_id is not None:
+        raise Forbidden("a share token cannot manage shares or end the session")
+    if actor.info.session_id != sid:
+        raise Forbidden(f"this token does not belong to session {sid}")
+    return actor
+
+
+def _stream_url(app: web.Application, session_id: str) -> str | None:
+    """The noVNC page of a desktop this server streams itself (``None`` for others).
+
+    It holds no token: every socket of the session sees it in ``state``
+    events, guests' included; each viewer asks for a stream token of its own.
+    """
     if app[SETTINGS].sandbox != "local":
         return None
-    return f"/desktop/{session_id}#token={app[STREAM_TOKENS].token(session_id, mode)}"
+    return f"/desktop/{session_id}"
 
 
 async def login(request: web.Request) -> web.Response:
@@ -252,8 +275,6 @@ async def login(request: web.Request) -> web.Response:
             "token": session.token,
             "ws_url": ws_url,
             "stream_url": actor.sandbox.stream_url,
-            # A link to share: it shows the desktop but its input is dropped.
-            "view_url": _stream_url(request.app, sid, "view"),
             "username": username,
             "state": actor.state,
         },
@@ -263,11 +284,8 @@ async def login(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     """``DELETE /api/sessions/{id}``: end the session the token belongs to."""
-    actor = _session(request)
-    sid = request.match_info["session_id"]
-    if actor.info.session_id != sid:
-        raise Forbidden(f"this token does not belong to session {sid}")
-    await request.app[SUPERVISOR].stop(sid, "logout")
+    actor = _owner(request)
+    await request.app[SUPERVISOR].stop(actor.info.session_id, "logout")
     return web.Response(status=204)
 
 
@@ -275,13 +293,56 @@ def seed_endpoint(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]
     """``POST /start-desktop`` and friends: forward a request of type *kind*."""
 
     async def handler(request: web.Request) -> web.Response:
-        actor = _session(request)
+        actor, grant = _credential(request)
         msg = codec.from_object({**(await _body(request)), "type": kind})
         assert not isinstance(msg, m.Hello)
-        return _json({"request_id": actor.tell(msg)}, status=202)
+        # A view share's token is refused here (403) as on the socket.
+        return _json({"request_id": actor.tell(msg, grant=grant)}, status=202)
 
     handler.__name__ = kind
     return handler
+
+
+# ----------------------------------------------------------------------------
+# Shares
+
+
+async def create_share(request: web.Request) -> web.Response:
+    """``POST /api/sessions/{id}/shares``: a guest's token, shown this once."""
+    actor = _owner(request)
+    body = await _body(request)
+    mode = body.get("mode")
+    if mode not in SHARE_MODES:
+        raise ProtocolError("field 'mode' must be 'view' or 'control'")
+    share, token = await request.app[SUPERVISOR].create_share(actor, mode, _optional_text(body, "label"))
+    logger.info("share.created", session_id=share.session_id, share_id=share.share_id, mode=share.mode)
+    return _json(
+        {
+            "share_id": share.share_id,
+            "token": token,
+            "mode": share.mode,
+            "label": share.label,
+            "created": share.created,
+            "url": f"/#share={token}",
+        },
+        status=201,
+    )
+
+
+async def list_shares(request: web.Request) -> web.Response:
+    """``GET /api/sessions/{id}/shares``: the live shares, without their tokens."""
+    actor = _owner(request)
+    return _json({"shares": [attrs.asdict(share) for share in actor.shares.stats()]})
+
+
+async def revoke_share(request: web.Request) -> web.Response:
+    """``DELETE /api/sessions/{id}/shares/{share_id}``: void it and close what it opened (4403)."""
+    actor = _owner(request)
+    share_id = request.match_info["share_id"]
+    if await request.app[SUPERVISOR].revoke_share(actor, share_id) is None:
+        raise web.HTTPNotFound(reason=f"session {actor.info.session_id} has no share {share_id!r}")
+    logger.info("share.revoked", session_id=actor.info.session_id, share_id=share_id)
+    return web.Response(status=204)
 
 
 async def workflows(request: web.Request) -> web.Response:
@@ -325,27 +386,74 @@ async def desktop_page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / "desktop.html")
 
 
+async def stream_token(request: web.Request) -> web.Response:
+    """``POST /api/sessions/{id}/stream``: a token for the running desktop's stream, for this credential.
+
+    It opens this desktop run only (a new desktop needs a new token) and,
+    for a guest, only while the share lives; a view share's stream drops input.
+    """
+    actor, grant = _credential(request)
+    sid = request.match_info["session_id"]
+    if actor.info.session_id != sid:
+        raise Forbidden(f"this token does not belong to session {sid}")
+    run = actor.desktop_run
+    if not isinstance(actor.sandbox, StreamedSandbox) or run == 0:
+        raise web.HTTPConflict(reason="the desktop is not running")
+    mode: auth.StreamMode = "view" if grant.role == "view" else "control"
+    grant_name = grant.share_id or auth.OWNER_GRANT
+    token = request.app[STREAM_TOKENS].token(sid, mode, run=run, grant=grant_name)
+    return _json(
+        {
+            "token": token,
+            "mode": mode,
+            "protocol": auth.STREAM_PROTOCOL_PREFIX + token,
+            "stream_url": f"/desktop/{sid}#token={token}",
+        },
+        status=201,
+    )
+
+
+def _stream_grant(request: web.Request, actor: SessionActor) -> Grant:
+    """Who the handshake's stream token opens the stream for, else ``Unauthorized``."""
+    token = auth.stream_token_of(request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, []))
+    claim = auth.StreamTokens.parse(token)
+    grant = OWNER
+    if claim.grant != auth.OWNER_GRANT:
+        share = actor.shares.get(claim.grant)
+        if share is None:
+            raise Unauthorized("this stream token's share is revoked or unknown")
+        grant = Grant.of(share)
+    mode: auth.StreamMode = "view" if grant.role == "view" else "control"
+    request.app[STREAM_TOKENS].check(actor.info.session_id, token, mode, actor.desktop_run)
+    return grant
+
+
 async def desktop_socket(request: web.Request) -> web.StreamResponse:
-    """``GET /desktop/{id}/websockify?token=``: the authenticated VNC proxy."""
+    """``GET /desktop/{id}/websockify``: the authenticated VNC proxy.
+
+    The stream token comes as the subprotocol ``deskhive.stream.<token>``
+    (next to ``binary``), never in the query string.
+    """
     from sandboxes.local.vncproxy import pipe
 
     actor = _desktop_session(request)
-    mode = request.app[STREAM_TOKENS].mode(actor.info.session_id, request.query.get("token", ""))
+    grant = _stream_grant(request, actor)
     sandbox = actor.sandbox
     if not isinstance(sandbox, StreamedSandbox) or (endpoint := sandbox.vnc_endpoint) is None:
         raise web.HTTPConflict(reason="the desktop is not running")
     ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=HARD_FRAME_LIMIT, compress=False)
-    # Registered only so that shutdown closes it with the others.
+    # Registered so that shutdown, and a revocation of its share, close it.
     closer = WsPeer(ws, request, await ws.prepare(request))
     request.app[SOCKETS].add(closer)
-    with structlog.contextvars.bound_contextvars(session_id=actor.info.session_id, stream=mode):
-        await pipe(
-            ws,
-            endpoint,
-            view_only=mode == "view",
-            password=sandbox.vnc_password,
-            on_input=actor.touch,
-        )
+    view_only = grant.role == "view"
+    with structlog.contextvars.bound_contextvars(
+        session_id=actor.info.session_id, stream="view" if view_only else "control", share_id=grant.share_id
+    ):
+        actor.join_stream(closer, grant)
+        try:
+            await pipe(ws, endpoint, view_only=view_only, password=sandbox.vnc_password, on_input=actor.touch)
+        finally:
+            actor.leave_stream(closer, grant)
     return ws
 
 
@@ -398,6 +506,10 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
             web.get("/ws", websocket),
             web.post("/api/sessions", login),
             web.delete("/api/sessions/{session_id}", logout),
+            web.post("/api/sessions/{session_id}/shares", create_share),
+            web.get("/api/sessions/{session_id}/shares", list_shares),
+            web.delete("/api/sessions/{session_id}/shares/{share_id}", revoke_share),
+            web.post("/api/sessions/{session_id}/stream", stream_token),
             web.get("/api/workflows", workflows),
             web.post("/start-desktop", seed_endpoint("start_desktop")),
             web.post("/setup-environment", seed_endpoint("setup_environment")),

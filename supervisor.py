@@ -21,15 +21,24 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import attrs
 import structlog
 
 import auth
 from actors.session import ActorConfig, SessionActor, SessionInfo
-from protocol.errors import GatewayError, QuotaExceeded, SessionClosed, SessionNotFound, Unauthorized
+from actors.shares import OWNER, Grant
+from protocol.errors import (
+    Forbidden,
+    GatewayError,
+    QuotaExceeded,
+    SessionClosed,
+    SessionNotFound,
+    Unauthorized,
+)
 from sandboxes.base import SandboxFactory, SandboxSpec
+from store.base import ShareRecord
 
 logger = structlog.get_logger("deskhive.supervisor")
 
@@ -37,6 +46,14 @@ _SPAWN_TIMEOUT_S: Final = 5.0
 #: How many ended sessions' token hashes are remembered, so that a client of
 #: an ended session is told "ended" (404, 4404) rather than "wrong token".
 _TOMBSTONES: Final = 10_000
+
+
+class ShareStore(Protocol):
+    """The part of the store (``store.base.Store``) that keeps shares."""
+
+    async def create_share(self, share: ShareRecord) -> None: ...
+
+    async def revoke_share(self, share_id: str) -> None: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -105,6 +122,10 @@ class Supervisor:
         self._actors: dict[str, SessionActor] = {}
         self._children: dict[str, _Child] = {}
         self._by_token: dict[bytes, SessionActor] = {}
+        #: A share token's hash -> its session and share id.
+        self._by_share_token: dict[bytes, tuple[SessionActor, str]] = {}
+        #: Hashes of revoked share tokens, so their guests are told "revoked" (403, 4403).
+        self._revoked: OrderedDict[bytes, None] = OrderedDict()
         self._by_user: dict[str, set[str]] = {}
         self._ended: OrderedDict[bytes, str] = OrderedDict()
         self._tg: asyncio.TaskGroup | None = None
@@ -238,6 +259,76 @@ class Supervisor:
             raise SessionClosed(f"this session has ended: {reason}")
         raise Unauthorized("unknown or wrong token")
 
+    def resolve(self, token: str) -> tuple[SessionActor, Grant]:
+        """The live session *token* opens and as whom: its owner, or a share's guest.
+
+        Raises ``Forbidden`` for a revoked share's token, ``SessionClosed`` for
+        an ended session's (its shares' included), ``Unauthorized`` else.
+        """
+        digest = auth.token_hash(token)
+        shared = self._by_share_token.get(digest)
+        if shared is not None:
+            actor, share_id = shared
+            share = actor.shares.get(share_id)
+            if share is not None:
+                return actor, Grant.of(share)
+        if digest in self._revoked:
+            raise Forbidden("this share was revoked")
+        return self.by_token(token), OWNER
+
+    async def create_share(
+        self, actor: SessionActor, mode: str, label: str | None
+    ) -> tuple[ShareRecord, str]:
+        """A new share of *actor*'s session, stored before it is returned with its token (shown once)."""
+        token = auth.new_token()
+        share = ShareRecord(
+            share_id=auth.new_share_id(),
+            session_id=actor.info.session_id,
+            token_hash=auth.token_hash(token),
+            mode=mode,
+            label=label,
+            created=round(time.time(), 3),
+        )
+        self._check_live(actor)
+        actor.check_shareable(mode)
+        if (store := self._share_store()) is not None:
+            await store.create_share(share)
+            self._check_live(actor)  # it may have ended while the store wrote
+        self.add_share(actor, share)
+        return share, token
+
+    def _check_live(self, actor: SessionActor) -> None:
+        sid = actor.info.session_id
+        if self._actors.get(sid) is not actor or actor.stop_requested_at is not None:
+            raise SessionClosed(f"session {sid} is closed")
+
+    def _share_store(self) -> ShareStore | None:
+        # The durable store, once the supervisor has one (``self.store``).
+        store: ShareStore | None = getattr(self, "store", None)
+        return store
+
+    def add_share(self, actor: SessionActor, share: ShareRecord, *, announce: bool = True) -> None:
+        """Let *share*'s token open *actor*'s session (``announce=False``: restored, not new)."""
+        actor.add_share(share, announce=announce)
+        self._by_share_token[share.token_hash] = (actor, share.share_id)
+
+    async def revoke_share(self, actor: SessionActor, share_id: str) -> ShareRecord | None:
+        """Void the share's token and close what it opened; ``None`` if there is no such share."""
+        share = actor.shares.get(share_id)
+        if share is None:
+            return None
+        self._forget_share(share.token_hash, revoked=True)
+        if (store := self._share_store()) is not None:
+            await store.revoke_share(share_id)
+        return await actor.revoke_share(share_id)
+
+    def _forget_share(self, token_hash: bytes, *, revoked: bool) -> None:
+        self._by_share_token.pop(token_hash, None)
+        if revoked:
+            self._revoked[token_hash] = None
+            while len(self._revoked) > _TOMBSTONES:
+                self._revoked.popitem(last=False)
+
     def get(self, session_id: str) -> SessionActor:
         try:
             return self._actors[session_id]
@@ -357,6 +448,10 @@ class Supervisor:
         self._children.pop(sid, None)
         self._by_token.pop(info.token_hash, None)
         self._ended[info.token_hash] = reason
+        # Ending the session voids its shares: their guests are told it ended.
+        for share in actor.shares:
+            self._forget_share(share.token_hash, revoked=False)
+            self._ended[share.token_hash] = reason
         while len(self._ended) > _TOMBSTONES:
             self._ended.popitem(last=False)
         owned = self._by_user.get(info.username)

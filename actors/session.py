@@ -23,7 +23,7 @@ import functools
 import time
 import weakref
 from collections import deque
-from collections.abc import MutableMapping
+from collections.abc import Collection, MutableMapping
 from typing import Any, Final
 
 import attrs
@@ -32,11 +32,20 @@ import structlog
 from actors import jobs
 from actors.journal import Journal
 from actors.peer import Peer
+from actors.shares import OWNER, Closable, Grant, Shares, ShareStats, check_allowed
 from protocol import codec
 from protocol import messages as m
 from protocol.closecodes import CloseCode
-from protocol.errors import JobNotFound, MailboxFull, SessionClosed, TooManySockets
+from protocol.errors import (
+    Forbidden,
+    JobNotFound,
+    MailboxFull,
+    NotConfigured,
+    SessionClosed,
+    TooManySockets,
+)
 from sandboxes.base import Sandbox
+from store.base import ShareRecord
 
 logger = structlog.get_logger("deskhive.actor")
 
@@ -85,6 +94,8 @@ class ActorStats:
     running_job: str | None
     sandbox_kind: str
     sandbox_id: str | None
+    #: Each live share (never its token) and what is joined through it.
+    shares: tuple[ShareStats, ...] = ()
 
 
 @attrs.frozen
@@ -164,6 +175,12 @@ class SessionActor:
         self.stop_reason: str | None = None
         self._mailbox: asyncio.Queue[_Envelope] = asyncio.Queue()
         self._peers: set[Peer] = set()
+        #: The credential each attached socket came with (kept until it detaches).
+        self._grants: dict[Peer, Grant] = {}
+        self.shares = Shares()
+        #: Numbers each desktop this session has seen start: stream tokens name one.
+        self._desktop_run = 0
+        self._desktop_seen = False
         self._pending: deque[_Job] = deque()
         self._current: _Job | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -188,15 +205,20 @@ class SessionActor:
     # ------------------------------------------------------------------
     # Called from other tasks (the server's handlers, the supervisor)
 
-    def tell(self, msg: m.Request, origin: Peer | None = None) -> str | None:
+    def tell(self, msg: m.Request, origin: Peer | None = None, grant: Grant = OWNER) -> str | None:
         """Put *msg* in the mailbox; return its request id.
 
-        Raises ``SessionClosed`` once the session ended and ``MailboxFull``
-        at the mailbox's bound.
+        Raises ``SessionClosed`` once the session ended, ``Forbidden`` for a
+        request *grant* may not make, and ``MailboxFull`` at the mailbox's bound.
         """
         if self._ended is not None or self.stop_requested_at is not None:
             # After the Stop nothing would be handled: say so rather than drop it.
             raise SessionClosed(f"session {self.info.session_id} is closed", request_id=msg.id)
+        if grant.share_id is not None:
+            role = self.shares.role(grant)
+            if role is None:
+                raise Forbidden("this share was revoked", request_id=msg.id)
+            check_allowed(role, msg)
         if self.mailbox_depth >= self.config.mailbox_size:
             raise MailboxFull(
                 f"session {self.info.session_id} has {self.config.mailbox_size} requests waiting",
@@ -235,15 +257,18 @@ class SessionActor:
             self.stop_reason = reason
             self._mailbox.put_nowait(_stop_envelope(reason))
 
-    def attach(self, peer: Peer, last_seq: int | None) -> None:
+    def attach(self, peer: Peer, last_seq: int | None, grant: Grant = OWNER) -> None:
         """Bind *peer*: welcome, gap, replay after *last_seq*, then live events.
 
         Runs without suspending, so no event can slip between the replay and
         the live stream; a long replay goes on as the socket drains (the peer
-        reads the journal), and live events wait their turn there.
+        reads the journal), and live events wait their turn there. A guest's
+        socket (*grant* of a share) is announced by ``share.joined``.
         """
         if self._ended is not None:
             raise SessionClosed(f"session {self.info.session_id} is closed")
+        if self.shares.role(grant) is None:
+            raise Forbidden("this share was revoked")
         if len(self._peers) >= SOCKETS_PER_SESSION:
             raise TooManySockets(
                 f"session {self.info.session_id} already has {SOCKETS_PER_SESSION} sockets, "
@@ -259,14 +284,70 @@ class SessionActor:
                     stream_url=self.sandbox.stream_url,
                     seq=self.journal.last_seq,
                     resumed=last_seq is not None,
+                    role=grant.role,
                 )
             )
         )
         peer.follow(self.journal, last_seq or 0)
         self._peers.add(peer)
+        self._grants[peer] = grant
+        if grant.share_id is not None:
+            self.shares.join(grant, peer, "socket")
+            self.log.info("share.joined", share_id=grant.share_id, mode=grant.role)
 
     def detach(self, peer: Peer) -> None:
         self._peers.discard(peer)
+        grant = self._grants.pop(peer, OWNER)
+        self.shares.leave(grant, peer)
+
+    # ------------------------------------------------------------------
+    # Shares and desktop streams
+
+    def check_shareable(self, mode: str) -> None:
+        """Raise unless a new share of *mode* may be made: the per-session bound, the stream's reach."""
+        if mode == "view" and self.sandbox.kind == "e2b":
+            # E2B's stream URL, which every watcher sees, carries its password and
+            # takes input (view_only is only a flag in it): nothing here could drop it.
+            raise NotConfigured("a view share needs a desktop this server streams; E2B's stream takes input")
+        self.shares.check_room(self.info.session_id)
+
+    def add_share(self, share: ShareRecord, *, announce: bool = True) -> None:
+        """Let *share*'s token in; *announce* it with ``share.created`` (not when restored)."""
+        self.shares.add(share)
+        if announce:
+            self.log.info("share.created", share_id=share.share_id, mode=share.mode)
+
+    async def revoke_share(self, share_id: str) -> ShareRecord | None:
+        """Void the share and close its sockets and desktop streams at once (4403)."""
+        share, members = self.shares.revoke(share_id)
+        if share is None:
+            return None
+        # Off the broadcast first: a revoked guest sees nothing more while it closes.
+        self._peers.difference_update(p for p in self._grants if self._grants[p].share_id == share_id)
+        self.log.info("share.revoked", share_id=share_id, mode=share.mode)
+        await self._close_peers(members, "the share was revoked", CloseCode.FORBIDDEN)
+        return share
+
+    @property
+    def desktop_run(self) -> int:
+        """The number of the desktop running now (a new one each start), 0 without one."""
+        self._observe_desktop()
+        return self._desktop_run if self._desktop_seen else 0
+
+    def _observe_desktop(self) -> None:
+        running = self.sandbox.desktop_running
+        if running and not self._desktop_seen:
+            self._desktop_run += 1
+        self._desktop_seen = running
+
+    def join_stream(self, stream: Closable, grant: Grant) -> None:
+        """A desktop stream opened with *grant*: a revocation of its share closes it."""
+        if self.shares.role(grant) is None:
+            raise Forbidden("this share was revoked")
+        self.shares.join(grant, stream, "stream")
+
+    def leave_stream(self, stream: Closable, grant: Grant) -> None:
+        self.shares.leave(grant, stream)
 
     @property
     def state(self) -> m.SessionState:
@@ -307,6 +388,7 @@ class SessionActor:
             running_job=self._current.rid if self._current else None,
             sandbox_kind=self.sandbox.kind,
             sandbox_id=self.sandbox.sandbox_id,
+            shares=self.shares.stats() if self.shares else (),
         )
 
     # ------------------------------------------------------------------
@@ -321,6 +403,7 @@ class SessionActor:
                 self._peers.discard(peer)
 
     def _publish_state(self, request_id: str | None = None) -> None:
+        self._observe_desktop()
         job = self._current
         current, running_id = (jobs.describe(job.msg), job.rid) if job else (None, None)
         # An ended session has no stream, whatever its (closed) sandbox says.
@@ -496,6 +579,8 @@ class SessionActor:
             # The sockets must still hear of the end.
             logger.exception("actor.end_failed", session_id=self.info.session_id)
         peers, self._peers = self._peers, set()
+        # Ending the session voids its shares (the supervisor forgot their tokens).
+        self.shares.clear()
         await self._close_peers(peers, f"session ended: {reason}")
 
     def _refuse_leftovers(self, reason: str) -> None:
@@ -514,21 +599,23 @@ class SessionActor:
             else:
                 origin.deliver(codec.encode(codec.error_for(SessionClosed(message, request_id=msg.id))))
 
-    async def _close_peers(self, peers: set[Peer], reason: str) -> None:
+    async def _close_peers(
+        self, peers: Collection[Closable], reason: str, code: CloseCode = CloseCode.NOT_FOUND
+    ) -> None:
         """Close every socket together under one deadline, not one deadline each."""
         if not peers:
             return
         try:
             async with asyncio.timeout(self.config.close_timeout), asyncio.TaskGroup() as tg:
                 for peer in peers:
-                    tg.create_task(_close_peer(peer, reason), name=f"close:{self.info.session_id}")
+                    tg.create_task(_close_peer(peer, reason, code), name=f"close:{self.info.session_id}")
         except TimeoutError:
             logger.warning("actor.close_timeout", session_id=self.info.session_id, sockets=len(peers))
 
 
-async def _close_peer(peer: Peer, reason: str) -> None:
+async def _close_peer(peer: Closable, reason: str, code: CloseCode) -> None:
     try:
-        await peer.close(CloseCode.NOT_FOUND, reason)
+        await peer.close(code, reason)
     except Exception:
         # A socket that broke while closing is closed enough; the others go on.
         logger.warning("actor.close_failed", peer=repr(peer), exc_info=True)

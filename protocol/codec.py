@@ -280,6 +280,7 @@ def encode(msg: m.ServerMessage) -> bytes:
                 "stream_url": msg.stream_url,
                 "seq": msg.seq,
                 "resumed": msg.resumed,
+                "role": msg.role,
             }
     return _utf8(obj)
 

@@ -137,6 +137,8 @@ class Welcome:
     stream_url: str | None
     seq: int
     resumed: bool
+    #: Whose credential the hello carried: ``owner``, or a share's ``view`` or ``control``.
+    role: Literal["owner", "view", "control"] = "owner"
 
 
 @attrs.frozen(kw_only=True)

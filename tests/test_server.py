@@ -496,22 +496,27 @@ async def test_shutdown_closes_sockets_with_going_away(start_server: StartServer
 @pytest.mark.local
 @pytest.mark.skipif(shutil.which("x11vnc") is None or os.geteuid() != 0, reason="needs root and x11vnc")
 async def test_desktop_stream_needs_its_token(start_server: StartServer, root: Path) -> None:
-    """The desktop proxy speaks RFB for the control and the view-only token and refuses a wrong one."""
+    """The desktop proxy speaks RFB for the owner's and a view share's stream token, refuses a wrong one."""
     test_server, client = await start_server(sandbox_factory=None, sandbox="local", data_dir=root)
     data = await client.call("POST", "/api/sessions", body={"username": "vnc"})
     login = Login(data["session_id"], data["token"], data["ws_url"], data["stream_url"])
     async with client.connect(login) as conn:
         started = await conn.result(await conn.send("start_desktop"), timeout=30)
-    control = started["data"]["stream_url"].split("#token=")[1]
-    view = data["view_url"].split("#token=")[1]
+    assert "token" not in started["data"]["stream_url"], "every watcher sees it: it must grant nothing"
+    share = await client.call(
+        "POST", f"/api/sessions/{login.session_id}/shares", token=login.token, body={"mode": "view"}
+    )
+    stream = f"/api/sessions/{login.session_id}/stream"
+    control = (await client.call("POST", stream, token=login.token))["protocol"]
+    view = (await client.call("POST", stream, token=share["token"]))["protocol"]
     assert control != view
     socket_url = str(test_server.make_url(f"/desktop/{login.session_id}/websockify"))
-    for token in (control, view):
-        async with client.http.ws_connect(f"{socket_url}?token={token}") as ws:
+    for protocol in (control, view):
+        async with client.http.ws_connect(socket_url, protocols=("binary", protocol)) as ws:
             greeting = await ws.receive(timeout=10)
             assert greeting.data.startswith(b"RFB 003.00")
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await client.http.ws_connect(f"{socket_url}?token=wrong")
+        await client.http.ws_connect(socket_url, protocols=("binary", "deskhive.stream.owner.1.wrong"))
     assert refused.value.status == 401
 
 
@@ -584,15 +589,17 @@ async def test_working_on_the_desktop_keeps_the_session_alive(start_server: Star
     )
     login = await client.login("busy")
     async with client.connect(login) as conn:
-        started = await conn.result(await conn.send("start_desktop"), timeout=30)
-    token = started["data"]["stream_url"].split("#token=")[1]
-    url = str(test_server.make_url(f"/desktop/{login.session_id}/websockify?token={token}"))
+        await conn.result(await conn.send("start_desktop"), timeout=30)
+    protocol = (await client.call("POST", f"/api/sessions/{login.session_id}/stream", token=login.token))[
+        "protocol"
+    ]
+    url = str(test_server.make_url(f"/desktop/{login.session_id}/websockify"))
 
     async def alive() -> bool:
         status = await client.call("GET", "/status", token="admin-secret")
         return any(s["session_id"] == login.session_id for s in status["sessions"])
 
-    async with client.http.ws_connect(url) as ws:
+    async with client.http.ws_connect(url, protocols=("binary", protocol)) as ws:
         viewer = Viewer(ws)
         await viewer.handshake()
         for step in range(10):  # 2 s of work, twice the idle timeout
@@ -614,10 +621,10 @@ async def test_desktop_stream_of_a_sandbox_streamed_elsewhere_is_409(served: tup
     login = await client.login("e2blike")
     async with client.connect(login) as conn:
         await conn.result(await conn.send("start_desktop"))
-    token = test_server.app[server.STREAM_TOKENS].token(login.session_id)
-    url = str(test_server.make_url(f"/desktop/{login.session_id}/websockify?token={token}"))
+    token = test_server.app[server.STREAM_TOKENS].token(login.session_id, run=1)
+    url = str(test_server.make_url(f"/desktop/{login.session_id}/websockify"))
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await client.http.ws_connect(url)
+        await client.http.ws_connect(url, protocols=("binary", f"deskhive.stream.{token}"))
     assert refused.value.status == 409
 
 
