@@ -87,6 +87,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     bucket = TokenBucket(limit.value, 2 * limit.value) if limit.on else None
     if metrics is not None:
         metrics.sockets_open += 1
+        metrics.frames_received += 1  # the hello
     with structlog.contextvars.bound_contextvars(session_id=sid, peer=request.remote):
         # The socket's own task sends the rest of a replay and closes it on
         # overflow; it ends with the socket.
