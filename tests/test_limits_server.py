@@ -136,7 +136,7 @@ async def _start(conn: Connection) -> dict[str, Any]:
 
 
 async def test_desktop_limits_end_start_desktop_with_rate_limited(start_server: StartServer) -> None:
-    """A start_desktop past desktops_per_user or max_desktops ends ok:false rate_limited; a freed place is taken."""
+    """A start_desktop past a desktop limit ends ok:false rate_limited; a freed place can be taken."""
     _, client = await start_server(max_desktops=2, desktops_per_user=1)
     a1, a2, b, c = [await client.login(u) for u in ("alice", "alice", "bob", "carol")]
     async with (
@@ -169,7 +169,7 @@ async def test_desktop_limits_end_start_desktop_with_rate_limited(start_server: 
 
 
 async def test_frames_over_the_rate_are_refused_and_the_socket_stays_open(start_server: StartServer) -> None:
-    """A flood past frames_per_second gets rate_limited errors naming it, for its own ids, and the socket lives on."""
+    """A flood past frames_per_second gets rate_limited errors naming it, and the socket lives on."""
     _, client = await start_server(frames_per_second=20)
     login = await client.login("flood")
     async with client.connect(login) as conn:
@@ -261,7 +261,7 @@ async def test_guesses_sent_at_once_are_not_all_checked(start_server: StartServe
 async def test_a_login_does_not_wait_for_a_busy_default_executor(
     start_server: StartServer, tmp_path: Path
 ) -> None:
-    """With every default-executor thread blocked, a right password still logs in: checks have their own threads."""
+    """With every default-executor thread blocked, a right password still logs in at once."""
     users = _users_file(tmp_path, alice="alice-pw")
     _, client = await start_server(users_file=users)
     loop = asyncio.get_running_loop()

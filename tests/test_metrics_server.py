@@ -44,7 +44,7 @@ async def test_metrics_need_the_admin_token(served: tuple) -> None:
 async def test_every_metric_moves_and_no_label_names_a_session(
     served: tuple, fakes: list[FakeSandbox]
 ) -> None:
-    """Logins, sockets, frames, jobs by kind, desktop starts, sandbox failures and logouts each move /metrics."""
+    """Logins, sockets, frames, jobs, desktop starts, sandbox failures and logouts each move /metrics."""
     _, client = served
     _, before = await _scrape(client)
     assert before[("deskhive_logins_total", ())] == 0
