@@ -78,8 +78,11 @@ async def _refusals(client: Client) -> dict[str, float]:
     }
 
 
-def _users_file(tmp_path: Path, **passwords: str) -> Path:
+@pytest.fixture
+def users_file(tmp_path: Path) -> Path:
+    """A users file of alice and bob, hashed outside the event loop (scrypt takes a while)."""
     path = tmp_path / "users"
+    passwords = {"alice": "alice-pw", "bob": "bob-pw"}
     path.write_text("".join(f"{name}:{auth.hash_password(pw)}\n" for name, pw in passwords.items()))
     return path
 
@@ -219,11 +222,10 @@ async def test_logins_per_minute_is_per_client_address(
 
 
 async def test_ten_wrong_passwords_lock_the_username_and_the_address(
-    start_server: StartServer, tmp_path: Path, elsewhere: Callable[[TestServer], Client]
+    start_server: StartServer, users_file: Path, elsewhere: Callable[[TestServer], Client]
 ) -> None:
     """After 10 failures the username is 429 from anywhere, right password included, and so is the address."""
-    users = _users_file(tmp_path, alice="alice-pw", bob="bob-pw")
-    test_server, client = await start_server(users_file=users)
+    test_server, client = await start_server(users_file=users_file)
     for _ in range(10):
         with pytest.raises(ClientError) as caught:
             await client.login("alice", password="guess")
@@ -239,10 +241,9 @@ async def test_ten_wrong_passwords_lock_the_username_and_the_address(
     assert limits["password_failures_per_address"] == {"value": 10, "use": 1}
 
 
-async def test_guesses_sent_at_once_are_not_all_checked(start_server: StartServer, tmp_path: Path) -> None:
+async def test_guesses_sent_at_once_are_not_all_checked(start_server: StartServer, users_file: Path) -> None:
     """Forty wrong passwords sent together: at most ten are checked (401), the rest are 429 at once."""
-    users = _users_file(tmp_path, alice="alice-pw")
-    _, client = await start_server(users_file=users)
+    _, client = await start_server(users_file=users_file)
 
     async def guess() -> int:
         try:
@@ -259,11 +260,10 @@ async def test_guesses_sent_at_once_are_not_all_checked(start_server: StartServe
 
 
 async def test_a_login_does_not_wait_for_a_busy_default_executor(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, users_file: Path
 ) -> None:
     """With every default-executor thread blocked, a right password still logs in at once."""
-    users = _users_file(tmp_path, alice="alice-pw")
-    _, client = await start_server(users_file=users)
+    _, client = await start_server(users_file=users_file)
     loop = asyncio.get_running_loop()
     release = threading.Event()
     blockers = [loop.run_in_executor(None, release.wait, 30.0) for _ in range(64)]
