@@ -312,3 +312,22 @@ async def test_mailbox_and_socket_bounds_are_counted_as_refusals(
             await extra.close()
     refusals = await _refusals(client)
     assert (refusals["mailbox_size"], refusals["sockets_per_session"]) == (1, 1)
+
+
+def test_every_limit_is_an_option_and_a_variable() -> None:
+    """Each limit is a flag and a DESKHIVE_ variable; 0 turns one off, a negative is refused."""
+    import config
+
+    args = config.parser().parse_args(
+        ["serve", "--max-sessions", "7", "--max-desktops", "0", "--desktops-per-user", "2"]
+    )
+    environ = {
+        "DESKHIVE_FRAMES_PER_SECOND": "50",
+        "DESKHIVE_LOGINS_PER_MINUTE": "30",
+        "DESKHIVE_METRICS": "off",
+    }
+    settings = config.from_args(args, environ)
+    assert (settings.max_sessions, settings.max_desktops, settings.desktops_per_user) == (7, 0, 2)
+    assert (settings.frames_per_second, settings.logins_per_minute, settings.metrics) == (50, 30, False)
+    with pytest.raises(SystemExit):
+        config.parser().parse_args(["serve", "--frames-per-second", "-1"])
