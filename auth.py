@@ -11,13 +11,16 @@
   restart) or the share (revocation). It travels as a WebSocket subprotocol,
   never in a URL's query, which reverse proxies log.
 - Passwords (users file) are checked against salted scrypt hashes, off the
-  event loop.
+  event loop, on the users file's own small thread pool: a flood of bad
+  logins then waits for that pool alone, never for the default executor
+  that everything else shares (nor the other way round).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hashlib
 import hmac
 import re
@@ -33,6 +36,8 @@ from protocol.errors import ProtocolError, Unauthorized
 
 USERNAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+#: Threads checking passwords at once (scrypt takes a core each for ~50 ms).
+PASSWORD_THREADS: Final = 2
 StreamMode = Literal["control", "view"]
 #: The grant of a session's own token in stream tokens (shares use their id).
 OWNER_GRANT: Final = "owner"
@@ -174,6 +179,13 @@ class UsersFile:
         self._hashes = hashes
         # Unknown users still cost one scrypt, so timing does not tell them apart.
         self._decoy = hash_password(secrets.token_urlsafe(16))
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the password threads (checks under way finish first)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     @classmethod
     def load(cls, path: Path) -> UsersFile:
@@ -196,6 +208,9 @@ class UsersFile:
         if not isinstance(password, str) or not password:
             raise Unauthorized("a password is required")
         encoded = self._hashes.get(username, self._decoy)
-        ok = await asyncio.to_thread(verify_password, password, encoded)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(PASSWORD_THREADS, "password")
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._executor, verify_password, password, encoded)
         if not ok or username not in self._hashes:
             raise Unauthorized("wrong username or password")

@@ -98,6 +98,14 @@ class Settings:
     data_dir: Path = attrs.field(factory=lambda: default_data_dir(), converter=Path)
     mailbox_size: int = 1000
     sessions_per_user: int = 3
+    #: Limits of SPEC 1.1 ("Limits"); 0 turns one off.
+    max_sessions: int = 50_000
+    max_desktops: int = 16
+    desktops_per_user: int = 3
+    frames_per_second: int = 2000
+    logins_per_minute: int = 0
+    #: ``/metrics`` and the per-frame counts (off only to measure what they cost).
+    metrics: bool = True
     command_timeout: float = 600.0
     output_limit: int = 10 * 1024 * 1024
     workflows_dir: Path = attrs.field(default=Path(__file__).parent / "workflows", converter=Path)
@@ -143,6 +151,28 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ("data_dir", Path, "folder for per-session data (default /var/lib/deskhive as root, else ./var)"),
     ("mailbox_size", _positive(int), "messages a session's mailbox holds before 'busy'"),
     ("sessions_per_user", _positive(int), "sessions one username may hold at once"),
+    ("max_sessions", _at_least(int, 0, "0 turns it off"), "sessions on this server at once (0: no limit)"),
+    (
+        "max_desktops",
+        _at_least(int, 0, "0 turns it off"),
+        "desktops running on this server at once (0: no limit)",
+    ),
+    (
+        "desktops_per_user",
+        _at_least(int, 0, "0 turns it off"),
+        "desktops one username runs at once (0: no limit)",
+    ),
+    (
+        "frames_per_second",
+        _at_least(int, 0, "0 turns it off"),
+        "client frames per socket per second, bursts of twice that (0: no limit)",
+    ),
+    (
+        "logins_per_minute",
+        _at_least(int, 0, "0 turns it off"),
+        "logins per client address per minute, bursts of as many (0: no limit)",
+    ),
+    ("metrics", _flag, "serve /metrics and count frames (on by default)"),
     ("command_timeout", _positive(float), "default command timeout, seconds"),
     ("output_limit", _positive(int), "bytes of output kept per job"),
     ("workflows_dir", Path, "folder of workflow files (*.toml)"),

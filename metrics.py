@@ -24,17 +24,31 @@ _JOB_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 
 _START_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, float("inf"))
 
 
+def ended_reason(state: str, reason: str, *, shutting_down: bool) -> str:
+    """The ``reason`` label of an ended session: one of ``ENDED_REASONS``, never free text."""
+    if state != "failed" and reason in ENDED_REASONS:
+        return reason
+    return "shutdown" if shutting_down and state != "failed" else "failed"
+
+
 class Metrics(Collector):
-    """A server's counters; *sessions* and *sockets* are read at scrape time."""
+    """A server's counters; *sessions*, *sockets* and *refusals* are read at scrape time.
+
+    Without *sockets*, the gauge reads ``sockets_open``; *refusals* (by limit,
+    e.g. ``Limits.refusals``) adds to the counts in ``refusals``.
+    """
 
     def __init__(
         self,
         *,
         sessions: Callable[[], Mapping[str, int]] = dict,
-        sockets: Callable[[], int] = lambda: 0,
+        sockets: Callable[[], int] | None = None,
+        refusals: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._sessions, self._sockets = sessions, sockets
+        self._sessions, self._refusals = sessions, refusals
+        self.sockets_open = 0
+        self._sockets = sockets if sockets is not None else lambda: self.sockets_open
         self.logins = 0
         self.frames_received = 0
         self.frames_sent = 0
@@ -76,10 +90,12 @@ class Metrics(Collector):
             ("deskhive_frames_sent", "Frames sent to WebSocket clients", self.frames_sent),
         ):
             yield CounterMetricFamily(name, text, value=value)
+        refusals = Counter(self.refusals)
+        refusals.update(self._refusals())
         for name, text, label, counts in (
             ("deskhive_sessions_ended", "Sessions ended, by reason", "reason", self.sessions_ended),
             ("deskhive_sandbox_failures", "Sandbox failures, by backend", "sandbox", self.sandbox_failures),
-            ("deskhive_refusals", "Requests refused by a limit", "limit", self.refusals),
+            ("deskhive_refusals", "Requests refused by a limit", "limit", refusals),
         ):
             family = CounterMetricFamily(name, text, labels=[label])
             for key, count in sorted(counts.items()):

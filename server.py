@@ -28,6 +28,8 @@ from actors.session import SessionActor
 from actors.shares import OWNER, SHARE_MODES, Grant
 from actors.workflows import Workflow, describe, load_workflows
 from config import Settings
+from limits import Limit, Limits, LoginGate, TokenBucket
+from metrics import CONTENT_TYPE, Metrics
 from protocol import codec
 from protocol import messages as m
 from protocol.closecodes import CloseCode
@@ -35,6 +37,7 @@ from protocol.errors import (
     Forbidden,
     FrameTooLarge,
     GatewayError,
+    MailboxFull,
     ProtocolError,
     SessionNotFound,
     TooManySockets,
@@ -62,6 +65,10 @@ STREAM_TOKENS: Final = web.AppKey("stream_tokens", auth.StreamTokens)
 ADMIN_TOKEN: Final = web.AppKey("admin_token", str)
 SANDBOX_FACTORY: Final = web.AppKey[SandboxFactory]("sandbox_factory")
 WORKFLOWS: Final = web.AppKey[Mapping[str, Workflow]]("workflows")
+LIMITS: Final = web.AppKey("limits", Limits)
+LOGIN_GATE: Final = web.AppKey("login_gate", LoginGate)
+#: ``None`` with ``--metrics off``: nothing is counted per frame.
+METRICS: Final = web.AppKey[Metrics | None]("metrics")
 
 # ----------------------------------------------------------------------------
 # Sockets
@@ -70,13 +77,20 @@ WORKFLOWS: Final = web.AppKey[Mapping[str, Workflow]]("workflows")
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     """``GET /ws``: hello, then forward every frame to the session's actor."""
     ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, compress=False, heartbeat=30.0)
-    peer = WsPeer(ws, request, await ws.prepare(request))
-    request.app[SOCKETS].add(peer)
-    bound = await _hello(ws, peer, request.app[SUPERVISOR])
+    app = request.app
+    metrics = app[METRICS]
+    peer = WsPeer(ws, request, await ws.prepare(request), metrics=metrics)
+    app[SOCKETS].add(peer)
+    bound = await _hello(ws, peer, app[SUPERVISOR])
     if bound is None:
         return ws
     actor, grant = bound
     sid = actor.info.session_id
+    limit, mailbox = app[LIMITS]["frames_per_second"], app[LIMITS]["mailbox_size"]
+    bucket = TokenBucket(limit.value, 2 * limit.value) if limit.on else None
+    if metrics is not None:
+        metrics.sockets_open += 1
+        metrics.frames_received += 1  # the hello
     with structlog.contextvars.bound_contextvars(session_id=sid, peer=request.remote):
         # The socket's own task sends the rest of a replay and closes it on
         # overflow; it ends with the socket.
@@ -84,14 +98,30 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             tg.create_task(peer.run(), name=f"ws-out:{sid}")
             try:
                 async for frame in ws:
-                    if frame.type is WSMsgType.TEXT:
-                        await _forward(actor, peer, grant, frame.data)
+                    if metrics is not None:
+                        metrics.frames_received += 1
+                    if bucket is not None and not bucket.take():
+                        peer.send_error(limit.refuse(request_id=_request_id(frame.data)))
+                    elif frame.type is WSMsgType.TEXT:
+                        await _forward(actor, peer, grant, frame.data, mailbox)
                     elif frame.type is WSMsgType.BINARY:
                         peer.send_error(ProtocolError("binary frames are not part of the protocol"))
             finally:
+                if metrics is not None:
+                    metrics.sockets_open -= 1
                 actor.detach(peer)
                 peer.stop()
     return ws
+
+
+def _request_id(data: object) -> str | None:
+    """The ``id`` of a refused frame, if it has one to repeat (the frame is not handled)."""
+    try:
+        obj = codec.loads(data) if isinstance(data, str) else None
+    except GatewayError:
+        return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and len(rid) <= codec.MAX_ID_CHARS else None
 
 
 async def _hello(
@@ -114,6 +144,8 @@ async def _hello(
         actor, grant = supervisor.resolve(hello.token)
         actor.attach(peer, hello.last_seq, grant)
     except GatewayError as exc:
+        if isinstance(exc, TooManySockets):
+            supervisor.limits["sockets_per_session"].refused += 1
         peer.send_error(exc)
         await peer.close(_hello_close_code(exc), exc.message)
         return None
@@ -130,7 +162,7 @@ def _hello_close_code(exc: GatewayError) -> CloseCode:
     return CloseCode.UNAUTHORIZED
 
 
-async def _forward(actor: SessionActor, peer: WsPeer, grant: Grant, data: str) -> None:
+async def _forward(actor: SessionActor, peer: WsPeer, grant: Grant, data: str, mailbox: Limit) -> None:
     try:
         msg = codec.decode(data)
         if isinstance(msg, m.Hello):
@@ -139,6 +171,8 @@ async def _forward(actor: SessionActor, peer: WsPeer, grant: Grant, data: str) -
     except SessionNotFound as exc:
         await peer.close(CloseCode.NOT_FOUND, exc.message)
     except GatewayError as exc:
+        if isinstance(exc, MailboxFull):
+            mailbox.refused += 1
         peer.send_error(exc)
 
 
@@ -258,13 +292,14 @@ def _stream_url(app: web.Application, session_id: str) -> str | None:
 
 async def login(request: web.Request) -> web.Response:
     """``POST /api/sessions``: a new session for *username*."""
+    request.app[LOGIN_GATE].admit(request.remote or "")
     body = await _body(request)
     username = auth.check_username(body.get("username"))
     aws_login, customer_name = _optional_text(body, "aws_login"), _optional_text(body, "customer_name")
-    users = request.app[USERS]
-    if users is not None:
-        await users.check(username, body.get("password"))
+    await check_password(request, username, body.get("password"))
     session = await request.app[SUPERVISOR].spawn(username, aws_login=aws_login, customer_name=customer_name)
+    if (metrics := request.app[METRICS]) is not None:
+        metrics.logins += 1
     actor = session.actor
     sid = actor.info.session_id
     ws_url = f"{'wss' if request.secure else 'ws'}://{request.host}/ws"
@@ -282,6 +317,18 @@ async def login(request: web.Request) -> web.Response:
     )
 
 
+async def check_password(request: web.Request, username: str, password: object) -> None:
+    """With a users file: *username*'s password, through the guessing throttle (else nothing).
+
+    Every way of proving who one is (login, ``POST /api/sessions/mine``) goes
+    through here, so a locked username or address is locked for all of them.
+    """
+    users = request.app[USERS]
+    if users is not None:
+        with request.app[LOGIN_GATE].passwords.attempt(username, request.remote or ""):
+            await users.check(username, password)
+
+
 async def logout(request: web.Request) -> web.Response:
     """``DELETE /api/sessions/{id}``: end the session the token belongs to."""
     actor = _owner(request)
@@ -297,7 +344,11 @@ def seed_endpoint(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]
         msg = codec.from_object({**(await _body(request)), "type": kind})
         assert not isinstance(msg, m.Hello)
         # A view share's token is refused here (403) as on the socket.
-        return _json({"request_id": actor.tell(msg, grant=grant)}, status=202)
+        try:
+            return _json({"request_id": actor.tell(msg, grant=grant)}, status=202)
+        except MailboxFull:
+            request.app[LIMITS]["mailbox_size"].refused += 1
+            raise
 
     handler.__name__ = kind
     return handler
@@ -350,12 +401,25 @@ async def workflows(request: web.Request) -> web.Response:
     return _json({"workflows": [describe(w) for w in request.app[WORKFLOWS].values()]})
 
 
-async def status(request: web.Request) -> web.Response:
-    """``GET /status``: the supervisor's snapshot, for the admin token only."""
+def _admin(request: web.Request) -> None:
     token = auth.bearer(request.headers.get("Authorization"))
     if not hmac.compare_digest(token.encode(), request.app[ADMIN_TOKEN].encode()):
         raise Unauthorized("wrong admin token")
+
+
+async def status(request: web.Request) -> web.Response:
+    """``GET /status``: the supervisor's snapshot, for the admin token only."""
+    _admin(request)
     return _json(request.app[SUPERVISOR].status())
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus text format, for the admin token only."""
+    _admin(request)
+    metrics = request.app[METRICS]
+    if metrics is None:
+        raise web.HTTPNotFound(reason="metrics are off (--metrics off)")
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -466,13 +530,42 @@ async def _run_supervisor(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with aiohttp.ClientSession() as http:
         config = wiring.supervisor_config(settings, app[WORKFLOWS], http)
-        supervisor = Supervisor(config, app[SANDBOX_FACTORY], stream_url=lambda sid: _stream_url(app, sid))
+        supervisor = Supervisor(
+            config,
+            app[SANDBOX_FACTORY],
+            stream_url=lambda sid: _stream_url(app, sid),
+            limits=app[LIMITS],
+            metrics=app[METRICS],
+        )
         app[SUPERVISOR] = supervisor
         task = asyncio.create_task(supervisor.run(), name="supervisor")
         await supervisor.wait_running()
         yield
         await supervisor.aclose()
         await task
+
+
+def _add_limits(app: web.Application, settings: Settings) -> None:
+    """The limits the server enforces itself (the supervisor adds its own), and the metrics."""
+    limits = app[LIMITS] = Limits()
+    limits.add("frames_per_second", settings.frames_per_second, "too many frames on this socket")
+    app[LOGIN_GATE] = LoginGate(limits, settings.logins_per_minute)
+    app[METRICS] = (
+        Metrics(sessions=lambda: _sessions_by_state(app), refusals=limits.refusals)
+        if settings.metrics
+        else None
+    )
+
+
+def _sessions_by_state(app: web.Application) -> Mapping[str, int]:
+    # The supervisor exists only while the app runs.
+    supervisor = app.get(SUPERVISOR)
+    return supervisor.sessions_by_state() if supervisor is not None else {}
+
+
+async def _close_users(app: web.Application) -> None:
+    if (users := app[USERS]) is not None:
+        users.close()
 
 
 def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = None) -> web.Application:
@@ -495,14 +588,17 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
     app[ADMIN_TOKEN] = settings.admin_token or secrets.token_urlsafe(24)
     app[SANDBOX_FACTORY] = sandbox_factory or wiring.sandbox_factory(settings)
     app[WORKFLOWS] = load_workflows(settings.workflows_dir)
+    _add_limits(app, settings)
     app.cleanup_ctx.append(httpguard.accept_failures_logged)
     app.cleanup_ctx.append(_run_supervisor)
     app.on_shutdown.append(close_sockets)
+    app.on_cleanup.append(_close_users)
     app.add_routes(
         [
             web.get("/", index),
             web.get("/healthz", healthz),
             web.get("/status", status),
+            web.get("/metrics", metrics_page),
             web.get("/ws", websocket),
             web.post("/api/sessions", login),
             web.delete("/api/sessions/{session_id}", logout),

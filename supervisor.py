@@ -27,12 +27,13 @@ import attrs
 import structlog
 
 import auth
-from actors.session import ActorConfig, SessionActor, SessionInfo
+from actors.session import SOCKETS_PER_SESSION, ActorConfig, SessionActor, SessionInfo
 from actors.shares import OWNER, Grant
+from limits import DesktopGate, Limits
+from metrics import Metrics, ended_reason
 from protocol.errors import (
     Forbidden,
     GatewayError,
-    QuotaExceeded,
     SessionClosed,
     SessionNotFound,
     Unauthorized,
@@ -61,6 +62,10 @@ class SupervisorConfig:
     idle_timeout: float = 3600.0
     sweep_interval: float = 300.0
     sessions_per_user: int = 3
+    #: Sessions on this server, desktops on it and per username (0: no limit).
+    max_sessions: int = 50_000
+    max_desktops: int = 16
+    desktops_per_user: int = 3
     restart_limit: int = 3
     restart_window: float = 60.0
     stop_grace: float = 10.0
@@ -113,8 +118,9 @@ class Supervisor:
         sandbox_factory: SandboxFactory,
         *,
         stream_url: Any = None,
+        limits: Limits | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.config = config
         self.totals = Totals()
         self._sandbox_factory = sandbox_factory
         #: ``session_id -> stream URL`` for backends streamed by this server.
@@ -134,6 +140,13 @@ class Supervisor:
         self._accepting = True
         self._sessions_dir = config.data_dir / "sessions"
         self.started_at = time.monotonic()
+        self.limits = limits if limits is not None else Limits()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.desktops = self._add_limits(config)
+        # Every job of every session checks the same desktop limits and
+        # reports to the same metrics.
+        jobs = attrs.evolve(config.actor.jobs, desktops=self.desktops, metrics=self.metrics)
+        self.config = attrs.evolve(config, actor=attrs.evolve(config.actor, jobs=jobs))
 
     # ------------------------------------------------------------------
     # Life of the supervisor
@@ -189,11 +202,13 @@ class Supervisor:
         """Create a session and its actor; return once the actor runs."""
         if not self._accepting or self._tg is None or not self.running:
             raise SessionClosed("the server is shutting down")
+        most = self.limits["max_sessions"]
+        if most.on and len(self._actors) >= most.value:
+            raise most.refuse("try again later")
         owned = self._by_user.setdefault(username, set())
         if len(owned) >= self.config.sessions_per_user:
-            raise QuotaExceeded(
-                f"user {username!r} already has {len(owned)} sessions "
-                f"(at most {self.config.sessions_per_user}); end one first"
+            raise self.limits["sessions_per_user"].refuse(
+                f"user {username!r} has {len(owned)}; end one first"
             )
         token = auth.new_token()
         info = SessionInfo(
@@ -412,10 +427,12 @@ class Supervisor:
                         raise asyncio.CancelledError from None
                     break
                 self.totals.crashed += 1
+                self.metrics.actor_crashes += 1
                 logger.exception("actor.crashed", session_id=actor.info.session_id)
                 if not self._may_restart(restarts):
                     return "failed", f"crashed too often: {exc!r}"
                 self.totals.restarted += 1
+                self.metrics.actor_restarts += 1
                 actor.log.error("session.restarted", error=repr(exc), restarts=len(restarts))  # noqa: TRY400 - to the session
                 continue
             finally:
@@ -468,6 +485,7 @@ class Supervisor:
         # From here on requests are refused at once, not left for nobody.
         actor.refuse_requests(reason)
         self._unregister(actor, reason)
+        self.metrics.sessions_ended[ended_reason(state, reason, shutting_down=not self._accepting)] += 1
         await self._close_sandbox(actor)
         try:
             await actor.end(state, reason)
@@ -485,6 +503,7 @@ class Supervisor:
         except Exception:
             # Any error at all (RecursionError included): the session ends anyway.
             logger.exception("sandbox.close_failed", session_id=sid, sandbox_kind=sandbox.kind)
+            self.metrics.sandbox_failures[sandbox.kind] += 1
 
     def _summary(self, actor: SessionActor, state: str, reason: str) -> None:
         info = actor.info
@@ -513,4 +532,59 @@ class Supervisor:
                 "sweep_interval": self.config.sweep_interval,
             },
             "sessions": [attrs.asdict(a.statistics(now)) for a in self._actors.values()],
+            "limits": self.limits.status(),
         }
+
+    # ------------------------------------------------------------------
+    # Limits and metrics (read at /status and /metrics, not on the hot path)
+
+    def _add_limits(self, config: SupervisorConfig) -> DesktopGate:
+        """The limits the supervisor enforces, with how much of each is in use."""
+        add = self.limits.add
+        add(
+            "sessions_per_user",
+            config.sessions_per_user,
+            "too many sessions for one username",
+            self._most_owned,
+        )
+        add("max_sessions", config.max_sessions, "this server holds as many sessions as it may", self.__len__)
+        add("sockets_per_session", SOCKETS_PER_SESSION, "too many sockets on one session", self._most_sockets)
+        add("mailbox_size", config.actor.mailbox_size, "too many requests waiting", self._deepest_mailbox)
+        total = add("max_desktops", config.max_desktops, "this server runs as many desktops as it may")
+        per_user = add("desktops_per_user", config.desktops_per_user, "too many desktops for one username")
+        return DesktopGate(total, per_user, self._running_desktops)
+
+    def _most_owned(self) -> int:
+        return max(map(len, self._by_user.values()), default=0)
+
+    def _most_sockets(self) -> int:
+        now = time.monotonic()
+        return max((a.statistics(now).sockets for a in self._actors.values()), default=0)
+
+    def _deepest_mailbox(self) -> int:
+        return max((a.mailbox_depth for a in self._actors.values()), default=0)
+
+    def _running_desktops(self, username: str | None) -> list[tuple[str, str]]:
+        if username is None:
+            actors: Any = self._actors.values()
+        else:
+            actors = (self._actors[sid] for sid in self._by_user.get(username, ()) if sid in self._actors)
+        return [(a.info.session_id, a.info.username) for a in actors if _desktop_up(a)]
+
+    def sessions_by_state(self) -> dict[str, int]:
+        """Live sessions counted by state (``deskhive_sessions``)."""
+        counts: dict[str, int] = {}
+        for actor in self._actors.values():
+            try:
+                state = actor.state
+            except Exception:  # noqa: BLE001 - a broken backend must not break the scrape
+                state = "failed"
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+
+def _desktop_up(actor: SessionActor) -> bool:
+    try:
+        return actor.sandbox.desktop_running
+    except Exception:  # noqa: BLE001 - a broken backend counts as no desktop, and status still answers
+        return False

@@ -32,6 +32,9 @@ def supervisor_config(
         idle_timeout=settings.idle_timeout,
         sweep_interval=settings.sweep_interval,
         sessions_per_user=settings.sessions_per_user,
+        max_sessions=settings.max_sessions,
+        max_desktops=settings.max_desktops,
+        desktops_per_user=settings.desktops_per_user,
         data_dir=settings.data_dir,
         actor=ActorConfig(
             mailbox_size=settings.mailbox_size,

@@ -33,6 +33,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from actors.journal import Journal
+from metrics import Metrics
 from protocol import codec
 from protocol import messages as m
 from protocol.closecodes import CloseCode
@@ -76,6 +77,7 @@ class WsPeer:
         "_journal",
         "_live",
         "_loop",
+        "_metrics",
         "_next_seq",
         "_pending",
         "_pending_bytes",
@@ -96,6 +98,7 @@ class WsPeer:
         writer: AbstractStreamWriter,
         *,
         max_unsent: int = MAX_UNSENT_BYTES,
+        metrics: Metrics | None = None,
     ) -> None:
         if ws.compress:
             # Frames are written here, past aiohttp's compressor.
@@ -107,6 +110,8 @@ class WsPeer:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self.max_unsent = max_unsent
+        #: Frames written are counted once per batch (``frames_sent``).
+        self._metrics = metrics
         self.remote = request.remote
         self._journal: Journal | None = None
         self._next_seq = 1
@@ -186,6 +191,8 @@ class WsPeer:
         transport = self._transport
         if pending and transport is not None and not transport.is_closing() and not self._ws.closed:
             transport.writelines(pending)
+            if self._metrics is not None:
+                self._metrics.frames_sent += len(pending) >> 1  # a header and a payload per frame
 
     def _catch_up(self) -> None:
         """Queue the next part of the replay; go live once nothing is left."""

@@ -15,6 +15,10 @@ task, and :func:`outcome` reads the result from how that task ended
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import re
+import time
 from base64 import b64encode
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
 
     from actors.workflows import Step, Workflow
     from agent import ModelConfig
+    from limits import DesktopGate
+    from metrics import Metrics
 
 logger = structlog.get_logger("deskhive.jobs")
 
@@ -55,6 +61,9 @@ class JobConfig:
     model: ModelConfig | None = None
     workflows: Mapping[str, Workflow] = attrs.field(factory=dict)
     http: aiohttp.ClientSession | None = None
+    #: The server's desktop limits (``None``: none), checked before a desktop starts.
+    desktops: DesktopGate | None = None
+    metrics: Metrics | None = None
 
 
 @attrs.define(kw_only=True)
@@ -69,6 +78,9 @@ class JobContext:
     #: Tells the actor a workflow's desktop step started or finished starting
     #: the desktop; the session's state follows.
     set_starting: Callable[[bool], None]
+    #: Whose job it is, for the per-username desktop limit.
+    session_id: str = ""
+    username: str = ""
     _output_bytes: int = 0
     _truncated: bool = False
 
@@ -89,6 +101,16 @@ class JobContext:
             )
             return
         self.emit(m.Output(id=self.request_id, stream=stream, data=data))
+
+
+def kind_of(job: m.Job | m.KillDesktop) -> str:
+    """The protocol's name of *job*'s type (``run_command``): a fixed set, fit for a metric label."""
+    return _snake(type(job).__name__)
+
+
+@functools.lru_cache(maxsize=32)
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def describe(job: m.Job | m.KillDesktop) -> str:
@@ -178,11 +200,17 @@ async def execute(job: m.Job | m.KillDesktop, ctx: JobContext) -> m.Result:
 
 async def start_desktop(ctx: JobContext) -> str | None:
     if not ctx.sandbox.desktop_running:
-        ctx.set_starting(True)
-        try:
-            await ctx.sandbox.start_desktop()
-        finally:
-            ctx.set_starting(False)
+        gate = ctx.config.desktops
+        # Refused (rate_limited) before anything starts, if over a desktop limit.
+        with gate.starting(ctx.session_id, ctx.username) if gate else contextlib.nullcontext():
+            ctx.set_starting(True)
+            started = time.monotonic()
+            try:
+                await ctx.sandbox.start_desktop()
+            finally:
+                ctx.set_starting(False)
+        if ctx.config.metrics is not None:
+            ctx.config.metrics.desktop_start.observe(time.monotonic() - started)
     return ctx.sandbox.stream_url
 
 

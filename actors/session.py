@@ -41,6 +41,7 @@ from protocol.errors import (
     JobNotFound,
     MailboxFull,
     NotConfigured,
+    SandboxBroken,
     SessionClosed,
     TooManySockets,
 )
@@ -272,7 +273,7 @@ class SessionActor:
         if len(self._peers) >= SOCKETS_PER_SESSION:
             raise TooManySockets(
                 f"session {self.info.session_id} already has {SOCKETS_PER_SESSION} sockets, "
-                f"the limit per session"
+                f"the limit per session (sockets_per_session = {SOCKETS_PER_SESSION})"
             )
         self._last_active = time.monotonic()
         peer.deliver(
@@ -545,6 +546,8 @@ class SessionActor:
             log=self.log,
             emit=self.emit,
             set_starting=self._set_starting,
+            session_id=self.info.session_id,
+            username=self.info.username,
         )
         return await jobs.run_to_result(job.msg, ctx)
 
@@ -559,7 +562,16 @@ class SessionActor:
         if task is not None:
             seconds = round(time.monotonic() - job.started_at, 3)
             self.log.info("job.finished", id=job.rid, ok=result.ok, seconds=seconds)
+            self._measure(job, result, seconds)
         self.emit(result)
+
+    def _measure(self, job: _Job, result: m.Result, seconds: float) -> None:
+        """The job's duration by kind, and a sandbox failure by backend, for ``/metrics``."""
+        metrics = self.config.jobs.metrics
+        if metrics is not None:
+            metrics.job_duration.labels(jobs.kind_of(job.msg)).observe(seconds)
+            if result.error_code == SandboxBroken.code:
+                metrics.sandbox_failures[self.sandbox.kind] += 1
 
     def _set_starting(self, starting: bool) -> None:
         self._starting = starting

@@ -3,7 +3,8 @@
 Client and server each get a core of their own this way, and the same client
 code drives both the echo baseline and deskhive.
 
-    python bench/load.py ping --echo-url WS --deskhive-url HTTP [--connections N] [--inflight K]
+    python bench/load.py ping --echo-url WS --deskhive-url HTTP [--plain-url HTTP]
+                              [--connections N] [--inflight K]
 
 opens N sockets to each target (for deskhive: one login per socket, usernames
 u0..u(N-1), and a hello before anything is timed), prints ``{"ready": ...}``,
@@ -12,6 +13,7 @@ on stdout:
 
     run echo 5       N sockets keep K pings in flight each for 5 s
     run deskhive 5
+    run plain 5      (with --plain-url: deskhive served with --metrics off)
     quit
 
     python bench/load.py logins --deskhive-url HTTP --count 10000 [--concurrency 50]
@@ -33,11 +35,11 @@ from typing import Any, Final, Literal
 
 import aiohttp
 
-Target = Literal["echo", "deskhive"]
+Target = Literal["echo", "deskhive", "plain"]
 Report = dict[str, Any]
 
 #: What each target answers a ping with: the echo repeats it, deskhive pongs.
-REPLY_TYPE: Final[dict[Target, str]] = {"echo": "ping", "deskhive": "pong"}
+REPLY_TYPE: Final[dict[Target, str]] = {"echo": "ping", "deskhive": "pong", "plain": "pong"}
 SETUP_TIMEOUT_S: Final = 60.0
 #: After a run's window closes, pings still in flight get this long to land.
 DRAIN_TIMEOUT_S: Final = 10.0
@@ -172,6 +174,8 @@ async def ping_main(ns: argparse.Namespace) -> None:
                 "echo": await open_echo(http, ns.echo_url, ns.connections),
                 "deskhive": await open_deskhive(http, ns.deskhive_url.rstrip("/"), ns.connections),
             }
+            if ns.plain_url:
+                conns["plain"] = await open_deskhive(http, ns.plain_url.rstrip("/"), ns.connections)
         emit({"ready": {k: len(v) for k, v in conns.items()}})
         await serve_commands(conns, ns.inflight)
         await close_all([c.ws.close() for group in conns.values() for c in group])
@@ -184,8 +188,8 @@ async def serve_commands(conns: dict[Target, list[Conn]], inflight: int) -> None
         line = (await reader.readline()).decode().split()
         if not line or line[0] == "quit":
             return
-        if line[0] == "run" and len(line) == 3 and line[1] in REPLY_TYPE:
-            target: Target = "echo" if line[1] == "echo" else "deskhive"
+        if line[0] == "run" and len(line) == 3 and line[1] in conns:
+            target: Target = "echo" if line[1] == "echo" else "plain" if line[1] == "plain" else "deskhive"
             emit(await run_window(conns[target], target, float(line[2]), inflight))
         else:
             emit({"error": f"unknown command {line!r}"})
@@ -254,6 +258,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ping = sub.add_parser("ping")
     ping.add_argument("--echo-url", required=True, help="ws://127.0.0.1:PORT/ws of the echo baseline")
     ping.add_argument("--deskhive-url", required=True, help="http://127.0.0.1:PORT of deskhive")
+    ping.add_argument("--plain-url", default="", help="http://127.0.0.1:PORT of deskhive with --metrics off")
     ping.add_argument("--connections", type=int, default=100)
     ping.add_argument("--inflight", type=int, default=4)
     logins = sub.add_parser("logins")
