@@ -21,6 +21,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 import auth
+import files_api
 import httpguard
 import wiring
 from actors.session import SessionActor
@@ -409,6 +410,7 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
             web.static("/static", WEB_DIR),
         ]
     )
+    files_api.add_routes(app, SUPERVISOR, settings.upload_limit)
     if NOVNC_DIR.is_dir():
         app.router.add_static("/novnc", NOVNC_DIR)
     return app

@@ -25,7 +25,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -33,10 +33,12 @@ import structlog
 
 from protocol.errors import CommandTimeout, ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
+from sandboxes.files import FileReader, Listing
 from sandboxes.local import cgroups, tools
 from sandboxes.local.cmdjail import CommandJail
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
+from sandboxes.local.files import LocalHome
 from sandboxes.local.jail import HOME, X11_DIR, Identity, Jail, Mount, session_pids, spawn
 from sandboxes.local.procs import exit_code, kill_now, pump_both, reap, terminate
 
@@ -307,6 +309,21 @@ class LocalSandbox:
 
     async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
         await tools.setup(self, packages, report)
+
+    # -- files of the home (see sandboxes.local.files) ---------------------------
+
+    def _files(self) -> LocalHome:
+        identity = self._ensure().identity
+        return LocalHome(self.home, (identity.uid, identity.gid) if identity.dropped else None)
+
+    async def list_files(self, path: str) -> Listing:
+        return await self._files().list_files(path)
+
+    async def read_file(self, path: str) -> FileReader:
+        return await self._files().read_file(path)
+
+    async def write_file(self, path: str, chunks: AsyncIterable[bytes]) -> int:
+        return await self._files().write_file(path, chunks)
 
     # -- desktop ---------------------------------------------------------------
 
