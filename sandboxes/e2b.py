@@ -47,7 +47,6 @@ from sandboxes import e2b_files
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.e2b_commands import Sink, install
 from sandboxes.e2b_config import E2BConfig
-from sandboxes.files import FileReader, Listing
 from sandboxes.e2b_sdk import (
     Reaper,
     SandboxLost,
@@ -57,6 +56,7 @@ from sandboxes.e2b_sdk import (
     sdk_error,
 )
 from sandboxes.e2b_sdk import sweep_orphans as sweep_tagged
+from sandboxes.files import FileReader, Listing
 
 __all__ = ["E2BConfig", "E2BSandbox", "e2b_factory", "sweep_orphans"]
 

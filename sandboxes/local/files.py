@@ -114,16 +114,33 @@ def open_file(home: Path, parts: tuple[str, ...]) -> tuple[int, int]:
         except OSError as exc:
             raise _refused(parts, exc) from None
     try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ProtocolError(f"{shown(parts)} is a folder: list it instead")
-        if not stat.S_ISREG(info.st_mode):
-            raise ProtocolError(f"{shown(parts)} is not a regular file")
+        size = _regular_size(fd, parts)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
-    return fd, info.st_size
+    return fd, size
+
+
+def _regular_size(fd: int, parts: tuple[str, ...]) -> int:
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        raise ProtocolError(f"{shown(parts)} is a folder: list it instead")
+    if not stat.S_ISREG(info.st_mode):
+        raise ProtocolError(f"{shown(parts)} is not a regular file")
+    return info.st_size
+
+
+def _check_target(folder: int, parts: tuple[str, ...]) -> None:
+    """Refuse to replace a link or a folder (the rename would replace a link, not follow it)."""
+    try:
+        info = os.stat(parts[-1], dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise ProtocolError(f"{shown(parts)} is a symbolic link: links are not followed")
+    if stat.S_ISDIR(info.st_mode):
+        raise ProtocolError(f"{shown(parts)} is a folder")
 
 
 class Upload:
@@ -135,12 +152,15 @@ class Upload:
         with _folder(home, parts[:-1], owner or (os.getuid(), os.getgid())) as folder:
             self._folder = os.dup(folder)
         try:
+            _check_target(self._folder, parts)
             self.fd = os.open(self._temp, _NEW_FLAGS, 0o644, dir_fd=self._folder)
             if owner is not None:
                 os.fchown(self.fd, *owner)
-        except OSError as exc:
+        except BaseException as exc:
             os.close(self._folder)
-            raise _refused(parts, exc) from None
+            if isinstance(exc, OSError):
+                raise _refused(parts, exc) from None
+            raise
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
