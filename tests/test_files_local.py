@@ -100,7 +100,7 @@ async def test_links_planted_by_the_session_are_not_followed(
             assert r.status == 400, path
     assert (outside / "keep.txt").read_text() == "host file"
     assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
-    assert not os.path.lexists("/tmp/planted")
+    assert "planted" not in os.listdir("/tmp")
     assert (sandbox.home / "pw").is_symlink()
     async with client.http.get(_url(client, login), headers=auth) as r:
         entries = {e["name"]: e for e in (await r.json())["entries"]}
