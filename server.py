@@ -23,6 +23,7 @@ from aiohttp import WSMsgType, web
 import auth
 import files_api
 import httpguard
+import sessions_api
 import wiring
 from actors.session import SessionActor
 from actors.workflows import Workflow, describe, load_workflows
@@ -411,6 +412,7 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
         ]
     )
     files_api.add_routes(app, SUPERVISOR, settings.upload_limit)
+    sessions_api.add_routes(app, SUPERVISOR, USERS)
     if NOVNC_DIR.is_dir():
         app.router.add_static("/novnc", NOVNC_DIR)
     return app

@@ -53,6 +53,8 @@ class ActorConfig:
     journal_bytes: int = 16 * 1024 * 1024
     #: One deadline for closing all of an ended session's sockets together.
     close_timeout: float = 2.0
+    #: The supervisor's idle timeout, told to clients so they can show the time left.
+    idle_timeout: float = 3600.0
     jobs: jobs.JobConfig = attrs.field(factory=jobs.JobConfig)
 
 
@@ -259,6 +261,8 @@ class SessionActor:
                     stream_url=self.sandbox.stream_url,
                     seq=self.journal.last_seq,
                     resumed=last_seq is not None,
+                    idle_timeout=self.config.idle_timeout,
+                    idle_seconds=self._idle_now(),
                 )
             )
         )
@@ -293,6 +297,9 @@ class SessionActor:
         if self._current is not None or self._pending:
             return 0.0
         return now - self._last_active
+
+    def _idle_now(self) -> float:
+        return round(self.idle_seconds(time.monotonic()), 1)
 
     def statistics(self, now: float) -> ActorStats:
         return ActorStats(
@@ -335,6 +342,8 @@ class SessionActor:
                     current_command=current,
                     running_id=running_id,
                     id=request_id,
+                    idle_timeout=self.config.idle_timeout,
+                    idle_seconds=self._idle_now(),
                 )
             )
 
@@ -449,6 +458,9 @@ class SessionActor:
                 # Whatever ended the wait, the job's end or the incarnation's
                 # (the job may not even have started), its result is settled.
                 self._current = None
+                # A job is activity: idle time counts from its end, not from
+                # the frame that asked for it (no reaping right after a long job).
+                self._last_active = time.monotonic()
                 self._settle(job, "cancelled")
             self._publish_state()
 

@@ -45,6 +45,8 @@ from sandboxes.local.procs import exit_code, kill_now, pump_both, reap, terminat
 logger = structlog.get_logger()
 
 PIPE = asyncio.subprocess.PIPE
+#: How long a launched program is watched for ending at once (a missing program).
+_LAUNCH_CHECK_S = 0.25
 
 
 class LocalSandbox:
@@ -392,9 +394,14 @@ class LocalSandbox:
         await self._launch([*tools.browser_argv(self._config.browser), url_or_file])
 
     async def launch(self, app: str) -> None:
-        argv = shlex.split(app)
+        try:
+            argv = shlex.split(app)
+        except ValueError as exc:
+            raise ProtocolError(f"cannot read {app[:80]!r} as a program and its arguments: {exc}") from None
         if not argv:
             raise ProtocolError("launch needs an application name")
+        if argv[0] == "terminal":
+            argv = [tools.TERMINAL, *argv[1:]]
         if argv[0] in tools.BROWSER_NAMES:
             argv = [*tools.browser_argv(self._config.browser), *argv[1:]]
         await self._launch(argv)
@@ -414,6 +421,13 @@ class LocalSandbox:
             limits=app_limits,
         )
         self._apps.append(proc)
+        # A program that cannot start (a name no package provides) ends at
+        # once: say so, rather than "launched".
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_LAUNCH_CHECK_S):
+                code = await proc.wait()
+            if code != 0:
+                raise SandboxBroken(f"{argv[0]} ended at once with exit code {exit_code(code)}")
         logger.info("sandbox.app_launched", sandbox_id=self._id, app=argv[0], pid=proc.pid)
 
 

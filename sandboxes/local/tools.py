@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from sandboxes.local.sandbox import LocalSandbox
 
 SCROLL_BUTTONS = {"up": "4", "down": "5", "left": "6", "right": "7"}
+#: What ``launch terminal`` starts.
+TERMINAL = "xterm"
 BROWSER_NAMES = frozenset({"browser", "chromium", "chromium-browser", "google-chrome", "chrome", "firefox"})
 _KEYS = {
     "enter": "Return", "return": "Return", "esc": "Escape", "escape": "Escape", "tab": "Tab",
