@@ -1,4 +1,4 @@
-""" "My sessions": list a user's live sessions, and end them with the password.
+"""My sessions: list a user's live sessions, and end them with the password.
 
 ``GET /api/sessions`` takes any one of the user's session tokens and lists
 every live session of that username, so a page that kept one token can offer

@@ -121,7 +121,7 @@ async def test_welcome_and_state_tell_the_idle_timeout_and_time_idle(
 @pytest.mark.local
 @pytest.mark.skipif(os.geteuid() != 0, reason="the local sandbox drops to session uids as root")
 async def test_idle_time_counts_from_the_end_of_a_long_job(start_server: StartServer, root: Path) -> None:
-    """After a job that ran a while, the session is idle from the job's end, not from the frame asking for it."""
+    """After a long job the session is idle from the job's end, not from the frame that asked for it."""
     config = LocalConfig(root=root / "sandboxes")
     _, client = await start_server(sandbox_factory=lambda spec: LocalSandbox(spec, config))
     login = await client.login("worker")
