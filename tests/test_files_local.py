@@ -95,7 +95,7 @@ async def test_links_planted_by_the_session_are_not_followed(
     for folder in ("rootlink", "out", "rootlink/etc"):
         async with client.http.get(_url(client, login), params={"path": folder}, headers=auth) as r:
             assert r.status == 400, folder
-    for path in ("out/keep.txt", "out/new.txt", "pw", "rootlink/tmp/planted"):
+    for path in ("out/keep.txt", "out/new.txt", "pw", "rootlink/tmp/planted", "é" * 200):
         async with client.http.put(_url(client, login, path), data=b"evil", headers=auth) as r:
             assert r.status == 400, path
     assert (outside / "keep.txt").read_text() == "host file"

@@ -47,7 +47,9 @@ def _refused(parts: tuple[str, ...], exc: OSError) -> Exception:
         return ProtocolError(f"{shown(parts)} is not a folder")
     if exc.errno == errno.EISDIR:
         return ProtocolError(f"{shown(parts)} is a folder")
-    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+    if exc.errno == errno.ENAMETOOLONG:
+        return ProtocolError(f"a name in {shown(parts)[:200]} is too long for a file name")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ProtocolError("the home is full")
     return exc
 
@@ -148,7 +150,7 @@ class Upload:
 
     def __init__(self, home: Path, parts: tuple[str, ...], owner: tuple[int, int] | None) -> None:
         self._parts = parts
-        self._temp = f".{parts[-1][:200]}.upload-{secrets.token_hex(6)}"
+        self._temp = f".upload-{secrets.token_hex(8)}"
         with _folder(home, parts[:-1], owner or (os.getuid(), os.getgid())) as folder:
             self._folder = os.dup(folder)
         try:
