@@ -81,12 +81,24 @@ async def upload(sdk: AsyncSandbox, path: str, chunks: AsyncIterable[bytes]) -> 
     """Stream *chunks* to the file (envd makes the parents); the bytes sent."""
     parts = home_parts(path)
     sent = 0
+    failure: Exception | None = None
 
     async def counted() -> AsyncIterator[bytes]:
-        nonlocal sent
-        async for chunk in chunks:
-            sent += len(chunk)
-            yield chunk
+        nonlocal sent, failure
+        try:
+            async for chunk in chunks:
+                sent += len(chunk)
+                yield chunk
+        except Exception as exc:
+            failure = exc
+            raise
 
-    await sdk.files.write(_where(parts), counted(), use_octet_stream=True)
+    try:
+        await sdk.files.write(_where(parts), counted(), use_octet_stream=True)
+    except Exception:
+        # The SDK wraps what our body raised (an upload over its limit, a
+        # client gone) in its own error: the cause is ours, not E2B's.
+        if failure is not None:
+            raise failure from None
+        raise
     return sent

@@ -24,7 +24,7 @@ async def _served(start_server: StartServer, service: E2BService) -> tuple[Clien
     return client, await client.login("cloud")
 
 
-async def test_files_reach_the_sandbox_home(start_server: StartServer, e2b_service: E2BService) -> None:
+async def test_files_reach_the_sandbox_home(e2b_service: E2BService, start_server: StartServer) -> None:
     """An upload lands in the sandbox's /home/user, is listed there and downloads unchanged."""
     client, login = await _served(start_server, e2b_service)
 
@@ -46,7 +46,7 @@ async def test_files_reach_the_sandbox_home(start_server: StartServer, e2b_servi
         assert await r.read() == b"first,second"
 
 
-async def test_missing_files_and_bad_paths(start_server: StartServer, e2b_service: E2BService) -> None:
+async def test_missing_files_and_bad_paths(e2b_service: E2BService, start_server: StartServer) -> None:
     """A missing file or folder is 404; '..' is 400 before E2B is asked."""
     client, login = await _served(start_server, e2b_service)
     async with client.http.get(_url(client, login, "nope.txt"), headers=_auth(login)) as r:
@@ -56,3 +56,18 @@ async def test_missing_files_and_bad_paths(start_server: StartServer, e2b_servic
     async with client.http.put(_url(client, login, "..%2Fetc%2Fx"), data=b"x", headers=_auth(login)) as r:
         assert r.status == 400
     assert not [p for p in e2b_service.only().files if "etc" in p]
+
+
+async def test_upload_over_the_limit_is_413(e2b_service: E2BService, start_server: StartServer) -> None:
+    """A streamed upload past --upload-limit is cut with 413 on E2B too."""
+    config = make_config(e2b_service)
+    _, client = await start_server(sandbox_factory=lambda spec: E2BSandbox(spec, config), upload_limit=1000)
+    login = await client.login("cloud")
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(30):
+            yield b"z" * 100
+
+    async with client.http.put(_url(client, login, "big.bin"), data=body(), headers=_auth(login)) as r:
+        assert r.status == 413, await r.text()
+    assert "/home/user/big.bin" not in e2b_service.only().files
