@@ -63,7 +63,8 @@ DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 #: Sources whose strings are no program of this machine: E2B's commands run
 #: in E2B's sandboxes, and this module names programs as data.
 NOT_SCANNED = frozenset({
-    "sandboxes/e2b.py", "sandboxes/e2b_sdk.py", "tests/fakes_e2b.py", "tests/test_e2b_sandbox.py",
+    "sandboxes/e2b.py", "sandboxes/e2b_sdk.py", "sandboxes/e2b_desktop.py", "sandboxes/e2b_files.py",
+    "tests/fakes_e2b.py", "tests/test_e2b_sandbox.py",
     "tests/test_programs.py", "scripts/programs.py",
 })  # fmt: skip
 #: Calls whose first argument is a program or an argv (``spawn``: the second, after the jail).
