@@ -136,6 +136,8 @@ class Settings:
     agent_image_height: int = 1280
     agent_image_format: str = "jpeg"
     agent_coordinate_grid: int = 0
+    #: Largest file ``PUT /api/sessions/{id}/files/{path}`` takes, bytes.
+    upload_limit: int = 100 * 1024 * 1024
 
 
 #: (option, parser, help); the default comes from ``Settings``.
@@ -210,6 +212,7 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
         _at_least(int, 0, "0 means screenshot pixels"),
         "0: the model answers screenshot pixels; N: a 0..N grid (1000 for Qwen-VL, UI-TARS)",
     ),
+    ("upload_limit", _positive(int), "largest file one upload to a session's home may be, bytes"),
 )
 
 

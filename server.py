@@ -22,7 +22,9 @@ import structlog
 from aiohttp import WSMsgType, hdrs, web
 
 import auth
+import files_api
 import httpguard
+import sessions_api
 import wiring
 from actors.session import SessionActor
 from actors.shares import OWNER, SHARE_MODES, Grant
@@ -617,6 +619,8 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
             web.static("/static", WEB_DIR),
         ]
     )
+    files_api.add_routes(app, SUPERVISOR, settings.upload_limit)
+    sessions_api.add_routes(app, SUPERVISOR, USERS, check_password)
     if NOVNC_DIR.is_dir():
         app.router.add_static("/novnc", NOVNC_DIR)
     return app

@@ -353,6 +353,10 @@ class Supervisor:
     def __len__(self) -> int:
         return len(self._actors)
 
+    def sessions_of(self, username: str) -> list[SessionActor]:
+        """Every live session of *username*."""
+        return [self._actors[sid] for sid in self._by_user.get(username, ()) if sid in self._actors]
+
     async def stop(self, session_id: str, reason: str) -> None:
         """End a session: ``Stop`` first, then cancel the incarnation after the grace period.
 

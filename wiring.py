@@ -39,6 +39,7 @@ def supervisor_config(
         actor=ActorConfig(
             mailbox_size=settings.mailbox_size,
             journal_size=settings.journal_size,
+            idle_timeout=settings.idle_timeout,
             jobs=JobConfig(
                 command_timeout=settings.command_timeout,
                 output_limit=settings.output_limit,

@@ -21,7 +21,7 @@ import re
 import time
 from base64 import b64encode
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import structlog
@@ -130,6 +130,8 @@ def describe(job: m.Job | m.KillDesktop) -> str:
             return "start_desktop"
         case m.Screenshot():
             return "screenshot"
+        case m.Launch(app=app):
+            return f"launch: {app[:190]}"
 
 
 def cancelled(request_id: str, reason: str) -> m.Result:
@@ -191,6 +193,9 @@ async def execute(job: m.Job | m.KillDesktop, ctx: JobContext) -> m.Result:
         case m.RunWorkflow(workflow=name, query=query):
             steps = await run_workflow(ctx, name or "default", query)
             return m.Result(id=rid, ok=True, data={"workflow": name or "default", "steps": steps})
+        case m.Launch(app=app, url=url):
+            await launch(ctx, app, url)
+            return m.Result(id=rid, ok=True, data={"app": app})
         case m.Screenshot():
             png = await ctx.sandbox.screenshot()
             width, height = png_size(png)
@@ -212,6 +217,23 @@ async def start_desktop(ctx: JobContext) -> str | None:
         if ctx.config.metrics is not None:
             ctx.config.metrics.desktop_start.observe(time.monotonic() - started)
     return ctx.sandbox.stream_url
+
+
+#: ``launch``'s names for the browser (its ``url`` opens in it).
+BROWSER_APPS: Final = frozenset({"browser", "chromium", "firefox"})
+
+
+async def launch(ctx: JobContext, app: str, url: str | None) -> None:
+    """Start *app* on the desktop; return once it runs, not when it exits."""
+    if not ctx.sandbox.desktop_running:
+        raise ProtocolError("launch needs a running desktop: start it first (start_desktop)")
+    if url is not None:
+        if app not in BROWSER_APPS:
+            raise ProtocolError(f"a url opens in the browser: launch 'browser', not {app[:64]!r}")
+        await ctx.sandbox.open(url)
+    else:
+        await ctx.sandbox.launch(app)
+    ctx.log.info("desktop.launched", id=ctx.request_id, app=app[:200])
 
 
 async def setup(ctx: JobContext, packages: tuple[str, ...]) -> None:

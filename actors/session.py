@@ -63,6 +63,8 @@ class ActorConfig:
     journal_bytes: int = 16 * 1024 * 1024
     #: One deadline for closing all of an ended session's sockets together.
     close_timeout: float = 2.0
+    #: The supervisor's idle timeout, told to clients so they can show the time left.
+    idle_timeout: float = 3600.0
     jobs: jobs.JobConfig = attrs.field(factory=jobs.JobConfig)
 
 
@@ -286,6 +288,8 @@ class SessionActor:
                     seq=self.journal.last_seq,
                     resumed=last_seq is not None,
                     role=grant.role,
+                    idle_timeout=self.config.idle_timeout,
+                    idle_seconds=self._idle_now(),
                 )
             )
         )
@@ -376,6 +380,9 @@ class SessionActor:
             return 0.0
         return now - self._last_active
 
+    def _idle_now(self) -> float:
+        return round(self.idle_seconds(time.monotonic()), 1)
+
     def statistics(self, now: float) -> ActorStats:
         return ActorStats(
             session_id=self.info.session_id,
@@ -419,6 +426,8 @@ class SessionActor:
                     current_command=current,
                     running_id=running_id,
                     id=request_id,
+                    idle_timeout=self.config.idle_timeout,
+                    idle_seconds=self._idle_now(),
                 )
             )
 
@@ -533,6 +542,9 @@ class SessionActor:
                 # Whatever ended the wait, the job's end or the incarnation's
                 # (the job may not even have started), its result is settled.
                 self._current = None
+                # A job is activity: idle time counts from its end, not from
+                # the frame that asked for it (no reaping right after a long job).
+                self._last_active = time.monotonic()
                 self._settle(job, "cancelled")
             self._publish_state()
 

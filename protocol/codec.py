@@ -134,6 +134,7 @@ _SCHEMA: Final[dict[str, tuple[type[m.ClientMessage], dict[str, Reader]]]] = {
     "clear_logs": (m.ClearLogs, {"id": _id}),
     "get_state": (m.GetState, {"id": _id}),
     "screenshot": (m.Screenshot, {"id": _id}),
+    "launch": (m.Launch, {"id": _id, "app": _text(), "url": _text(required=False)}),
     "ping": (m.Ping, {"id": _id}),
 }
 
@@ -235,6 +236,8 @@ def _event_object(event: m.Event, seq: int) -> dict[str, Any]:
                 "stream_url": event.stream_url,
                 "current_command": event.current_command,
                 "running_id": event.running_id,
+                "idle_timeout": event.idle_timeout,
+                "idle_seconds": event.idle_seconds,
             }
             if event.id is not None:
                 obj["id"] = event.id
@@ -281,6 +284,8 @@ def encode(msg: m.ServerMessage) -> bytes:
                 "seq": msg.seq,
                 "resumed": msg.resumed,
                 "role": msg.role,
+                "idle_timeout": msg.idle_timeout,
+                "idle_seconds": msg.idle_seconds,
             }
     return _utf8(obj)
 

@@ -71,6 +71,13 @@ class SessionClosed(SessionNotFound):
     """A session that we ended (logout, reaping, shutdown)."""
 
 
+class FileMissing(GatewayError, LookupError):
+    """A path in a session's home that names no file or folder."""
+
+    code = "not_found"
+    status = 404
+
+
 class JobNotFound(GatewayError, LookupError):
     """A ``cancel`` whose target names no running or waiting job."""
 

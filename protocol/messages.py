@@ -101,13 +101,23 @@ class Screenshot:
 
 
 @attrs.frozen(kw_only=True)
+class Launch:
+    """Starts a program on the desktop (``terminal``, ``browser`` or a program name)."""
+
+    id: str | None = None
+    app: str
+    #: Opened in the browser.
+    url: str | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Ping:
     """Asks the session's actor for a ``pong``."""
 
     id: str | None = None
 
 
-Job = StartDesktop | SetupEnvironment | RunCommand | RunTask | RunWorkflow | Screenshot
+Job = StartDesktop | SetupEnvironment | RunCommand | RunTask | RunWorkflow | Screenshot | Launch
 Request = Job | Cancel | KillDesktop | ClearLogs | GetState | Ping
 ClientMessage = Hello | Request
 
@@ -119,6 +129,7 @@ JOB_TYPES: tuple[type[Job], ...] = (
     RunTask,
     RunWorkflow,
     Screenshot,
+    Launch,
 )
 
 # --------------------------------------------------------------------------
@@ -139,6 +150,10 @@ class Welcome:
     resumed: bool
     #: Whose credential the hello carried: ``owner``, or a share's ``view`` or ``control``.
     role: Literal["owner", "view", "control"] = "owner"
+    #: Seconds without a client frame or job before the session is reaped.
+    idle_timeout: float | None = None
+    #: Seconds the session has been idle so far (0 while a job runs).
+    idle_seconds: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -204,6 +219,9 @@ class State:
     #: The request id of the job that runs, so clients need not match by text.
     running_id: str | None = None
     id: str | None = None
+    #: As in ``Welcome``, when the event was emitted (a replay keeps them).
+    idle_timeout: float | None = None
+    idle_seconds: float | None = None
 
 
 @attrs.frozen(kw_only=True)

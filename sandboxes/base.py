@@ -15,11 +15,13 @@ what the call started (a command's whole process tree) before it propagates.
 from __future__ import annotations
 
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import attrs
+
+from sandboxes.files import FileReader, Listing
 
 Stream = Literal["stdout", "stderr"]
 #: Called with each chunk of a command's output, as text, while it runs.
@@ -103,6 +105,26 @@ class Sandbox(Protocol):
     async def press(self, keys: str | Sequence[str]) -> None: ...
     async def open(self, url_or_file: str) -> None: ...
     async def launch(self, app: str) -> None: ...
+
+    # Files of the session's home; *path* is relative to it (see sandboxes.files).
+    # A bad path raises ``ProtocolError``, a missing one ``FileMissing``.
+
+    async def list_files(self, path: str) -> Listing:
+        """The entries of the home's folder *path* (``""``: the home itself)."""
+        ...
+
+    async def read_file(self, path: str) -> FileReader:
+        """Open the home's file *path* for download."""
+        ...
+
+    async def write_file(self, path: str, chunks: AsyncIterable[bytes]) -> int:
+        """Write *chunks* to the home's file *path*, parents made; the bytes written.
+
+        Owned by the uid the session's commands run as. Whatever ends the
+        iteration early (an upload over its limit, a client gone) leaves the
+        old file as it was and no partial one.
+        """
+        ...
 
     async def close(self) -> None:
         """Free everything the sandbox holds. Idempotent; never raises."""

@@ -28,7 +28,7 @@ import functools
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Collection, Sequence
+from collections.abc import AsyncIterable, Awaitable, Collection, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -43,6 +43,7 @@ from protocol.errors import (
     SessionClosed,
 )
 from sandboxes import e2b_desktop as desktop
+from sandboxes import e2b_files
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.e2b_commands import Sink, install
 from sandboxes.e2b_config import E2BConfig
@@ -55,6 +56,7 @@ from sandboxes.e2b_sdk import (
     sdk_error,
 )
 from sandboxes.e2b_sdk import sweep_orphans as sweep_tagged
+from sandboxes.files import FileReader, Listing
 
 __all__ = ["E2BConfig", "E2BSandbox", "e2b_factory", "sweep_orphans"]
 
@@ -402,6 +404,22 @@ class E2BSandbox:
             return await self._run(cmd, limit=self._config.setup_timeout, on_output=on_output, user=user)
 
         await install(step, packages, report)
+
+    # ----------------------------------------------------------------------
+    # Files of the home (see sandboxes.e2b_files)
+
+    async def list_files(self, path: str) -> Listing:
+        sdk = await self._ready()
+        return await self._call("files.list", e2b_files.listing(sdk, path))
+
+    async def read_file(self, path: str) -> FileReader:
+        sdk = await self._ready()
+        return await self._call("files.read", e2b_files.open_download(sdk, path))
+
+    async def write_file(self, path: str, chunks: AsyncIterable[bytes]) -> int:
+        sdk = await self._ready()
+        limit = self._config.setup_timeout  # an upload may be long; a stalled one is cut
+        return await self._call("files.write", e2b_files.upload(sdk, path, chunks), limit=limit)
 
     # ----------------------------------------------------------------------
     # Desktop input and screen

@@ -152,4 +152,7 @@ def open_command(url_or_file: str) -> str:
 
 
 def launch_command(app: str) -> str:
+    if app == "terminal":
+        # Debian's and Ubuntu's name for whichever terminal the image has.
+        return "x-terminal-emulator"
     return f"gtk-launch {shlex.quote(app)}"

@@ -1,16 +1,18 @@
 """The ``null`` sandbox: runs nothing, echoes commands.
 
 Only for load tests and benchmarks of the actor layer. Its desktop is a
-flag, its screenshot a blank PNG, and a command's output is the command.
+flag, its screenshot a blank PNG, a command's output is the command, and
+its home is held in memory (made at the first file call).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 
 from sandboxes.base import OutputSink, SandboxSpec, ScrollDirection, StepReporter
+from sandboxes.files import FileReader, Listing, MemoryFiles
 
 
 def blank_png(width: int = 64, height: int = 40) -> bytes:
@@ -33,11 +35,27 @@ class NullSandbox:
     """A sandbox that does nothing, at once."""
 
     kind = "null"
-    __slots__ = ("_desktop", "_spec")
+    __slots__ = ("_desktop", "_files", "_spec")
 
     def __init__(self, spec: SandboxSpec) -> None:
         self._spec = spec
         self._desktop = False
+        self._files: MemoryFiles | None = None
+
+    @property
+    def files(self) -> MemoryFiles:
+        if self._files is None:
+            self._files = MemoryFiles()
+        return self._files
+
+    async def list_files(self, path: str) -> Listing:
+        return await self.files.list_files(path)
+
+    async def read_file(self, path: str) -> FileReader:
+        return await self.files.read_file(path)
+
+    async def write_file(self, path: str, chunks: AsyncIterable[bytes]) -> int:
+        return await self.files.write_file(path, chunks)
 
     @property
     def sandbox_id(self) -> str | None:
@@ -96,3 +114,4 @@ class NullSandbox:
 
     async def close(self) -> None:
         self._desktop = False
+        self._files = None

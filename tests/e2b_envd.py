@@ -234,6 +234,27 @@ class FilesystemService:
         _box_of(self._service, ctx).files.pop(request.path, None)
         return filesystem_pb.RemoveResponse()
 
+    async def list_dir(
+        self, request: filesystem_pb.ListDirRequest, ctx: RequestContext[Any, Any]
+    ) -> filesystem_pb.ListDirResponse:
+        """The folder's entries; a folder exists while a file is under it (the home always)."""
+        prefix = request.path.rstrip("/") + "/"
+        found: dict[str, tuple[bool, int]] = {}
+        for path, data in _box_of(self._service, ctx).files.items():
+            if path.startswith(prefix):
+                head, sep, _ = path[len(prefix) :].partition("/")
+                found[head] = (bool(sep), len(data))
+        if not found and request.path != "/home/user":
+            raise ConnectError(Code.NOT_FOUND, f"path {request.path} not found")
+        kinds = filesystem_pb.FileType
+        entries = [
+            filesystem_pb.EntryInfo(
+                name=name, type=kinds.DIRECTORY if folder else kinds.FILE, path=prefix + name, size=size
+            )
+            for name, (folder, size) in found.items()
+        ]
+        return filesystem_pb.ListDirResponse(entries=entries)
+
     def __getattr__(self, name: str) -> Callable[..., Any]:
         async def unimplemented(*_args: Any) -> Any:
             raise ConnectError(Code.UNIMPLEMENTED, f"the fake envd has no filesystem.{name}")

@@ -131,6 +131,7 @@ class E2BService:
         app.router.add_get("/sandboxes/{id}", self._info)
         app.router.add_get("/health", self._envd(self._health))
         app.router.add_get("/files", self._envd(self._read_file))
+        app.router.add_post("/files", self._envd(self._write_file))
         process_app = process_connect.ProcessASGIApplication(ProcessService(self))
         fs_app = filesystem_connect.FilesystemASGIApplication(FilesystemService(self))
         app.router.add_post("/process.Process/{method}", self._envd(asgi(process_app)))
@@ -235,6 +236,12 @@ class E2BService:
         if data is None:
             return _error(404, f"path {request.query['path']} not found")
         return web.Response(body=data, content_type="application/octet-stream")
+
+    async def _write_file(self, request: web.Request) -> web.Response:
+        box = self.boxes[request.headers["E2b-Sandbox-Id"]]
+        path = request.query["path"]
+        box.files[path] = await request.read()
+        return web.json_response([{"name": path.rsplit("/", 1)[-1], "type": "file", "path": path}])
 
     # ------------------------------------------------------------------
     # What commands do

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from typing import Any, ClassVar
 
 from actors.journal import Journal
@@ -12,6 +12,7 @@ from protocol import codec
 from protocol import messages as m
 from protocol.errors import SandboxBroken
 from sandboxes.base import OutputSink, SandboxSpec, ScrollDirection, StepReporter
+from sandboxes.files import FileReader, Listing, MemoryFiles
 from sandboxes.null import blank_png
 
 
@@ -48,6 +49,7 @@ class FakeSandbox:
         self.closed = 0
         self.released = asyncio.Event()
         self.command_started = asyncio.Event()
+        self.files = MemoryFiles()
         FakeSandbox.instances.append(self)
 
     def _call(self, name: str, *args: Any) -> None:
@@ -136,6 +138,18 @@ class FakeSandbox:
 
     async def launch(self, app: str) -> None:
         self._call("launch", app)
+
+    async def list_files(self, path: str) -> Listing:
+        self._call("list_files", path)
+        return await self.files.list_files(path)
+
+    async def read_file(self, path: str) -> FileReader:
+        self._call("read_file", path)
+        return await self.files.read_file(path)
+
+    async def write_file(self, path: str, chunks: AsyncIterable[bytes]) -> int:
+        self._call("write_file", path)
+        return await self.files.write_file(path, chunks)
 
     async def close(self) -> None:
         self.calls.append(("close", ()))

@@ -46,6 +46,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "clear_logs": {},
     "get_state": {},
     "screenshot": {},
+    "launch": {"app": "terminal"},
     "ping": {},
 }
 
@@ -280,12 +281,15 @@ FIELDS = {
     "packages": st.one_of(PACKAGES, JSON),
     "token": st.one_of(TEXT, JSON),
     "last_seq": st.one_of(st.integers(), JSON),
+    "app": st.one_of(st.sampled_from(["terminal", "browser", "xeyes"]), TEXT, JSON),
+    "url": st.one_of(st.just("https://example.invalid/"), TEXT, JSON),
 }
 #: The fields each type reads (the rest are ignored, so fuzzing them says little).
 TYPE_FIELDS = {kind: ["id", *fields] for kind, fields in {
     "hello": ["token", "last_seq"], "start_desktop": [], "setup_environment": ["packages"],
     "run_command": ["cmd", "timeout"], "run_task": ["query"], "run_workflow": ["workflow", "query"],
     "cancel": ["target"], "kill_desktop": [], "clear_logs": [], "get_state": [], "screenshot": [], "ping": [],
+    "launch": ["app", "url"],
 }.items()}  # fmt: skip
 REQUESTS_OF_EVERY_TYPE = st.sampled_from(sorted(TYPE_FIELDS)).flatmap(
     lambda kind: st.fixed_dictionaries(

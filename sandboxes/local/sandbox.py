@@ -25,7 +25,7 @@ import secrets
 import shlex
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -33,17 +33,21 @@ import structlog
 
 from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
+from sandboxes.files import FileReader, Listing
 from sandboxes.local import cgroups, tools
 from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
+from sandboxes.local.files import LocalHome
 from sandboxes.local.folders import check_enterable, remove_logged, sweep_orphans
 from sandboxes.local.jail import HOME, Identity, Jail, Mount, session_pids, spawn
-from sandboxes.local.procs import kill_now, reap, terminate
+from sandboxes.local.procs import exit_code, kill_now, reap, terminate
 
 logger = structlog.get_logger()
 
 PIPE = asyncio.subprocess.PIPE
+#: How long a launched program is watched for ending at once (a missing program).
+_LAUNCH_CHECK_S = 0.25
 
 
 class LocalSandbox:
@@ -278,6 +282,21 @@ class LocalSandbox:
     async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
         await tools.setup(self, packages, report)
 
+    # -- files of the home (see sandboxes.local.files) ---------------------------
+
+    async def _files(self) -> LocalHome:
+        identity = (await self._ensure()).identity
+        return LocalHome(self.home, (identity.uid, identity.gid) if identity.dropped else None)
+
+    async def list_files(self, path: str) -> Listing:
+        return await (await self._files()).list_files(path)
+
+    async def read_file(self, path: str) -> FileReader:
+        return await (await self._files()).read_file(path)
+
+    async def write_file(self, path: str, chunks: AsyncIterable[bytes]) -> int:
+        return await (await self._files()).write_file(path, chunks)
+
     # -- desktop ---------------------------------------------------------------
 
     def _need_desktop(self) -> Desktop:
@@ -345,9 +364,14 @@ class LocalSandbox:
         await self._launch([*tools.browser_argv(self._config.browser), url_or_file])
 
     async def launch(self, app: str) -> None:
-        argv = shlex.split(app)
+        try:
+            argv = shlex.split(app)
+        except ValueError as exc:
+            raise ProtocolError(f"cannot read {app[:80]!r} as a program and its arguments: {exc}") from None
         if not argv:
             raise ProtocolError("launch needs an application name")
+        if argv[0] == "terminal":
+            argv = [tools.TERMINAL, *argv[1:]]
         if argv[0] in tools.BROWSER_NAMES:
             argv = [*tools.browser_argv(self._config.browser), *argv[1:]]
         await self._launch(argv)
@@ -367,6 +391,13 @@ class LocalSandbox:
             limits=app_limits,
         )
         self._apps.append(proc)
+        # A program that cannot start (a name no package provides) ends at
+        # once: say so, rather than "launched".
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_LAUNCH_CHECK_S):
+                code = await proc.wait()
+            if code != 0:
+                raise SandboxBroken(f"{argv[0]} ended at once with exit code {exit_code(code)}")
         logger.info("sandbox.app_launched", sandbox_id=self._id, app=argv[0], pid=proc.pid)
 
 

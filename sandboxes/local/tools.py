@@ -24,6 +24,8 @@ from sandboxes.local.jail import HOME
 from sandboxes.local.procs import reap
 
 SCROLL_BUTTONS = {"up": "4", "down": "5", "left": "6", "right": "7"}
+#: What ``launch terminal`` starts.
+TERMINAL = "xterm"
 BROWSER_NAMES = frozenset({"browser", "chromium", "chromium-browser", "google-chrome", "chrome", "firefox"})
 _KEYS = {
     "enter": "Return", "return": "Return", "esc": "Escape", "escape": "Escape", "tab": "Tab",
