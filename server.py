@@ -22,6 +22,7 @@ from aiohttp import WSMsgType, web
 
 import auth
 import httpguard
+import webpages
 import wiring
 from actors.session import SessionActor
 from actors.workflows import Workflow, describe, load_workflows
@@ -409,6 +410,7 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
             web.static("/static", WEB_DIR),
         ]
     )
+    webpages.setup(app, settings, SUPERVISOR, ADMIN_TOKEN)
     if NOVNC_DIR.is_dir():
         app.router.add_static("/novnc", NOVNC_DIR)
     return app
