@@ -61,7 +61,7 @@ function renderSessions(sessions) {
     row.append(td);
     return row;
   }));
-  if (!sessions.length) $("admin-feedback").textContent = "No session is live.";
+  $("admin-empty").hidden = sessions.length > 0;
 }
 
 async function endSession(sessionId) {

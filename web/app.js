@@ -10,7 +10,7 @@ import { FilesPanel } from "/static/files.js";
 import { KeepAlive } from "/static/keepalive.js";
 import { forgetSession, rememberSession } from "/static/known.js";
 import { initLogin, showLogin } from "/static/login.js";
-import { LogView, isBookkeeping } from "/static/logview.js";
+import { LogView } from "/static/logview.js";
 import { CLOSE_SESSION_ENDED, CLOSE_SHARE_REVOKED, SessionLink, socketUrl } from "/static/protocol.js";
 import { JobList, describeResult } from "/static/requests.js";
 import { SharePanel } from "/static/share.js";
@@ -348,10 +348,14 @@ function draw(frame) {
     case "output":
       log.output(frame);
       break;
-    case "state":
+    case "state": {
+      // Into a job and back out of it is bookkeeping; a desktop starting or dying is news.
+      const bookkeeping = frame.state === "busy" || view.drawnState === "busy";
+      view.drawnState = frame.state;
       log.note("state", `state: ${frame.state}${frame.current_command ? ` · ${frame.current_command}` : ""}`,
-        frame.seq, frame._received, isBookkeeping(frame));
+        frame.seq, frame._received, bookkeeping);
       break;
+    }
     case "result": {
       const { text, tone } = describeResult(frame, frame._label || `request ${frame.id}`);
       log.note(tone, text, frame.seq, frame._received);

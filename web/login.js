@@ -94,7 +94,8 @@ export function initLogin(onLoggedIn, { passwords = false } = {}) {
       if (!(error instanceof ApiError)) throw error;
       showError(error);
       if (error.status === 429 && knownSessions().length) {
-        $("login-form-error").textContent += " Your sessions on this browser are listed below: end one, or resume it.";
+        const said = $("login-form-error").textContent.replace(/[.\s]*$/, "");
+        $("login-form-error").textContent = `${said}. Your sessions on this browser are listed here: end one, or resume it.`;
       }
     } finally {
       $("login-submit").disabled = false;

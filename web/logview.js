@@ -21,10 +21,9 @@ function time(ts) {
   return Number.isNaN(date.getTime()) ? "" : date.toLocaleTimeString([], { hour12: false });
 }
 
-/** Whether an event is bookkeeping: the lines around every job that say nothing new. */
-export function isBookkeeping(event) {
-  if (event.type === "log") return event.level === "debug" || BOOKKEEPING_EVENTS.has(event.event);
-  return event.type === "state" && ["busy", "ready", "starting"].includes(event.state);
+/** Whether a log event is bookkeeping: the lines around every job that say nothing new. */
+function isBookkeeping(event) {
+  return event.level === "debug" || BOOKKEEPING_EVENTS.has(event.event);
 }
 
 function describeFields(event) {
