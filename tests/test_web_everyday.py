@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -166,6 +167,43 @@ async def test_ended_session_is_told_in_plain_words(null_server: str, tab: Tab) 
         assert answer.status == 204
     await expect(page.locator("#login-form-error")).to_contain_text("files are gone")
     await expect(page.locator("#known-list li", has_text=session["session_id"])).to_have_count(0)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def token_still_works(base: str, token: str) -> bool:
+    """Whether the server takes *token* in a hello (a welcome) or has forgotten it (a close)."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{base}/ws") as ws:
+        await ws.send_json({"type": "hello", "token": token, "last_seq": 2**31})
+        message = await ws.receive(timeout=10)
+        return message.type == aiohttp.WSMsgType.TEXT and json.loads(message.data)["type"] == "welcome"
+
+
+async def test_after_a_server_restart_the_page_resumes_or_says_the_session_is_gone(tab: Tab) -> None:
+    """After a restart the page resumes (durable sessions) or says plainly that the session is gone."""
+    page = tab.page
+    port = free_port()
+    with serving("null", "--port", str(port)) as base:
+        await log_in(page, base, unique("restart"))
+        await run_command(page, "echo before-the-restart")
+        session = await session_of(page)
+    await expect(page.locator("#connection")).to_contain_text("reconnecting")
+    with serving("null", "--port", str(port)) as base:
+        if await token_still_works(base, session["token"]):
+            await wait_connected(page)
+            await expect(page.locator("#log .output", has_text="before-the-restart")).to_have_count(1)
+            await expect(page.locator("#log")).not_to_contain_text("unknown or wrong token")
+        else:
+            await expect(page.locator("#login-view")).to_be_visible(timeout=20_000)
+            message = page.locator("#login-form-error")
+            await expect(message).to_contain_text("no longer knows this session")
+            await expect(message).to_contain_text("Log in to start a new one")
+            await expect(page.locator("#known-list li", has_text=session["session_id"])).to_have_count(0)
+            await screenshot(page, "session-gone")
 
 
 # --------------------------------------------------------------------------
