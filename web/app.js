@@ -85,6 +85,7 @@ function enterSession(session) {
   setState(session.state || "idle", session.stream_url, null);
 
   log.clear();
+  view.restState = null;
   for (const frame of view.history) draw(frame);
   view.lastState = view.history.findLast((frame) => frame.type === "state") || null;
   loadWorkflows();
@@ -350,9 +351,15 @@ function draw(frame) {
       log.output(frame);
       break;
     case "state": {
-      // Into a job and back out of it is bookkeeping; a desktop starting or dying is news.
-      const bookkeeping = frame.state === "busy" || view.drawnState === "busy";
-      view.drawnState = frame.state;
+      // Into a job and back to the state before it is bookkeeping; a desktop
+      // starting, stopping or failing, or a job's end in a new state, is news.
+      let bookkeeping;
+      if (frame.current_command) {
+        bookkeeping = !["starting", "stopping", "failed", "closed"].includes(frame.state);
+      } else {
+        bookkeeping = frame.state === view.restState;
+        view.restState = frame.state;
+      }
       log.note("state", `state: ${frame.state}${frame.current_command ? ` · ${frame.current_command}` : ""}`,
         frame.seq, frame._received, bookkeeping);
       break;
