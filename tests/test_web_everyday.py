@@ -327,6 +327,73 @@ async def test_log_lines_carry_their_event_time_after_a_reload(null_server: str,
     await expect(stamp).to_have_attribute("title", before)
 
 
+#: A 1x1 PNG, as an agent step's thumbnail.
+THUMBNAIL = "data:image/png;base64," + (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+async def test_agent_steps_read_as_one_line_each_and_stop_cancels_the_run(null_server: str, tab: Tab) -> None:
+    """An agent run shows each step as one line with its thumbnail, and Stop the agent cancels the run."""
+    page = tab.page
+    sent = asyncio.Queue[dict]()
+
+    async def agent_running(route: WebSocketRoute) -> None:
+        server = route.connect_to_server()
+
+        def from_server(message: str | bytes) -> None:
+            route.send(message)
+            frame = json.loads(message)
+            if frame.get("type") != "welcome":
+                return
+            # What a server running an agent task sends: its state, then a step.
+            seq = frame["seq"]
+            busy = {
+                "type": "state",
+                "seq": seq + 1,
+                "state": "busy",
+                "stream_url": None,
+                "current_command": "run_task: find the weather",
+                "running_id": "task-1",
+            }
+            step = {
+                "type": "log",
+                "seq": seq + 2,
+                "ts": "2026-01-01T10:00:00Z",
+                "level": "info",
+                "event": "agent.step",
+                "step": 1,
+                "text": "I will open the browser.",
+                "action": "click(x=10, y=20)",
+                "outcome": "clicked",
+                "thumbnail": THUMBNAIL,
+            }
+            route.send(json.dumps(busy))
+            route.send(json.dumps(step))
+
+        def from_page(message: str | bytes) -> None:
+            sent.put_nowait(json.loads(message))
+            server.send(message)
+
+        server.on_message(from_server)
+        route.on_message(from_page)
+
+    await page.route_web_socket(re.compile(r"/ws$"), agent_running)
+    await log_in(page, null_server, unique("agent"))
+    step = page.locator("#log .agent-step")
+    await expect(step).to_have_count(1)
+    await expect(step).to_contain_text("I will open the browser.")
+    await expect(step).to_contain_text("click(x=10, y=20)")
+    await expect(step.get_by_role("img")).to_have_attribute("src", THUMBNAIL)
+    await screenshot(page, "agent-run")
+
+    await page.get_by_role("button", name="Stop the agent").click()
+    async with asyncio.timeout(10):
+        while (frame := await sent.get()).get("type") != "cancel":
+            pass
+    assert frame["target"] == "task-1"
+
+
 async def test_screenshot_button_shows_and_saves_the_png(null_server: str, tab: Tab) -> None:
     """Screenshot shows the desktop's PNG in a dialog whose Save button downloads it."""
     page = tab.page
@@ -404,6 +471,21 @@ async def test_a_job_from_another_tab_is_cancelled_from_this_one(
     await expect(second.locator("#command-feedback")).to_contain_text("Cancelled")
     await expect(first.locator("#command-busy")).to_be_hidden()
     await second.close()
+
+
+@pytest.mark.local
+async def test_tab_into_the_desktop_gives_its_canvas_the_keys(local_commands: str, tab: Tab) -> None:
+    """Tabbing from the last control into the desktop frame focuses noVNC's canvas, which takes the keys."""
+    page = tab.page
+    await log_in(page, local_commands, unique("tabkeys"))
+    await page.get_by_role("button", name="Start desktop").click()
+    await expect(page.locator("#state-badge")).to_have_text("ready", timeout=40_000)
+    frame = page.frame_locator("#desktop-frame")
+    await expect(frame.locator("#status")).to_have_text("Connected", timeout=20_000)
+    await page.get_by_role("button", name="Run", exact=True).focus()
+    await page.keyboard.press("Tab")
+    desktop = next(f for f in page.frames if "/desktop/" in f.url)
+    await desktop.wait_for_function("() => document.activeElement?.tagName === 'CANVAS'", timeout=5_000)
 
 
 # --------------------------------------------------------------------------
