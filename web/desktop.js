@@ -49,19 +49,26 @@ function socketUrl() {
   return url;
 }
 
-/** Why the stream refused us, in words: the server answers a plain GET with its error. */
-async function whyRefused() {
+/**
+ * Why the stream closed, asked of the server with a plain GET (which it
+ * answers with its error): {fatal, text}. Only a bad link or a gone session
+ * is fatal; anything else is worth another try.
+ */
+async function whyClosed() {
   const url = socketUrl();
   url.protocol = location.protocol;
   try {
     const answer = await fetch(url, { cache: "no-store" });
-    const body = await answer.json().catch(() => null);
-    if (answer.status === 401 || answer.status === 403) return "This link is not valid (wrong or revoked stream token). Ask for a new one.";
-    if (answer.status === 404) return "This session no longer exists: the link is dead.";
-    if (answer.status === 409) return "The desktop of this session is not running. It shows here once it is started.";
-    return body?.error?.message || null;
+    if (answer.status === 401 || answer.status === 403) {
+      return { fatal: true, text: "This link is not valid (wrong or revoked stream token). Ask for a new one." };
+    }
+    if (answer.status === 404) return { fatal: true, text: "This session no longer exists: the link is dead." };
+    if (answer.status === 409) {
+      return { fatal: false, text: "The desktop of this session is not running; it shows here once it is started." };
+    }
+    return { fatal: false, text: "Connection lost." };
   } catch {
-    return "The server cannot be reached.";
+    return { fatal: false, text: "The server cannot be reached." };
   }
 }
 
@@ -85,15 +92,14 @@ function connect() {
     if (event.detail.clean && everConnected) {
       show("disconnected", "Disconnected");
     }
-    const reason = await whyRefused();
-    // Refusals that a retry cannot cure are said and left alone.
-    if (reason && !reason.startsWith("The desktop") && !reason.startsWith("The server cannot")) {
-      show("failed", reason);
+    const { fatal, text } = await whyClosed();
+    if (fatal) {
+      show("failed", text);
       return;
     }
     const delay = Math.min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** attempt);
     attempt += 1;
-    show("disconnected", `${reason || "Connection lost"} Retrying in ${Math.ceil(delay / 1000)} s…`);
+    show("disconnected", `${text} Retrying in ${Math.ceil(delay / 1000)} s…`);
     clearTimeout(retryTimer);
     retryTimer = setTimeout(connect, delay);
   });
