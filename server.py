@@ -25,6 +25,7 @@ import auth
 import files_api
 import httpguard
 import sessions_api
+import webpages
 import wiring
 from actors.session import SessionActor
 from actors.shares import OWNER, SHARE_MODES, Grant
@@ -621,6 +622,7 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
     )
     files_api.add_routes(app, SUPERVISOR, settings.upload_limit)
     sessions_api.add_routes(app, SUPERVISOR, USERS, check_password)
+    webpages.setup(app, settings, SUPERVISOR, ADMIN_TOKEN)
     if NOVNC_DIR.is_dir():
         app.router.add_static("/novnc", NOVNC_DIR)
     return app

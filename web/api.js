@@ -53,3 +53,23 @@ export async function listWorkflows() {
   const payload = await request("GET", "/api/workflows");
   return (payload && payload.workflows) || [];
 }
+
+/** What this server offers: {sandbox, agent, passwords, network, idle_timeout}; {} when it cannot say. */
+export async function serverInfo() {
+  try {
+    return (await request("GET", "/api/info")) || {};
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    return {};
+  }
+}
+
+/** With a users file: the user's live sessions, after ending those in *end*. */
+export async function mySessions(username, password, end = []) {
+  const body = { username, password };
+  if (end.length) body.end = end;
+  const payload = await request("POST", "/api/sessions/mine", { body });
+  return (payload && payload.sessions) || [];
+}
+
+export { request };

@@ -1,13 +1,22 @@
 // The deskhive web client: after the login form (login.js), one session's
 // desktop, controls, jobs and log. The socket and resume logic live in
-// protocol.js, the log panel in logview.js, what survives a reload in store.js.
+// protocol.js, the log panel in logview.js, what survives a reload in store.js,
+// the sessions this browser knows in known.js, the keep-alive in keepalive.js,
+// the desktop's tools in tools.js, files and sharing in files.js and share.js.
 
-import { ApiError, listWorkflows, logout } from "/static/api.js";
+import { ApiError, logout, serverInfo } from "/static/api.js";
+import { confirmAction } from "/static/confirm.js";
+import { applyInfo, loadWorkflows, setFeedback, wireControls } from "/static/controls.js";
+import { FilesPanel } from "/static/files.js";
+import { KeepAlive } from "/static/keepalive.js";
+import { forgetSession, rememberSession } from "/static/known.js";
 import { initLogin, showLogin } from "/static/login.js";
 import { LogView } from "/static/logview.js";
-import { SessionLink, socketUrl } from "/static/protocol.js";
-import * as store from "/static/store.js";
+import { CLOSE_SESSION_ENDED, CLOSE_SHARE_REVOKED, SessionLink, socketUrl } from "/static/protocol.js";
 import { JobList, describeResult } from "/static/requests.js";
+import { SharePanel } from "/static/share.js";
+import * as store from "/static/store.js";
+import * as tools from "/static/tools.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -22,6 +31,15 @@ const DESKTOP_MESSAGES = {
   closed: "This session has ended.",
   failed: "This session failed. Log out and log in again.",
 };
+const AGENT_KINDS = ["run_task", "run_workflow"];
+// What each role may do; the server refuses the rest (forbidden) anyway.
+const ROLE_NOTES = {
+  view: "You are watching this session as a view-only guest: you see its desktop, jobs and log, and can change nothing.",
+  control: "You are a guest with control of this session: you may use its desktop, run commands and jobs, and cancel them; only its owner can clear the log, share it or end it.",
+};
+const OWNER_ONLY = ["logout", "clear-logs", "share-panel"];
+const CONTROL_ONLY = ["start-desktop", "setup-environment", "kill-desktop", "launch-terminal", "launch-browser",
+  "take-screenshot", "task-form", "workflow-form", "command-form", "files-panel", "desktop-paste"];
 // Saving the history on every event would stall big outputs; a short pause
 // batches them (and pagehide flushes the rest).
 const HISTORY_SAVE_DELAY_MS = 250;
@@ -36,15 +54,21 @@ const view = {
   lastState: null, // the newest state event seen: welcome lacks its current_command
   wasConnected: false,
   saveTimer: null,
+  role: "owner",
+  info: {},
 };
 const log = new LogView($("log"), $("log-jump"));
 const jobs = new JobList($("jobs"), $("jobs-empty"), (job) => cancelJob(job));
+const keepAlive = new KeepAlive({ ping: sendPing, show: showTimeLeft });
+const files = new FilesPanel(() => view.session);
+const shares = new SharePanel(() => view.session);
 
 // --------------------------------------------------------------------------
 // Session
 
 function enterSession(session) {
   view.session = session;
+  view.role = session.role || "owner";
   const saved = store.loadHistory();
   view.history = saved.events;
   view.lastSeq = saved.lastSeq;
@@ -55,17 +79,39 @@ function enterSession(session) {
   $("login-view").hidden = true;
   $("session-view").hidden = false;
   document.title = `${session.username} · deskhive`;
-  $("session-user").textContent = session.username;
-  $("session-id").textContent = session.session_id;
+  $("session-user").textContent = session.username || "guest";
+  $("session-id").textContent = session.session_id || "";
+  showRole(view.role);
   setState(session.state || "idle", session.stream_url, null);
 
   log.clear();
+  view.restState = null;
   for (const frame of view.history) draw(frame);
   view.lastState = view.history.findLast((frame) => frame.type === "state") || null;
   loadWorkflows();
 
   openLink();
+  keepAlive.setTimeout(view.info.idle_timeout);
+  keepAlive.start();
   $("session-title").focus();
+}
+
+/** What the page lets this person do: owners everything, guests what their share grants. */
+function showRole(role) {
+  const guest = role === "view" || role === "control";
+  $("role-badge").hidden = !guest;
+  $("role-badge").textContent = role === "view" ? "view only" : "guest with control";
+  $("guest-note").hidden = !guest;
+  $("guest-note").textContent = ROLE_NOTES[role] || "";
+  for (const id of OWNER_ONLY) $(id).hidden = guest;
+  for (const id of CONTROL_ONLY) {
+    const element = $(id);
+    element.inert = role === "view";
+    element.classList.toggle("not-allowed", role === "view");
+  }
+  jobs.canCancel = role !== "view";
+  jobs.render();
+  $("logout").hidden = guest;
 }
 
 /** Connects (again) to the session, resuming after the last event shown. */
@@ -76,15 +122,35 @@ function openLink() {
     lastSeq: view.lastSeq,
     onEvent: receive,
     onStatus: showConnection,
-    onEnded: (reason) => leave(`This session is no longer available (${reason}).`),
+    onEnded: ended,
   });
   view.link.start();
+}
+
+/** The server closed the session for good: say why in plain words, and forget it. */
+function ended(reason, code) {
+  const sessionId = view.session?.session_id;
+  if (sessionId) forgetSession(sessionId);
+  let message;
+  if (code === CLOSE_SHARE_REVOKED) {
+    message = "The owner of this session stopped sharing it with you: this link no longer works.";
+  } else if (code === CLOSE_SESSION_ENDED) {
+    message = `This session has ended, and its desktop and files are gone (${reason}). Log in to start a new one.`;
+  } else {
+    message = view.role === "owner"
+      ? "The server no longer knows this session: it was ended (by a log out, for being idle, or with the server). Its desktop and files are gone. Log in to start a new one."
+      : "This link does not open a session: it was revoked, or the session has ended.";
+  }
+  leave(message);
 }
 
 /** Back to the login form, forgetting everything this tab knew of the session. */
 function leave(message) {
   if (!view.session) return;
   view.link?.stop();
+  keepAlive.stop();
+  files.reset();
+  shares.reset();
   clearTimeout(view.saveTimer);
   Object.assign(view, { session: null, link: null, history: [], lastSeq: 0, welcomeSeq: 0, lastState: null });
   store.forgetAll();
@@ -98,17 +164,28 @@ function leave(message) {
   showLogin(message);
 }
 
+/** Leave this page for the login page; the session, its desktop and files are kept. */
+function leavePage() {
+  leave(`You left session ${view.session.session_id}; it is kept, with its desktop and files. Resume it below, or end it.`);
+}
+
 async function logOut() {
   const { session } = view;
+  const ok = await confirmAction("Log out and end this session?",
+    "Logging out ends the session: its desktop is killed and the files in its home folder are deleted. "
+    + "To keep them, choose Leave instead.", "End the session");
+  if (!ok) return;
   $("logout-error").textContent = "";
   // Stop first, so the socket's 4404 close does not report our own logout.
   view.link.stop();
   try {
     await logout(session.session_id, session.token);
-    leave("You have logged out.");
+    forgetSession(session.session_id);
+    leave("You have logged out; the session and its files are gone.");
   } catch (error) {
     if (!(error instanceof ApiError)) throw error;
     if (error.status === 404 || error.status === 401) {
+      forgetSession(session.session_id);
       leave(`Your session had already ended: ${error.message}`);
       return;
     }
@@ -126,23 +203,44 @@ function showConnection(status, detail) {
   $("connection").textContent = label;
   $("connection").className = `connection connection-${status}`;
   if (status === "reconnecting" && view.wasConnected) {
-    log.note("warn", "Connection lost; reconnecting. Nothing will be missed.");
+    log.note("warn", navigator.onLine === false
+      ? "Connection lost: this computer is offline. The page reconnects when the network is back."
+      : "Connection lost; reconnecting. The session goes on on the server.");
     view.wasConnected = false;
   }
+  if (status === "connected" && view.resuming) {
+    log.note("info", "Reconnected: the session resumed where the page left it.");
+    view.resuming = false;
+  }
+  if (status === "reconnecting") view.resuming = true;
 }
 
-function setState(state, streamUrl, currentCommand) {
+function showTimeLeft(left, warning) {
+  $("time-left").hidden = !left;
+  $("time-left").textContent = left || "";
+  $("idle-warning").hidden = !warning;
+  $("idle-warning-text").textContent = warning || "";
+  document.title = view.session
+    ? `${warning ? `⚠ ${left} · ` : ""}${view.session.username || "guest"} · deskhive` : "deskhive";
+}
+
+function sendPing() {
+  if (!view.link || !view.link.connected) return false;
+  return view.link.send({ type: "ping", id: `keepalive-${Date.now()}` });
+}
+
+function setState(state, streamUrl, currentCommand, runningId) {
   const badge = $("state-badge");
   badge.textContent = state;
   badge.className = `badge state-${state}`;
   view.state = state;
-  setCurrentCommand(currentCommand);
+  setCurrentCommand(currentCommand, runningId);
   if (view.session) view.session.stream_url = streamUrl;
 
   const live = LIVE_STATES.has(state) && Boolean(streamUrl);
   const frame = $("desktop-frame");
   if (live) {
-    const src = new URL(streamUrl, location.href).href;
+    const src = tools.streamLink(streamUrl, view.role);
     // Only a new URL reloads the stream; ready <-> busy must not.
     if (frame.src !== src) frame.src = src;
     $("desktop-open").href = src;
@@ -155,9 +253,16 @@ function setState(state, streamUrl, currentCommand) {
   $("desktop-message").textContent = DESKTOP_MESSAGES[state] || `State: ${state}`;
 }
 
-function setCurrentCommand(currentCommand) {
+function setCurrentCommand(currentCommand, runningId) {
   $("current-command").textContent = currentCommand ? `running: ${currentCommand}` : "";
-  jobs.running(currentCommand);
+  jobs.running(runningId, currentCommand);
+  const busy = $("command-busy");
+  busy.hidden = !currentCommand;
+  busy.textContent = currentCommand
+    ? `A job is still running (${currentCommand}): a command sent now waits until it ends. Cancel it in Jobs above; programs with windows are better started with Open terminal / Open browser, or with a trailing &.`
+    : "";
+  const agent = Boolean(currentCommand) && AGENT_KINDS.some((kind) => currentCommand.startsWith(`${kind}:`));
+  $("agent-stop").hidden = !agent || view.role === "view";
 }
 
 // --------------------------------------------------------------------------
@@ -166,12 +271,7 @@ function setCurrentCommand(currentCommand) {
 function receive(frame) {
   switch (frame.type) {
     case "welcome":
-      view.welcomeSeq = frame.seq;
-      view.wasConnected = true;
-      // welcome has no current_command; the newest state event seen has it.
-      setState(frame.state, frame.stream_url,
-        view.lastState?.state === frame.state ? view.lastState.current_command : null);
-      forgetUnconfirmed();
+      welcomed(frame);
       return;
     case "ack": {
       const request = jobs.acked(frame.id);
@@ -200,10 +300,34 @@ function receive(frame) {
   }
 }
 
+function welcomed(frame) {
+  view.welcomeSeq = frame.seq;
+  view.wasConnected = true;
+  // A guest learns whose session it watches only now.
+  if (frame.role && frame.role !== view.role) {
+    view.role = frame.role;
+    showRole(frame.role);
+  }
+  if (frame.session_id && frame.session_id !== view.session.session_id) {
+    Object.assign(view.session, { session_id: frame.session_id, username: frame.username });
+    $("session-user").textContent = frame.username;
+    $("session-id").textContent = frame.session_id;
+  }
+  view.session.role = view.role;
+  store.saveSession(view.session);
+  rememberSession(view.session);
+  keepAlive.report(frame);
+  // welcome has no current_command; the newest state event seen has it.
+  const last = view.lastState?.state === frame.state ? view.lastState : null;
+  setState(frame.state, frame.stream_url, last ? last.current_command : null, last ? last.running_id : undefined);
+  forgetUnconfirmed();
+}
+
 /** Keeps a journal event for the next reload of this tab. */
 function remember(frame) {
-  // Only log events carry a time; the others keep the time they arrived.
-  if (!frame.ts) frame._received = new Date().toISOString();
+  // Live events without a time of their own keep the time they arrived;
+  // replayed ones borrow the newest earlier event's (logview.js).
+  if (!frame.ts && !(frame.seq <= view.welcomeSeq)) frame._received = new Date().toISOString();
   view.history.push(frame);
   // The tab keeps no more than it can save; the log panel has its own bound.
   if (view.history.length > store.HISTORY_MAX_EVENTS) view.history.shift();
@@ -226,10 +350,20 @@ function draw(frame) {
     case "output":
       log.output(frame);
       break;
-    case "state":
+    case "state": {
+      // Into a job and back to the state before it is bookkeeping; a desktop
+      // starting, stopping or failing, or a job's end in a new state, is news.
+      let bookkeeping;
+      if (frame.current_command) {
+        bookkeeping = !["starting", "stopping", "failed", "closed"].includes(frame.state);
+      } else {
+        bookkeeping = frame.state === view.restState;
+        view.restState = frame.state;
+      }
       log.note("state", `state: ${frame.state}${frame.current_command ? ` · ${frame.current_command}` : ""}`,
-        frame.seq, frame._received);
+        frame.seq, frame._received, bookkeeping);
       break;
+    }
     case "result": {
       const { text, tone } = describeResult(frame, frame._label || `request ${frame.id}`);
       log.note(tone, text, frame.seq, frame._received);
@@ -246,11 +380,16 @@ function draw(frame) {
 
 /** What an event changes beyond the log: the badge, the desktop, a request's answer. */
 function act(frame) {
+  if (frame.type === "log" && String(frame.event).startsWith("share.") && frame.seq > view.welcomeSeq) shares.refresh();
   if (frame.type === "state") {
     view.lastState = frame;
     // Replayed states are history: only the command still running can be learnt from them.
-    if (frame.seq > view.welcomeSeq) setState(frame.state, frame.stream_url, frame.current_command);
-    else if (frame.state === view.state) setCurrentCommand(frame.current_command);
+    if (frame.seq > view.welcomeSeq) {
+      setState(frame.state, frame.stream_url, frame.current_command, frame.running_id);
+      keepAlive.report(frame);
+    } else if (frame.state === view.state) {
+      setCurrentCommand(frame.current_command, frame.running_id);
+    }
   }
   if (frame.type !== "result") return;
   const request = jobs.finish(frame.id);
@@ -259,6 +398,7 @@ function act(frame) {
   const { feedback, tone } = describeResult(frame, request.label);
   setFeedback(request.origin, feedback, tone);
   if (request.type === "clear_logs" && frame.ok) clearLocalLog();
+  if (request.type === "screenshot" && frame.ok) tools.showScreenshot(frame.data, view.session.session_id);
 }
 
 /**
@@ -301,6 +441,7 @@ function send(type, fields, origin, label, command = type) {
   }
   const request = jobs.add(type, label, origin, command);
   view.link.send({ type, id: request.id, ...fields });
+  keepAlive.sent();
   store.savePending(jobs.pending());
   setFeedback(origin, `${label}: sent…`, "pending");
   return true;
@@ -310,118 +451,36 @@ function cancelJob(job) {
   send("cancel", { target: job.id }, "jobs-feedback", `cancel ${job.label}`);
 }
 
-function setFeedback(id, text, tone) {
-  const element = $(id);
-  element.textContent = text;
-  element.className = `feedback${tone ? ` feedback-${tone}` : ""}`;
-  // The field the answer is about is marked invalid while the answer is an error.
-  const field = document.querySelector(`[aria-describedby~="${id}"]`);
-  if (!field) return;
-  if (tone === "error") field.setAttribute("aria-invalid", "true");
-  else field.removeAttribute("aria-invalid");
+function wireLog() {
+  $("log-search").addEventListener("input", (event) => log.setFilter({ text: event.target.value.trim() }));
+  $("log-level").addEventListener("change", (event) => log.setFilter({ level: event.target.value }));
+  $("log-stream").addEventListener("change", (event) => log.setFilter({ stream: event.target.value }));
+  $("log-details").addEventListener("change", (event) => log.showDetails(event.target.checked));
+  $("log-download").addEventListener("click", () => tools.downloadLog(view.session, view.history));
 }
 
-async function loadWorkflows() {
-  const select = $("workflow-name");
-  try {
-    const workflows = await listWorkflows();
-    if (!workflows.length) return;
-    select.replaceChildren(...workflows.map((workflow) => {
-      const option = new Option(workflow.name, workflow.name);
-      option.dataset.description = workflow.description || "";
-      option.dataset.needsQuery = workflow.needs_query ? "yes" : "";
-      return option;
-    }));
-    const fallback = workflows.find((workflow) => workflow.name === "default");
-    if (fallback) select.value = "default";
-    describeWorkflow();
-  } catch (error) {
-    if (!(error instanceof ApiError)) throw error;
-    setFeedback("workflow-feedback", `Could not load the workflows: ${error.message}`, "error");
-  }
-}
-
-function describeWorkflow() {
-  const option = $("workflow-name").selectedOptions[0];
-  const description = option ? option.dataset.description || "" : "";
-  $("workflow-description").textContent = description;
-  $("workflow-description").title = description; // the line may be cut short
-}
-
-// --------------------------------------------------------------------------
-// Controls
-
-const commandHistory = { entries: [], index: 0 };
-
-function runCommand(event) {
-  event.preventDefault();
-  const input = $("command-input");
-  const cmd = input.value.trim();
-  if (!cmd) {
-    setFeedback("command-feedback", "Type a command first.", "error");
-    return;
-  }
-  if (send("run_command", { cmd }, "command-feedback", `$ ${cmd}`, cmd)) {
-    commandHistory.entries.push(cmd);
-    commandHistory.index = commandHistory.entries.length;
-    input.value = "";
-  }
-}
-
-/** Up and down in the command box walk through the commands sent from this page. */
-function browseCommands(event) {
-  if (event.key !== "ArrowUp" && event.key !== "ArrowDown") return;
-  const { entries } = commandHistory;
-  if (!entries.length) return;
-  event.preventDefault();
-  const step = event.key === "ArrowUp" ? -1 : 1;
-  commandHistory.index = Math.max(0, Math.min(entries.length, commandHistory.index + step));
-  $("command-input").value = entries[commandHistory.index] || "";
-}
-
-function runTask(event) {
-  event.preventDefault();
-  const query = $("task-query").value.trim();
-  if (!query) {
-    setFeedback("task-feedback", "Type a task for the agent first.", "error");
-    $("task-query").focus();
-    return;
-  }
-  send("run_task", { query }, "task-feedback", `task “${query}”`);
-}
-
-function runWorkflow(event) {
-  event.preventDefault();
-  const workflow = $("workflow-name").value;
-  const query = $("task-query").value.trim();
-  if (!query && $("workflow-name").selectedOptions[0]?.dataset.needsQuery) {
-    setFeedback("workflow-feedback", `The ${workflow} workflow needs a query: type it in the task box above.`, "error");
-    $("task-query").focus();
-    return;
-  }
-  send("run_workflow", query ? { workflow, query } : { workflow }, "workflow-feedback", `workflow ${workflow}`);
-}
-
-function wire() {
-  initLogin(enterSession);
+function wire(info) {
+  initLogin(enterSession, { passwords: Boolean(info.passwords) });
+  view.info = info;
+  applyInfo(info);
+  wireControls({ send, jobs });
   $("logout").addEventListener("click", logOut);
-  $("start-desktop").addEventListener("click", () =>
-    send("start_desktop", {}, "desktop-feedback", "start desktop"));
-  $("setup-environment").addEventListener("click", () =>
-    send("setup_environment", {}, "desktop-feedback", "set up environment"));
-  $("kill-desktop").addEventListener("click", () =>
-    send("kill_desktop", {}, "desktop-feedback", "kill desktop"));
-  $("clear-logs").addEventListener("click", () =>
-    send("clear_logs", {}, "log-feedback", "clear log"));
-  $("task-form").addEventListener("submit", runTask);
-  $("workflow-form").addEventListener("submit", runWorkflow);
-  $("workflow-name").addEventListener("change", describeWorkflow);
-  $("command-form").addEventListener("submit", runCommand);
-  $("command-input").addEventListener("keydown", browseCommands);
+  $("leave").addEventListener("click", leavePage);
+  $("idle-stay").addEventListener("click", () => keepAlive.stay());
+  $("desktop-fullscreen").addEventListener("click", tools.fullscreen);
+  $("desktop-paste").addEventListener("click", tools.openPaste);
+  wireLog();
+  tools.wireTools();
   window.addEventListener("pagehide", saveHistory);
 }
 
-wire();
+const info = await serverInfo();
+wire(info);
+const guest = tools.shareFromLink();
+if (guest) {
+  store.forgetAll();
+  store.saveSession(guest);
+}
 const saved = store.loadSession();
 if (saved) enterSession(saved);
 else showLogin();

@@ -9,11 +9,21 @@ const MAX_ROWS = 3000;
 const FOLLOW_SLACK_PX = 24;
 
 const LEVELS = new Set(["debug", "info", "warning", "error", "critical"]);
-const LOG_KNOWN_KEYS = new Set(["type", "seq", "ts", "level", "event", "fields"]);
+const LEVEL_RANK = { debug: 0, info: 1, warning: 2, error: 3, critical: 4 };
+const LOG_KNOWN_KEYS = new Set(["type", "seq", "ts", "level", "event", "fields", "_received"]);
+// Lines about the machinery rather than the work: folded unless "details" is on.
+const BOOKKEEPING_EVENTS = new Set(["job.started", "job.finished", "share.joined", "session.resumed"]);
+const NOTE_LEVELS = { error: "error", warn: "warning", gap: "warning", cancelled: "info" };
+const AGENT_SHOWN_KEYS = new Set(["step", "text", "action", "outcome", "thumbnail"]);
 
 function time(ts) {
   const date = ts ? new Date(ts) : new Date();
   return Number.isNaN(date.getTime()) ? "" : date.toLocaleTimeString([], { hour12: false });
+}
+
+/** Whether a log event is bookkeeping: the lines around every job that say nothing new. */
+function isBookkeeping(event) {
+  return event.level === "debug" || BOOKKEEPING_EVENTS.has(event.event);
 }
 
 function describeFields(event) {
@@ -38,6 +48,9 @@ export class LogView {
     this.lastOutput = null; // {id, stream, element}: consecutive chunks share a row
     this.scrollQueued = false;
     this.lastScrollTop = 0;
+    this.filter = { text: "", level: "debug", stream: "all" };
+    this.lastTs = null; // the newest event time seen, for events that carry none
+    list.classList.add("folded");
     list.addEventListener("scroll", () => this.scrolled());
     jumpButton.addEventListener("click", () => {
       this.following = true;
@@ -61,8 +74,33 @@ export class LogView {
     this.lastScrollTop = list.scrollTop;
   }
 
+  /** Shows or folds the bookkeeping lines. */
+  showDetails(on) {
+    this.list.classList.toggle("folded", !on);
+    this.followUp();
+  }
+
+  /** Shows only rows matching *text* (any case), at or above *level*, of *stream*. */
+  setFilter(filter) {
+    Object.assign(this.filter, filter);
+    for (const row of this.list.children) this.applyFilter(row);
+    this.followUp();
+  }
+
+  applyFilter(row) {
+    const { text, level, stream } = this.filter;
+    const kind = row.dataset.kind;
+    let shown = (LEVEL_RANK[row.dataset.level] ?? 1) >= LEVEL_RANK[level];
+    if (stream === "output") shown &&= kind === "output";
+    else if (stream === "stdout" || stream === "stderr") shown &&= row.dataset.stream === stream;
+    else if (stream === "log") shown &&= kind === "log";
+    if (text) shown &&= row.textContent.toLowerCase().includes(text.toLowerCase());
+    row.classList.toggle("filtered", !shown);
+  }
+
   clear() {
     this.list.replaceChildren();
+    this.lastTs = null;
     this.lastOutput = null;
     this.following = true;
     this.lastScrollTop = 0;
@@ -72,10 +110,41 @@ export class LogView {
   /** One server log event: time, level, dotted name, fields. */
   log(event) {
     const level = LEVELS.has(event.level) ? event.level : "info";
+    if (event.event === "agent.step") {
+      this.agentStep(event, level);
+      return;
+    }
     const row = this.row(`entry entry-log level-${level}`, event.seq, event.ts);
+    row.dataset.kind = "log";
+    row.dataset.level = level;
+    if (isBookkeeping(event)) row.classList.add("bookkeeping");
     row.append(this.tag(`level`, level.toUpperCase()), this.span("event", event.event || "log"));
     const details = describeFields(event);
     if (details) row.append(this.span("fields", details));
+    this.add(row);
+  }
+
+  /** One agent step as one readable line: the model's words, what it did, how it went, the screen. */
+  agentStep(event, level) {
+    const row = this.row(`entry entry-log agent-step level-${level}`, event.seq, event.ts);
+    row.dataset.kind = "log";
+    row.dataset.level = level;
+    row.append(this.tag("level", `STEP ${event.step ?? ""}`.trim()));
+    const body = this.span("agent-body", "");
+    if (event.text) body.append(this.span("agent-text", event.text));
+    body.append(this.span("agent-action", `→ ${event.action || "?"}`));
+    if (event.outcome) body.append(this.span("agent-outcome", `: ${event.outcome}`));
+    const rest = Object.entries(event).filter(([key]) => !LOG_KNOWN_KEYS.has(key) && !AGENT_SHOWN_KEYS.has(key));
+    if (rest.length) body.append(this.span("fields", describeFields(Object.fromEntries(rest))));
+    row.append(body);
+    if (typeof event.thumbnail === "string" && event.thumbnail.startsWith("data:image/")) {
+      const img = document.createElement("img");
+      img.className = "agent-thumb";
+      img.src = event.thumbnail;
+      img.alt = `The screen at step ${event.step ?? ""}`;
+      img.loading = "lazy";
+      row.append(img);
+    }
     this.add(row);
   }
 
@@ -88,7 +157,9 @@ export class LogView {
       this.followUp();
       return;
     }
-    const row = this.row(`entry output ${stream}`, event.seq);
+    const row = this.row(`entry output ${stream}`, event.seq, event._received);
+    row.dataset.kind = "output";
+    row.dataset.stream = stream;
     const text = document.createTextNode(event.data || "");
     const pre = document.createElement("pre");
     pre.append(text);
@@ -98,17 +169,29 @@ export class LogView {
   }
 
   /** A line the page writes itself: state changes, results, gaps, connection notes. */
-  note(kind, text, seq, ts) {
+  note(kind, text, seq, ts, bookkeeping = false) {
     const row = this.row(`entry note note-${kind}`, seq, ts);
+    row.dataset.kind = "note";
+    row.dataset.level = NOTE_LEVELS[kind] || "info";
+    if (bookkeeping) row.classList.add("bookkeeping");
     row.append(this.span("message", text));
     this.add(row);
   }
 
+  /**
+   * A row stamped with its event's time: its own `ts`, else the time it
+   * first reached this page (kept across reloads), else the newest time of
+   * an earlier event (a replay into a fresh tab: at or after it).
+   */
   row(className, seq, ts) {
     const row = document.createElement("div");
     row.className = className;
     if (Number.isInteger(seq)) row.dataset.seq = String(seq);
-    row.append(this.span("time", time(ts)));
+    const when = ts || this.lastTs;
+    if (ts) this.lastTs = ts;
+    const stamp = this.span("time", when ? time(when) : time());
+    if (when) stamp.title = new Date(when).toLocaleString([], { hour12: false });
+    row.append(stamp);
     return row;
   }
 
@@ -126,6 +209,7 @@ export class LogView {
 
   add(row) {
     if (!row.classList.contains("output")) this.lastOutput = null;
+    this.applyFilter(row);
     this.list.append(row);
     if (this.list.childElementCount > MAX_ROWS) {
       while (this.list.childElementCount > MAX_ROWS) this.list.firstElementChild.remove();

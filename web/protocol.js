@@ -5,6 +5,7 @@
 
 export const CLOSE_UNAUTHORIZED = 4401;
 export const CLOSE_SESSION_ENDED = 4404;
+export const CLOSE_SHARE_REVOKED = 4403;
 
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 10_000;
@@ -25,7 +26,7 @@ export class SessionLink {
    * @param {number} options.lastSeq  newest seq already shown
    * @param {(event: object) => void} options.onEvent   every frame not seen before
    * @param {(status: string, detail?: string) => void} options.onStatus
-   * @param {(reason: string) => void} options.onEnded  the session is gone for good
+   * @param {(reason: string, code: number) => void} options.onEnded  the session is gone for good
    */
   constructor({ url, token, lastSeq, onEvent, onStatus, onEnded }) {
     this.url = url;
@@ -111,10 +112,10 @@ export class SessionLink {
     const wasWelcomed = this.welcomed;
     this.welcomed = false;
     if (this.stopped) return;
-    if (event.code === CLOSE_SESSION_ENDED) {
-      this.end(event.reason || "The session has ended.");
-    } else if (event.code === CLOSE_UNAUTHORIZED) {
-      this.end(event.reason || "The session is no longer valid.");
+    if ([CLOSE_SESSION_ENDED, CLOSE_UNAUTHORIZED, CLOSE_SHARE_REVOKED].includes(event.code)) {
+      // A restarted server with durable sessions takes the same token back:
+      // only these codes mean the session (or this share of it) is gone.
+      this.end(event.reason || "the session has ended", event.code);
     } else {
       // 1001 (server going away), 1008 (we read too slowly), a dropped
       // network: resume from lastSeq after a pause.
@@ -123,9 +124,9 @@ export class SessionLink {
     }
   }
 
-  end(reason) {
+  end(reason, code) {
     this.stop();
-    this.onEnded(reason);
+    this.onEnded(reason, code);
   }
 
   backoff() {

@@ -2,7 +2,7 @@
 // answer reads. Jobs among them are listed with a Cancel button.
 
 const JOB_TYPES = new Set([
-  "start_desktop", "setup_environment", "run_command", "run_task", "run_workflow", "screenshot",
+  "start_desktop", "setup_environment", "run_command", "run_task", "run_workflow", "screenshot", "launch",
 ]);
 
 // Ids must not collide with other tabs of the same session, nor with the
@@ -51,6 +51,10 @@ export function describeResult(result, label) {
 
 export class JobList {
   /**
+   * The Jobs panel. What runs is learnt from the session's `state` events
+   * (`running_id`, `current_command`), the same for every tab and client;
+   * the jobs waiting behind it are those this tab sent and saw acked.
+   *
    * @param {HTMLUListElement} list  where the jobs are listed
    * @param {HTMLElement} empty  shown when there is no job
    * @param {(job: object) => void} onCancel
@@ -63,6 +67,8 @@ export class JobList {
     this.rows = new Map(); // id -> <li>, kept so focus survives updates
     this.counter = 0;
     this.current = null; // the state's current_command
+    this.currentId = undefined; // the state's running_id (undefined: the server does not say)
+    this.canCancel = true;
   }
 
   /** A new request; *command* is how the server names it in `current_command` while it runs. */
@@ -74,26 +80,33 @@ export class JobList {
     return request;
   }
 
-  /**
-   * Marks which job runs, from the state's `current_command`: jobs run in
-   * the order they arrived, so it is the oldest of ours that it names.
-   */
-  running(currentCommand) {
+  /** What runs now, from a `state` event: its request id and how the server names it. */
+  running(runningId, currentCommand) {
     this.current = currentCommand || null;
+    this.currentId = runningId === undefined ? undefined : runningId || null;
     this.render();
   }
 
-  statusOf(job, runningId) {
-    if (!job.acked) return "sent";
-    return job.id === runningId ? "running" : "waiting";
-  }
-
+  /** The id of the running job: the server's, else (older servers) the oldest of ours it names. */
   runningId() {
+    if (this.currentId !== undefined) return this.currentId;
     const current = this.current;
     if (!current) return null;
     const job = this.pending().find((request) => request.acked && (
       current === request.command || current.startsWith(`${request.type}:`)));
     return job ? job.id : null;
+  }
+
+  /** The running job as a row: ours, or one sent by another tab or client. */
+  runningJob() {
+    const id = this.runningId();
+    if (!id) return null;
+    return this.requests.get(id) || { id, type: "job", label: this.current || `job ${id}`, foreign: true };
+  }
+
+  statusOf(job, runningId) {
+    if (job.id === runningId) return job.foreign ? "running (sent elsewhere)" : "running";
+    return job.acked ? "waiting" : "sent";
   }
 
   /** Marks request *id* as taken by the server; answers it (or null when it is not ours). */
@@ -108,6 +121,7 @@ export class JobList {
   finish(id) {
     const request = this.requests.get(id) || null;
     this.requests.delete(id);
+    if (id === this.currentId) this.currentId = null;
     this.render();
     return request;
   }
@@ -121,15 +135,24 @@ export class JobList {
     return [...this.requests.values()];
   }
 
+  /** The jobs shown, the running one first. */
+  shown() {
+    const runningId = this.runningId();
+    const running = this.runningJob();
+    const waiting = this.pending().filter((request) => JOB_TYPES.has(request.type) && request.id !== runningId);
+    return running ? [running, ...waiting] : waiting;
+  }
+
   restore(requests) {
     this.requests = new Map(requests.map((request) => [request.id, request]));
     this.render();
   }
 
   render() {
-    const jobs = this.pending().filter((request) => JOB_TYPES.has(request.type));
+    const jobs = this.shown();
+    const ids = new Set(jobs.map((job) => job.id));
     for (const [id, row] of this.rows) {
-      if (!this.requests.has(id)) {
+      if (!ids.has(id)) {
         row.remove();
         this.rows.delete(id);
       }
@@ -138,8 +161,13 @@ export class JobList {
     for (const job of jobs) {
       const row = this.rows.get(job.id) || this.row(job);
       row.querySelector(".job-status").textContent = this.statusOf(job, runningId);
-      // New rows go last, in the order of sending; moving a row would drop its focus.
-      if (!row.isConnected) this.list.append(row);
+      row.classList.toggle("job-running", job.id === runningId);
+      row.querySelector("button").hidden = !this.canCancel;
+      // Rows keep their place (moving one would drop its focus), but the running one leads.
+      if (!row.isConnected) {
+        if (job.id === runningId) this.list.prepend(row);
+        else this.list.append(row);
+      }
     }
     this.empty.hidden = jobs.length > 0;
   }
@@ -151,6 +179,7 @@ export class JobList {
     const label = document.createElement("span");
     label.className = "job-label";
     label.textContent = job.label;
+    label.title = job.label;
     const status = document.createElement("span");
     status.className = "job-status";
     const cancel = document.createElement("button");

@@ -32,7 +32,8 @@ function write(key, value) {
 
 export function loadSession() {
   const session = read(SESSION_KEY);
-  return session && session.session_id && session.token ? session : null;
+  // A guest's session has no id until its first welcome: the token is what counts.
+  return session && session.token ? session : null;
 }
 
 export function saveSession(session) {
