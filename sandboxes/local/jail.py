@@ -418,7 +418,7 @@ async def spawn(
 async def _connected(proc: asyncio.subprocess.Process, jail: Jail, uplink: Uplink) -> None:
     """Attach the waiting jail's network; end the jail if it cannot be (nothing of it ran yet)."""
     try:
-        await uplink.attach(jail.identity.popen_kwargs(), NETWORK_START_TIMEOUT)
+        await uplink.attach(NETWORK_START_TIMEOUT)
     except BaseException:
         await reap(proc)
         raise

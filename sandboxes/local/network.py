@@ -26,12 +26,13 @@ The steps, for one jail:
    "go". A jail whose network does not come up is killed before anything of
    the session's has run.
 
-slirp4netns opens ``/dev/net/tun``. It runs as the session's uid when that
-device is open to every user (Debian's default), and otherwise as the
-server's uid; either way with ``--enable-sandbox`` (an empty root, no
-capabilities) and ``--enable-seccomp``. The server owns each one through a
-``SubprocessProtocol``: the event loop reaps it when it ends, with no task
-waiting on it.
+slirp4netns runs as the server's uid, outside the jail: it opens the host's
+``/dev/net/tun`` (often root's alone) and joins the jail's namespaces from
+outside. It runs with ``--enable-seccomp`` and, for a root server,
+``--enable-sandbox`` (an empty root, no capabilities left), which a
+compromised slirp4netns would still have to escape. The server owns each one
+through a ``SubprocessProtocol``: the event loop reaps it when it ends, with
+no task waiting on it.
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ import contextlib
 import fcntl
 import json
 import os
-import stat
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Final
+from typing import Final
 
 from protocol.errors import SandboxBroken
 
@@ -64,12 +64,13 @@ MTU: Final = 65520
 #: Files a jail with the network sees in ``/etc``: the resolver is slirp4netns's,
 #: never the host's (which may be on the host's loopback, or name internal hosts).
 ETC_FILES: Final[Mapping[str, bytes]] = {
-    "/etc/resolv.conf": f"nameserver {RESOLVER}\noptions edns0 trust-ad\n".encode(),
+    "/etc/resolv.conf": f"nameserver {RESOLVER}\n".encode(),
     "/etc/hosts": b"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\tsandbox\n",
 }
 #: Bound on a jail's network coming up, from bwrap's start to slirp4netns's ready.
 START_TIMEOUT: Final = 10.0
-#: What bwrap writes to ``--info-fd`` is a small JSON object.
+SLIRP_FAILED: Final = f"{SLIRP4NETNS} failed (is {TUN} there, and may the server open it?)"
+#: bwrap's first word on ``--json-status-fd`` is a small JSON object.
 _INFO_MAX: Final = 4096
 
 
@@ -120,21 +121,18 @@ class Uplink:
                 os.close(fd)
         self._own.clear()
 
-    async def attach(self, popen_kwargs: Mapping[str, Any], timeout: float) -> None:
-        """Give the waiting jail its network, then let it run; raise if either fails.
-
-        *popen_kwargs* switch to the session's uid (``Identity.popen_kwargs``).
-        """
+    async def attach(self, timeout: float) -> None:
+        """Give the waiting jail its network, then let it run; raise if either fails."""
         try:
             async with asyncio.timeout(timeout):
                 pid = await _child_pid(self._status)
                 if await _read_some(self._up, 2) != b"up":
                     raise SandboxBroken("the sandbox ended before its network could be set up")
                 with _namespaces(pid) as (netns, userns):
-                    ready = await _start_slirp(netns, userns, self._status, popen_kwargs)
+                    ready = await _start_slirp(netns, userns, self._status)
                 try:
                     if await _read_some(ready, 1) != b"1":
-                        raise SandboxBroken("the sandbox's network did not come up (slirp4netns ended)")
+                        raise SandboxBroken(f"the sandbox's network did not come up: {SLIRP_FAILED}")
                 finally:
                     os.close(ready)
         except TimeoutError:
@@ -160,20 +158,13 @@ def uplink_for(network: bool) -> Iterator[Uplink | None]:
 
 def slirp_argv(netns: int, userns: int, ready_fd: int, exit_fd: int) -> list[str]:
     """slirp4netns for the namespaces open as *netns*, *userns*: outbound only, not to the host's loopback."""
+    # Its own sandbox needs root: it drops what it does not need from there.
+    sandbox = ["--enable-sandbox"] if os.geteuid() == 0 else []
     return [
-        SLIRP4NETNS, "--configure", f"--mtu={MTU}", "--disable-host-loopback", "--enable-sandbox",
+        SLIRP4NETNS, "--configure", f"--mtu={MTU}", "--disable-host-loopback", *sandbox,
         "--enable-seccomp", f"--ready-fd={ready_fd}", f"--exit-fd={exit_fd}", "--netns-type=path",
         f"--userns-path=/proc/self/fd/{userns}", f"/proc/self/fd/{netns}", "tap0",
     ]  # fmt: skip
-
-
-def tun_open_to_all() -> bool:
-    """Whether every user may open ``/dev/net/tun`` (then slirp4netns needs no privilege)."""
-    try:
-        mode = os.stat(TUN).st_mode
-    except OSError:
-        return False
-    return stat.S_ISCHR(mode) and mode & 0o006 == 0o006
 
 
 @contextlib.contextmanager
@@ -220,16 +211,15 @@ class _Slirp(asyncio.SubprocessProtocol):
 _RUNNING: set[_Slirp] = set()
 
 
-async def _start_slirp(netns: int, userns: int, exit_fd: int, popen_kwargs: Mapping[str, Any]) -> int:
+async def _start_slirp(netns: int, userns: int, exit_fd: int) -> int:
     """Start slirp4netns on the namespaces; the read end of its ready pipe."""
     ready_r, ready_w = os.pipe()
-    user = dict(popen_kwargs) if tun_open_to_all() else {}
     loop = asyncio.get_running_loop()
     try:
         await loop.subprocess_exec(
             _Slirp, *slirp_argv(netns, userns, ready_w, exit_fd), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(netns, userns, ready_w, exit_fd),
-            env={"PATH": "/usr/bin:/bin"}, start_new_session=True, **user,
+            env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
         )  # fmt: skip
     except OSError as exc:
         os.close(ready_r)
