@@ -163,7 +163,7 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     (
         "allowed_origins",
         _origins,
-        "other sites (scheme://host:port, comma-separated) whose pages may use this server; names it answers to",
+        "other sites (scheme://host:port, comma-separated) whose pages may use this server",
     ),
     ("header_timeout", _positive(float), "seconds a connection may take to send a request head"),
     (
