@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import shutil
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ import pytest
 from protocol.errors import SandboxBroken
 from sandboxes.local import LocalSandbox, network
 from sandboxes.local.jail import HOME
+from sandboxes.local.procs import wait_gone
 from tests.conftest import StartServer
 from tests.test_local_sandbox import Output, run
 
@@ -200,3 +202,30 @@ async def test_pip_without_the_network_fails_saying_why(make: Make) -> None:
     assert "pip:cowsay" in str(caught.value)
     (pip,) = [s for s in steps if s.get("manager") == "pip"]
     assert pip["status"] == "failed" and "--sandbox-network" in str(pip["reason"])
+
+
+def slirps() -> list[int]:
+    """Pids of the slirp4netns processes this server started."""
+    me = str(os.getpid())
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm, _, rest = stat.partition(" (")[2].rpartition(") ")
+        if comm == "slirp4netns" and rest.split()[1] == me and rest.split()[0] not in "ZX":
+            found.append(int(entry.name))
+    return found
+
+
+async def test_the_network_ends_with_its_jail(make: Make) -> None:
+    """Each jail's slirp4netns runs while the jail does and is gone once the session closes."""
+    before = set(slirps())
+    sandbox = make("ada", network=True)
+    assert (await run(sandbox, "true"))[0] == 0
+    mine = set(slirps()) - before
+    assert len(mine) == 1
+    await sandbox.close()
+    await wait_gone(list(mine), 5)
+    assert not mine & set(slirps())
