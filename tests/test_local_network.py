@@ -220,12 +220,15 @@ def slirps() -> list[int]:
 
 
 async def test_the_network_ends_with_its_jail(make: Make) -> None:
-    """Each jail's slirp4netns runs while the jail does and is gone once the session closes."""
+    """A jail's slirp4netns runs in the session's cgroup while the jail does, and is gone once it closes."""
     before = set(slirps())
     sandbox = make("ada", network=True)
     assert (await run(sandbox, "true"))[0] == 0
     mine = set(slirps()) - before
     assert len(mine) == 1
+    assert sandbox.jail is not None
+    if sandbox.jail.cgroup is not None:  # its work for the session counts toward the session's bounds
+        assert mine <= sandbox.jail.cgroup.pids()
     await sandbox.close()
     await wait_gone(list(mine), 5)
     assert not mine & set(slirps())

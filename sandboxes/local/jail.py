@@ -418,7 +418,7 @@ async def spawn(
 async def _connected(proc: asyncio.subprocess.Process, jail: Jail, uplink: Uplink) -> None:
     """Attach the waiting jail's network; end the jail if it cannot be (nothing of it ran yet)."""
     try:
-        await uplink.attach(NETWORK_START_TIMEOUT)
+        await uplink.attach(NETWORK_START_TIMEOUT, jail.cgroup.add if jail.cgroup is not None else None)
     except BaseException:
         await reap(proc)
         raise

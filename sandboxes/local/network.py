@@ -121,15 +121,19 @@ class Uplink:
                 os.close(fd)
         self._own.clear()
 
-    async def attach(self, timeout: float) -> None:
-        """Give the waiting jail its network, then let it run; raise if either fails."""
+    async def attach(self, timeout: float, join: Callable[[int], None] | None = None) -> None:
+        """Give the waiting jail its network, then let it run; raise if either fails.
+
+        *join* puts slirp4netns in the session's cgroup: the work it does for
+        the session's traffic counts toward the session's bounds.
+        """
         try:
             async with asyncio.timeout(timeout):
                 pid = await _child_pid(self._status)
                 if await _read_some(self._up, 2) != b"up":
                     raise SandboxBroken("the sandbox ended before its network could be set up")
                 with _namespaces(pid) as (netns, userns):
-                    ready = await _start_slirp(netns, userns, self._status)
+                    ready = await _start_slirp(netns, userns, self._status, join)
                 try:
                     if await _read_some(ready, 1) != b"1":
                         raise SandboxBroken(f"the sandbox's network did not come up: {SLIRP_FAILED}")
@@ -211,12 +215,12 @@ class _Slirp(asyncio.SubprocessProtocol):
 _RUNNING: set[_Slirp] = set()
 
 
-async def _start_slirp(netns: int, userns: int, exit_fd: int) -> int:
-    """Start slirp4netns on the namespaces; the read end of its ready pipe."""
+async def _start_slirp(netns: int, userns: int, exit_fd: int, join: Callable[[int], None] | None) -> int:
+    """Start slirp4netns on the namespaces (in the cgroup *join* adds to); its ready pipe's read end."""
     ready_r, ready_w = os.pipe()
     loop = asyncio.get_running_loop()
     try:
-        await loop.subprocess_exec(
+        transport, _ = await loop.subprocess_exec(
             _Slirp, *slirp_argv(netns, userns, ready_w, exit_fd), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(netns, userns, ready_w, exit_fd),
             env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
@@ -226,6 +230,13 @@ async def _start_slirp(netns: int, userns: int, exit_fd: int) -> int:
         raise SandboxBroken(f"cannot start {SLIRP4NETNS} for the sandbox's network: {exc.strerror}") from exc
     finally:
         os.close(ready_w)
+    if join is not None:
+        try:
+            join(transport.get_pid())
+        except OSError as exc:
+            transport.kill()
+            os.close(ready_r)
+            raise SandboxBroken(f"cannot put the sandbox's network in its cgroup: {exc.strerror}") from exc
     return ready_r
 
 
