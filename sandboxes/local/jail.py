@@ -274,7 +274,7 @@ class Jail:
         """The full argv and the descriptors it needs, open until exit.
 
         The jail always has a network namespace of its own: only ``lo``, or,
-        with an *uplink*, the outbound-only network ``sandboxes.local.network`` attaches.
+        with an *uplink*, the outbound-only network of ``network.py``.
         """
         with contextlib.ExitStack() as stack:
             fds: list[int] = []
@@ -393,23 +393,35 @@ async def spawn(
 
     With a session cgroup, the process first waits on its stdin (a small
     shell, ours) while the server moves it into the cgroup, so prlimit, bwrap
-    and all that follows run bounded from their first instruction.
+    and all that follows run bounded from their first instruction. With
+    *network*, the jail's command runs only once its own outbound-only
+    network is up (see ``network``).
     """
     env = jail.env(display) | dict(extra_env or {})
     with uplink_for(network) as uplink:
-        proc = await _start(
-            jail,
-            command,
-            env,
-            uplink,
-            mounts=mounts,
-            limits=limits,
-            stdout=stdout,
-            stderr=stderr,
-            files=files,
-            pass_fds=pass_fds,
-            as_pid_1=as_pid_1,
+        confined = jail.argv(
+            command, mounts=mounts, uplink=uplink, limits=limits, files=files, as_pid_1=as_pid_1
         )
+        with confined as (argv, fds), _gate(jail.cgroup) as gate:
+            prefix = [SH, "-c", _JOIN_THEN_EXEC, "sh"] if gate is not None else []
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *prefix,
+                    *argv,
+                    stdin=gate[0] if gate is not None else asyncio.subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
+                    env=env,
+                    pass_fds=[*fds, *pass_fds],
+                    start_new_session=True,
+                    **jail.identity.popen_kwargs(),
+                )
+            except OSError as exc:
+                raise SandboxBroken(f"cannot start sandboxed {command[0]!r}: {exc}") from exc
+            if gate is not None and jail.cgroup is not None:
+                _join(proc, jail.cgroup, gate[1], command[0])
+        # The jail's own ends of the uplink are closed by now: should bwrap
+        # fail, the server reads its end instead of waiting out the bound.
         if uplink is not None:
             await _connected(proc, jail, uplink)
         return proc
@@ -422,42 +434,6 @@ async def _connected(proc: asyncio.subprocess.Process, jail: Jail, uplink: Uplin
     except BaseException:
         await reap(proc)
         raise
-
-
-async def _start(
-    jail: Jail,
-    command: Sequence[str],
-    env: Mapping[str, str],
-    uplink: Uplink | None,
-    *,
-    mounts: Sequence[Mount],
-    limits: Limits | None,
-    stdout: int | IO[Any] | None,
-    stderr: int | IO[Any] | None,
-    files: Mapping[str, bytes] | None,
-    pass_fds: Sequence[int],
-    as_pid_1: bool,
-) -> asyncio.subprocess.Process:
-    confined = jail.argv(command, mounts=mounts, uplink=uplink, limits=limits, files=files, as_pid_1=as_pid_1)
-    with confined as (argv, fds), _gate(jail.cgroup) as gate:
-        prefix = [SH, "-c", _JOIN_THEN_EXEC, "sh"] if gate is not None else []
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *prefix,
-                *argv,
-                stdin=gate[0] if gate is not None else asyncio.subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                env=env,
-                pass_fds=[*fds, *pass_fds],
-                start_new_session=True,
-                **jail.identity.popen_kwargs(),
-            )
-        except OSError as exc:
-            raise SandboxBroken(f"cannot start sandboxed {command[0]!r}: {exc}") from exc
-        if gate is not None and jail.cgroup is not None:
-            _join(proc, jail.cgroup, gate[1], command[0])
-        return proc
 
 
 @contextlib.contextmanager
