@@ -7,7 +7,7 @@ import ipaddress
 import os
 import shutil
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -72,8 +72,12 @@ class Listener:
         writer.close()
 
 
+Listen = Callable[[str], Awaitable[Listener]]
+
+
 @pytest.fixture
-async def listen() -> AsyncIterator[Callable[[str], asyncio.Future[Listener]]]:
+async def listen() -> AsyncIterator[Listen]:
+    """Start greeting servers on the host's addresses; all closed after the test."""
     servers: list[asyncio.Server] = []
 
     async def start(host: str) -> Listener:
@@ -83,13 +87,13 @@ async def listen() -> AsyncIterator[Callable[[str], asyncio.Future[Listener]]]:
         listener.port = srv.sockets[0].getsockname()[1]
         return listener
 
-    yield start  # type: ignore[misc]
+    yield start
     for srv in servers:
         srv.close()
         await srv.wait_closed()
 
 
-async def test_without_the_network_only_lo_and_nothing_outside(make: Make, listen: Callable) -> None:
+async def test_without_the_network_only_lo_and_nothing_outside(make: Make, listen: Listen) -> None:
     """A session without --sandbox-network has only lo: not even the host's own address answers."""
     address = host_address()
     sandbox = make("ada")
@@ -117,7 +121,7 @@ async def test_a_networked_session_has_its_own_interface_route_and_resolver(make
     ]
 
 
-async def test_a_networked_session_reaches_an_outside_address(make: Make, listen: Callable) -> None:
+async def test_a_networked_session_reaches_an_outside_address(make: Make, listen: Listen) -> None:
     """Outbound works: a server on the host's non-loopback address answers a session's command."""
     address = host_address()
     if address is None:
