@@ -181,7 +181,7 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ("model_url", str, "OpenAI-compatible endpoint for run_task (e.g. https://host/v1)"),
     ("model", str, "model name for run_task"),
     ("model_key", str, "API key for the model endpoint; prefer the variable or --model-key-file"),
-    ("sandbox_network", _flag, "give local sandboxes a network (off by default)"),
+    ("sandbox_network", _flag, "give local sandboxes an outbound-only network of their own (off by default)"),
     ("command_cpu_seconds", _positive(int), "CPU seconds a local sandbox command may use"),
     ("command_memory", _positive(int), "bytes of memory (data segment) a local sandbox command may use"),
     ("command_processes", _positive(int), "processes a local sandbox session may run at once"),
@@ -192,7 +192,11 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ),
     ("log_level", _choice(LOG_LEVELS), "debug, info, warning or error"),
     ("log_format", _choice(LOG_FORMATS), "json, console or auto (console on a terminal)"),
-    ("allowed_origins", _origins, "other sites (scheme://host:port, comma-separated) that may open /ws"),
+    (
+        "allowed_origins",
+        _origins,
+        "other sites (scheme://host:port, comma-separated) whose pages may use this server",
+    ),
     ("header_timeout", _positive(float), "seconds a connection may take to send a request head"),
     (
         "max_connections",

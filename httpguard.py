@@ -2,10 +2,11 @@
 
 - ``security_headers`` gives every answer a Content-Security-Policy (no
   inline script; framed only by this site), ``nosniff`` and no referrer.
-- ``same_origin`` refuses (403) a WebSocket handshake sent by a page of
-  another site: a browser attaches its cookies and its user's network
-  position to any site's socket, so a session token is not the only thing
-  worth guarding.
+- ``same_origin`` answers 421 to a request naming a ``Host`` that is not
+  this server's (a DNS-rebinding page), and refuses (403) a WebSocket
+  handshake or a state-changing request sent by a page of another site: a
+  browser lends its user's network position to any site's requests, so a
+  session token is not the only thing worth guarding.
 - ``ConnectionGuard`` caps open connections below the descriptor limit, so
   that at the limit the server refuses new connections with a 503 and keeps
   descriptors for its sessions' own work (pipes, files, sandboxes).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import resource
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, Final
@@ -75,27 +77,119 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
 
 
 def same_origin(allowed: Collection[str]) -> Middleware:
-    """A middleware refusing WebSocket handshakes whose ``Origin`` is another site.
+    """A middleware refusing what a page of another site, or of a rebound name, may send.
+
+    - A ``Host`` that is not this server's (see ``_own_host``) answers 421:
+      a DNS-rebinding page, whose name now leads to this server, gets nothing.
+    - A WebSocket handshake or a state-changing request (``POST``, ``PUT``,
+      ``PATCH``, ``DELETE``) whose ``Origin`` is another site answers 403:
+      a cross-site form or ``fetch`` cannot log in or act for the user.
 
     A request without ``Origin`` comes from a program, not a page, and passes.
     """
     extra = frozenset(allowed)
+    hosts = _allowed_hosts(extra)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is not None:
+            scheme = _own_host(host, hosts)
+            if scheme is None:
+                # The name is not echoed: it is whoever sent it's text, not ours.
+                return _refused(421, "misdirected", MISDIRECTED)
+            request[_CHECKED] = (scheme or ("https" if request.secure else "http"), host.strip().lower())
         origin = request.headers.get("Origin")
-        if (
-            origin is not None
-            and request.headers.get("Upgrade", "").lower() == "websocket"
-            and not _trusted(request, origin, extra)
-        ):
-            # The origin is not echoed: it is the other site's text, not ours.
+        if origin is not None and _guarded(request) and not _trusted(request, origin, extra):
             raise Forbidden(
-                "pages of another site may not open this server's sockets (see --allowed-origins)"
+                "pages of another site may not open this server's sockets or change anything"
+                " (see --allowed-origins)"
             )
         return await handler(request)
 
     return middleware
+
+
+#: Methods that change something: a page of another site may send them (a
+#: form, a "simple" fetch) without asking, so their Origin is checked.
+STATE_CHANGING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+MISDIRECTED: Final = (
+    "this server does not answer to that host name: reach it by its address, localhost,"
+    " or a name listed in --allowed-origins"
+)
+#: The request's checked ``(scheme, host)``, set by ``same_origin``.
+_CHECKED: Final = web.RequestKey("checked_host", tuple[str, str])
+
+
+def _guarded(request: web.Request) -> bool:
+    return request.method in STATE_CHANGING or request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+def _allowed_hosts(origins: frozenset[str]) -> dict[str, str]:
+    """The ``Host`` values the allowed origins stand for, each with its origin's scheme."""
+    hosts = {}
+    for origin in origins:
+        scheme, _, netloc = origin.partition("://")
+        default = ":443" if scheme == "https" else ":80"
+        bare = netloc.removesuffix(default)
+        hosts[bare] = scheme
+        if _host_name(bare) == bare:  # no port: browsers send none, proxies may send the default
+            hosts[bare + default] = scheme
+    return hosts
+
+
+def _own_host(host: str, allowed: dict[str, str]) -> str | None:
+    """``""`` when *host* names this server by itself, the scheme of its allowed origin, else ``None``.
+
+    An IP address or ``localhost`` (which browsers never look up) involves no
+    DNS that another site could point here; any other name must be listed.
+    """
+    host = host.strip().lower()
+    if host in allowed:
+        return allowed[host]
+    name = _host_name(host)
+    if name == "localhost" or name.endswith(".localhost"):
+        return ""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return None
+    return ""
+
+
+def _host_name(host: str) -> str:
+    """The name or address in a ``Host`` value, without its port."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") > 1:
+        return host  # a bare IPv6 address
+    return host.partition(":")[0]
+
+
+def _refused(status: int, code: str, message: str) -> web.Response:
+    body = codec.dumps({"error": {"code": code, "message": message}})
+    return web.Response(status=status, text=body, content_type="application/json")
+
+
+def own_url(request: web.Request, path: str, *, websocket: bool = False) -> str:
+    """An absolute URL of *path* on this server, as the request reached it (its checked Host)."""
+    scheme, host = request.get(_CHECKED) or (
+        "https" if request.secure else "http",
+        _socket_netloc(request),
+    )
+    if websocket:
+        scheme = "wss" if scheme == "https" else "ws"
+    return f"{scheme}://{host}{path}"
+
+
+def _socket_netloc(request: web.Request) -> str:
+    """The address the request's connection came in on (no Host was sent)."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        return "localhost"
+    address, port = str(sockname[0]), int(sockname[1])
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _trusted(request: web.Request, origin: str, extra: frozenset[str]) -> bool:

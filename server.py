@@ -305,7 +305,8 @@ async def login(request: web.Request) -> web.Response:
         metrics.logins += 1
     actor = session.actor
     sid = actor.info.session_id
-    ws_url = f"{'wss' if request.secure else 'ws'}://{request.host}/ws"
+    # The Host the request named only once same_origin has checked it is ours.
+    ws_url = httpguard.own_url(request, "/ws", websocket=True)
     logger.info("session.created", session_id=sid, username=username, peer=request.remote)
     return _json(
         {

@@ -119,6 +119,8 @@ KNOWN: dict[str, str] = {
     "python3": "python3-minimal",
     "/usr/bin/python3": "python3-minimal",
     "ps": "procps",
+    "slirp4netns": "slirp4netns",
+    "/usr/bin/slirp4netns": "slirp4netns",
     "xsetroot": "x11-xserver-utils",
     "xkbcomp": "x11-xkb-utils",
     "/usr/share/novnc": "novnc",

@@ -262,7 +262,8 @@ class _RecordingJail:
     def __init__(self) -> None:
         from sandboxes.local.config import LocalConfig
 
-        self.config = LocalConfig()
+        # With the network: without it no pip argv is made at all.
+        self.config = LocalConfig(network=True)
         self.argvs: list[list[str]] = []
 
     async def exec(self, argv: list[str], **_: object) -> int:

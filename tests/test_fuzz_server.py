@@ -146,7 +146,9 @@ async def test_text_the_sandbox_cannot_take_gets_bad_message_and_no_ack(
         assert (error["type"], error["code"], error["id"]) == ("error", "bad_message", f"x{LONE}")
         endpoint = {"run_task": "/run-task", "run_workflow": "/run-workflow"}.get(kind, "/setup-environment")
         if kind != "run_command":
-            head = f"POST {endpoint} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {login.token}".encode()
+            head = (
+                f"POST {endpoint} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {login.token}".encode()
+            )
             status, body = await _raw_http(test_server, head, json.dumps({field: value}).encode())
             assert (status, json.loads(body)["error"]["code"]) == (400, "bad_message")
         await conn.send("ping", id="next")
@@ -181,7 +183,9 @@ async def test_a_surrogate_request_id_over_http_is_accepted_and_answered(served:
     test_server, client = served
     login = await client.login("httpid")
     async with client.connect(login) as conn:
-        head = f"POST /start-desktop HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {login.token}".encode()
+        head = (
+            f"POST /start-desktop HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {login.token}".encode()
+        )
         status, body = await _raw_http(test_server, head, b'{"id": "\\ud800"}')
         assert (status, json.loads(body)) == (202, {"request_id": LONE})
         result = await conn.wait_for(lambda e: e["type"] == "result" and e["id"] == LONE)
@@ -191,11 +195,11 @@ async def test_a_surrogate_request_id_over_http_is_accepted_and_answered(served:
 @pytest.mark.parametrize(
     "head",
     [
-        b"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff",
-        b"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer admin-secret\xff",
-        b"POST /start-desktop HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe",
-        b"POST /run-task HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xc3\xa9",
-        b"DELETE /api/sessions/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xed\xa0\x80",
+        b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff",
+        b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer admin-secret\xff",
+        b"POST /start-desktop HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe",
+        b"POST /run-task HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xc3\xa9",
+        b"DELETE /api/sessions/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xed\xa0\x80",
     ],
 )
 async def test_undecodable_authorization_answers_401(served: tuple, head: bytes) -> None:
@@ -210,19 +214,19 @@ async def test_a_non_ascii_stream_token_answers_401(served: tuple, token: str) -
     """The desktop stream refuses a ?token= that is not visible ASCII with 401, not a 500."""
     test_server, client = served
     login = await client.login("streamer")
-    head = f"GET /desktop/{login.session_id}/websockify?token={token} HTTP/1.1\r\nHost: x".encode()
+    head = f"GET /desktop/{login.session_id}/websockify?token={token} HTTP/1.1\r\nHost: 127.0.0.1".encode()
     status, body = await _raw_http(test_server, head)
     assert (status, json.loads(body)["error"]["code"]) == (401, "unauthorized")
 
 
-async def test_an_undecodable_host_still_logs_in(served: tuple) -> None:
-    """A Host header that is not UTF-8 (it makes the ws_url) still gets a 201 with valid JSON."""
+async def test_an_undecodable_host_gets_a_json_421(served: tuple) -> None:
+    """A Host header that is not UTF-8 (no name of this server) gets a 421 with valid JSON."""
     test_server, _ = served
     status, body = await _raw_http(
         test_server, b"POST /api/sessions HTTP/1.1\r\nHost: h\xff", b'{"username":"h"}'
     )
-    assert status == 201
-    assert json.loads(body.decode("utf-8"))["ws_url"].startswith("ws://h")
+    assert status == 421
+    assert json.loads(body.decode("utf-8"))["error"]["code"] == "misdirected"
 
 
 # ----------------------------------------------------------------------------
@@ -446,7 +450,7 @@ ROUTES = [
     route=st.sampled_from(ROUTES),
     segment=SEGMENT,
     auth=AUTHORIZATION,
-    host=HEADER_BYTES,
+    host=st.one_of(st.just(b"127.0.0.1"), HEADER_BYTES),
     body=st.one_of(
         OBJECTS.map(json.dumps).map(str.encode),
         LOGIN_BODY.map(json.dumps).map(str.encode),
@@ -469,6 +473,8 @@ async def test_generated_requests_never_answer_500(
 async def test_generated_stream_tokens_are_refused_with_401(live: Live, token: str) -> None:
     """Any ?token= on the desktop stream other than the session's own is a 401."""
     query = urllib.parse.quote(token.encode("utf-8", "surrogatepass"), safe="")
-    head = f"GET /desktop/{live.login.session_id}/websockify?token={query} HTTP/1.1\r\nHost: x".encode()
+    head = (
+        f"GET /desktop/{live.login.session_id}/websockify?token={query} HTTP/1.1\r\nHost: 127.0.0.1".encode()
+    )
     status, _ = await _raw_http(live.server, head)
     assert status == 401

@@ -18,7 +18,8 @@ class LocalConfig:
     root: Path | None = None
     #: Resource limits of every command (CPU, memory, processes, file size).
     limits: Limits = attrs.field(factory=Limits)
-    #: Give sandboxes the host's network (``Limits.network`` also turns it on).
+    #: Give each jail an outbound-only network of its own (slirp4netns; see
+    #: ``network``), never the host's; ``Limits.network`` also turns it on.
     network: bool = False
     #: Desktop size in pixels, and colour depth.
     screen: tuple[int, int] = (1280, 800)

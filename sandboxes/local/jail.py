@@ -31,6 +31,10 @@ from protocol.errors import SandboxBroken
 from sandboxes.base import Limits
 from sandboxes.local import seccomp
 from sandboxes.local.cgroups import SessionCgroup
+from sandboxes.local.network import ETC_FILES as NETWORK_ETC_FILES
+from sandboxes.local.network import START_TIMEOUT as NETWORK_START_TIMEOUT
+from sandboxes.local.network import Uplink, uplink_for
+from sandboxes.local.procs import reap
 
 HOME = "/home/user"
 X11_DIR = "/tmp/.X11-unix"
@@ -49,8 +53,6 @@ SYSTEM_ETC = (
 #: Other read-only host files: fontconfig's system cache, without which every
 #: program using fonts (the window manager, browsers) rescans them all at start.
 SYSTEM_OTHER = ("/var/cache/fontconfig",)
-#: Only mounted for a sandbox that has the network.
-NETWORK_ETC = ("resolv.conf", "hosts")
 #: Started by absolute path: the environment handed to it is the session's.
 BWRAP = "/usr/bin/bwrap"
 SH = "/bin/sh"
@@ -264,12 +266,16 @@ class Jail:
         command: Sequence[str],
         *,
         mounts: Sequence[Mount] = (),
-        network: bool = False,
+        uplink: Uplink | None = None,
         limits: Limits | None = None,
         files: Mapping[str, bytes] | None = None,
         as_pid_1: bool = False,
     ) -> Iterator[tuple[list[str], list[int]]]:
-        """The full argv and the descriptors it needs, open until exit."""
+        """The full argv and the descriptors it needs, open until exit.
+
+        The jail always has a network namespace of its own: only ``lo``, or,
+        with an *uplink*, the outbound-only network of ``network.py``.
+        """
         with contextlib.ExitStack() as stack:
             fds: list[int] = []
 
@@ -283,8 +289,9 @@ class Jail:
             args += ["--die-with-parent", "--new-session", "--seccomp", seccomp_fd]
             if as_pid_1:
                 args.append("--as-pid-1")
-            if network:
-                args.append("--share-net")
+            if uplink is not None:
+                network_args, command = uplink.jail_args(keep, command)
+                args += network_args
             # A bounded tmpfs over bwrap's own (unbounded) root, before anything is mounted on it.
             args += ["--size", str(self.root_bytes), "--tmpfs", "/"]
             args += ["--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
@@ -296,8 +303,10 @@ class Jail:
             args += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
             args += ["--size", str(self.shm_bytes), "--tmpfs", "/dev/shm"]
             args += ["--size", str(self.tmp_bytes), "--tmpfs", "/tmp"]
-            for name in SYSTEM_ETC + (NETWORK_ETC if network else ()):
+            for name in SYSTEM_ETC:
                 args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+            for dest, data in NETWORK_ETC_FILES.items() if uplink is not None else ():
+                args += ["--ro-bind-data", keep(_data_fd(data)), dest]
             for path in SYSTEM_OTHER:
                 args += ["--ro-bind-try", path, path]
             args += _chromium_without_its_sandbox(keep)
@@ -384,31 +393,47 @@ async def spawn(
 
     With a session cgroup, the process first waits on its stdin (a small
     shell, ours) while the server moves it into the cgroup, so prlimit, bwrap
-    and all that follows run bounded from their first instruction.
+    and all that follows run bounded from their first instruction. With
+    *network*, the jail's command runs only once its own outbound-only
+    network is up (see ``network``).
     """
     env = jail.env(display) | dict(extra_env or {})
-    confined = jail.argv(
-        command, mounts=mounts, network=network, limits=limits, files=files, as_pid_1=as_pid_1
-    )
-    with confined as (argv, fds), _gate(jail.cgroup) as gate:
-        prefix = [SH, "-c", _JOIN_THEN_EXEC, "sh"] if gate is not None else []
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *prefix,
-                *argv,
-                stdin=gate[0] if gate is not None else asyncio.subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                env=env,
-                pass_fds=[*fds, *pass_fds],
-                start_new_session=True,
-                **jail.identity.popen_kwargs(),
-            )
-        except OSError as exc:
-            raise SandboxBroken(f"cannot start sandboxed {command[0]!r}: {exc}") from exc
-        if gate is not None and jail.cgroup is not None:
-            _join(proc, jail.cgroup, gate[1], command[0])
+    with uplink_for(network) as uplink:
+        confined = jail.argv(
+            command, mounts=mounts, uplink=uplink, limits=limits, files=files, as_pid_1=as_pid_1
+        )
+        with confined as (argv, fds), _gate(jail.cgroup) as gate:
+            prefix = [SH, "-c", _JOIN_THEN_EXEC, "sh"] if gate is not None else []
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *prefix,
+                    *argv,
+                    stdin=gate[0] if gate is not None else asyncio.subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
+                    env=env,
+                    pass_fds=[*fds, *pass_fds],
+                    start_new_session=True,
+                    **jail.identity.popen_kwargs(),
+                )
+            except OSError as exc:
+                raise SandboxBroken(f"cannot start sandboxed {command[0]!r}: {exc}") from exc
+            if gate is not None and jail.cgroup is not None:
+                _join(proc, jail.cgroup, gate[1], command[0])
+        # The jail's own ends of the uplink are closed by now: should bwrap
+        # fail, the server reads its end instead of waiting out the bound.
+        if uplink is not None:
+            await _connected(proc, jail, uplink)
         return proc
+
+
+async def _connected(proc: asyncio.subprocess.Process, jail: Jail, uplink: Uplink) -> None:
+    """Attach the waiting jail's network; end the jail if it cannot be (nothing of it ran yet)."""
+    try:
+        await uplink.attach(NETWORK_START_TIMEOUT, jail.cgroup.add if jail.cgroup is not None else None)
+    except BaseException:
+        await reap(proc)
+        raise
 
 
 @contextlib.contextmanager

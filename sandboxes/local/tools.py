@@ -4,8 +4,10 @@
 cannot be installed into a sandbox, so each one asked for is checked on the
 host and a missing one is reported (``scripts/install-system-packages.sh``
 is where it belongs); ``pip:NAME`` packages are installed with
-``pip install --user`` into the session's home, the only step that gets
-the host's network when sandboxes otherwise have none.
+``pip install --user`` into the session's home by the jail's own
+``/usr/bin/python3`` (never a ``python3`` the session's PATH finds), in the
+session's usual jail: with the network of its own that ``--sandbox-network``
+gives, or, without it, not at all.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ _KEYS = {
     "meta": "super", "cmd": "super", "win": "super",
 }  # fmt: skip
 _KEY_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
+#: Debian's interpreter inside the jail (``/usr`` is the host's, read-only).
+PYTHON = "/usr/bin/python3"
+NO_NETWORK = (
+    "pip packages need a network and this server gives its sandboxes none "
+    "(the operator can start it with --sandbox-network true)"
+)
 BASHRC = f"""\
 # Written by deskhive on the first setup; yours to change.
 export PATH="{HOME}/.local/bin:$PATH"
@@ -100,7 +108,14 @@ async def setup(sandbox: Runner, packages: Sequence[str], report: StepReporter) 
         if not ok:
             missing.append(name)
     if missing:
-        raise SandboxBroken(f"packages not available in the sandbox: {', '.join(missing)}")
+        raise SandboxBroken(_missing(missing, network=sandbox.config.network_on))
+
+
+def _missing(names: Sequence[str], *, network: bool) -> str:
+    text = f"packages not available in the sandbox: {', '.join(names)}"
+    if not network and any(name.startswith("pip:") for name in names):
+        text += f" ({NO_NETWORK})"
+    return text
 
 
 async def _prepare_home(sandbox: Runner) -> None:
@@ -138,11 +153,17 @@ async def _debian_present(name: str, report: StepReporter) -> bool:
 
 
 async def _pip_install(sandbox: Runner, name: str, report: StepReporter) -> bool:
-    argv = ["python3", "-m", "pip", "install", "--user", "--break-system-packages", "--no-input"]
+    if not sandbox.config.network_on:
+        report("setup.package", package=name, manager="pip", status="failed", reason=NO_NETWORK)
+        return False
+    # By absolute path and isolated (-I: no PYTHON* variables, no user site,
+    # not the home on sys.path): the system's pip, whatever the home holds.
+    argv = [PYTHON, "-I", "-m", "pip", "install", "--user", "--break-system-packages", "--no-input"]
     argv += ["--disable-pip-version-check", "--progress-bar", "off", "--", name]
     out: list[str] = []
     timeout = sandbox.config.pip_timeout
-    code = await sandbox.exec(argv, timeout=timeout, on_output=_collect(out), network=True)
+    # network=None: the session's own jail and network, as its commands have.
+    code = await sandbox.exec(argv, timeout=timeout, on_output=_collect(out))
     status = "installed" if code == 0 else "failed"
     report(
         "setup.package", package=name, manager="pip", status=status, exit_code=code, tail="".join(out)[-400:]
