@@ -97,7 +97,7 @@ def same_origin(allowed: Collection[str]) -> Middleware:
             scheme = _own_host(host, hosts)
             if scheme is None:
                 # The name is not echoed: it is whoever sent it's text, not ours.
-                return _refused(421, "misdirected", MISDIRECTED)
+                return _refused(421, "forbidden", MISDIRECTED)
             request[_CHECKED] = (scheme or ("https" if request.secure else "http"), host.strip().lower())
         origin = request.headers.get("Origin")
         if origin is not None and _guarded(request) and not _trusted(request, origin, extra):

@@ -226,7 +226,7 @@ async def test_an_undecodable_host_gets_a_json_421(served: tuple) -> None:
         test_server, b"POST /api/sessions HTTP/1.1\r\nHost: h\xff", b'{"username":"h"}'
     )
     assert status == 421
-    assert json.loads(body.decode("utf-8"))["error"]["code"] == "misdirected"
+    assert json.loads(body.decode("utf-8"))["error"]["code"] == "forbidden"
 
 
 # ----------------------------------------------------------------------------

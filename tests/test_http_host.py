@@ -65,7 +65,7 @@ async def test_a_rebound_name_gets_nothing(
         headers = {"Host": host, "Content-Type": "application/json", "Authorization": "Bearer admin-secret"}
         status, body = await send(test_server, method, path, headers=headers, data=data)
         assert status == 421, (method, path)
-        assert body["error"]["code"] == "misdirected" and "--allowed-origins" in body["error"]["message"]
+        assert body["error"]["code"] == "forbidden" and "--allowed-origins" in body["error"]["message"]
         assert host == "" or host not in json.dumps(body)
     status, _ = await send(test_server, "GET", "/ws", headers={"Host": host, **WS_HEADERS})
     assert status == 421
