@@ -192,6 +192,9 @@ class SqliteStore:
     def reserve_seq(self, session_id: str, upto: int) -> None:
         self._queue.put(("reserve", session_id, upto))
 
+    def sent_seq(self, session_id: str, seq: int) -> None:
+        self._queue.put(("sent", session_id, seq))
+
     def add_pending(self, session_id: str, request_id: str) -> None:
         self._queue.put(("pending+", session_id, request_id))
 
@@ -218,6 +221,15 @@ class SqliteStore:
         def read(c: sqlite3.Connection) -> str | None:
             row = c.execute("SELECT reason FROM tombstones WHERE token_hash = ?", (token_hash,)).fetchone()
             return None if row is None else str(row[0])
+
+        return await self._call(read)
+
+    async def recent_tombstones(self, limit: int) -> Sequence[tuple[bytes, str]]:
+        def read(c: sqlite3.Connection) -> list[tuple[bytes, str]]:
+            rows = c.execute(
+                "SELECT token_hash, reason FROM tombstones ORDER BY ended DESC LIMIT ?", (limit,)
+            )
+            return [(bytes(h), str(r)) for h, r in rows]
 
         return await self._call(read)
 
@@ -319,6 +331,10 @@ class SqliteStore:
                     conn.execute("INSERT OR IGNORE INTO pending VALUES (?, ?)", op[1:])
                 elif kind == "pending-":
                     conn.execute("DELETE FROM pending WHERE session_id = ? AND request_id = ?", op[1:])
+                elif kind == "sent":
+                    conn.execute(
+                        "UPDATE sessions SET last_seq = max(last_seq, ?) WHERE session_id = ?", (op[2], op[1])
+                    )
                 elif kind == "reserve":
                     conn.execute(
                         "UPDATE sessions SET seq_reserved = max(seq_reserved, ?) WHERE session_id = ?",
@@ -347,10 +363,14 @@ class SqliteStore:
             rows.clear()
 
     def _trim(self, conn: sqlite3.Connection, appended: dict[str, int]) -> None:
+        # By count, not by seq arithmetic: numbers skipped at a restart are no
+        # events, and the journal keeps as many events as the one in memory.
         for sid, last in appended.items():
             conn.execute("UPDATE sessions SET last_seq = max(last_seq, ?) WHERE session_id = ?", (last, sid))
             conn.execute(
-                "DELETE FROM events WHERE session_id = ? AND seq <= ?", (sid, last - self._journal_size)
+                "DELETE FROM events WHERE session_id = ? AND seq <= (SELECT seq FROM events"
+                " WHERE session_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (sid, sid, self._journal_size),
             )
 
     def _settle(self, future: asyncio.Future[Any] | None, result: Any, error: BaseException | None) -> None:
