@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from base64 import b64encode
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -57,6 +57,10 @@ class JobConfig:
     http: aiohttp.ClientSession | None = None
 
 
+async def _nothing() -> None:
+    return None
+
+
 @attrs.define(kw_only=True)
 class JobContext:
     """One job's view of its session: sandbox, log, output and phase."""
@@ -69,6 +73,9 @@ class JobContext:
     #: Tells the actor a workflow's desktop step started or finished starting
     #: the desktop; the session's state follows.
     set_starting: Callable[[bool], None]
+    #: Awaited once the desktop started or was killed, before the job's result:
+    #: the store keeps the sandbox id first.
+    desktop_changed: Callable[[], Awaitable[None]] = attrs.field(default=_nothing)
     _output_bytes: int = 0
     _truncated: bool = False
 
@@ -155,6 +162,7 @@ async def execute(job: m.Job | m.KillDesktop, ctx: JobContext) -> m.Result:
     match job:
         case m.KillDesktop():
             await ctx.sandbox.stop_desktop()
+            await ctx.desktop_changed()
             return m.Result(id=rid, ok=True, data={})
         case m.StartDesktop():
             return m.Result(id=rid, ok=True, data={"stream_url": await start_desktop(ctx)})
@@ -183,6 +191,7 @@ async def start_desktop(ctx: JobContext) -> str | None:
             await ctx.sandbox.start_desktop()
         finally:
             ctx.set_starting(False)
+        await ctx.desktop_changed()
     return ctx.sandbox.stream_url
 
 

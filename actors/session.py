@@ -36,12 +36,23 @@ from protocol import codec
 from protocol import messages as m
 from protocol.closecodes import CloseCode
 from protocol.errors import JobNotFound, MailboxFull, SessionClosed, TooManySockets
-from sandboxes.base import Sandbox
+from sandboxes.base import Resumable, Sandbox
+from store.base import SessionRecord, Store, StoredJournal
 
 logger = structlog.get_logger("deskhive.actor")
 
 #: Sockets watching one session at once (owner's and guests' together).
 SOCKETS_PER_SESSION: Final = 16
+#: Seqs reserved in the store ahead of use, topped up when half is left: a
+#: restarted server numbers above the reservation, which must therefore be
+#: committed before any seq it covers is sent (half a block is thousands of
+#: events, far more than a batch's few milliseconds let through).
+SEQ_BLOCK: Final = 10_000
+#: The store hears of a session's activity at most this often (seconds).
+TOUCH_EVERY_S: Final = 5.0
+RESTARTED: Final = "the server restarted before this request finished"
+#: What a job cut off by a stop is told, by the stop's reason.
+_ENDING: Final = {"shutdown": "the server is shutting down; the job was cancelled"}
 
 
 @attrs.frozen(kw_only=True)
@@ -153,11 +164,19 @@ _Envelope = tuple[m.Request | Stop, Peer | None]
 class SessionActor:
     """A session's mailbox, journal, sockets, sandbox and job queue."""
 
-    def __init__(self, info: SessionInfo, sandbox: Sandbox, config: ActorConfig) -> None:
+    def __init__(
+        self, info: SessionInfo, sandbox: Sandbox, config: ActorConfig, store: Store | None = None
+    ) -> None:
         self.info = info
         self.sandbox = sandbox
         self.config = config
         self.journal = Journal(config.journal_size, config.journal_bytes)
+        #: Where events, activity and pending requests are kept across restarts.
+        self.store = store
+        self._reserved = SEQ_BLOCK
+        self._stored_active = time.monotonic()
+        #: A restored session whose desktop died with the old server.
+        self._lost_desktop = False
         self._log: Any = None
         self.started = asyncio.Event()
         self.stop_requested_at: float | None = None
@@ -205,7 +224,7 @@ class SessionActor:
         if msg.id is None and not isinstance(msg, m.Ping):
             self._next_rid += 1
             msg = attrs.evolve(msg, id=f"r{self._next_rid}")
-        self._last_active = time.monotonic()
+        self._active()
         self.frames_in += 1
         self._mailbox.put_nowait((msg, origin))
         return msg.id
@@ -223,7 +242,13 @@ class SessionActor:
 
     def touch(self) -> None:
         """Count as activity: someone is working on the session outside its mailbox."""
-        self._last_active = time.monotonic()
+        self._active()
+
+    def _active(self) -> None:
+        now = self._last_active = time.monotonic()
+        if self.store is not None and now - self._stored_active >= TOUCH_EVERY_S:
+            self._stored_active = now
+            self.store.touch(self.info.session_id, time.time())
 
     def request_stop(self, reason: str, now: float | None = None) -> None:
         """Ask the actor to end the session once earlier messages are handled.
@@ -249,7 +274,7 @@ class SessionActor:
                 f"session {self.info.session_id} already has {SOCKETS_PER_SESSION} sockets, "
                 f"the limit per session"
             )
-        self._last_active = time.monotonic()
+        self._active()
         peer.deliver(
             codec.encode(
                 m.Welcome(
@@ -316,6 +341,11 @@ class SessionActor:
         """Journal *event* and send it to every socket of this session."""
         frame = self.journal.append(event)
         seq = self.journal.last_seq
+        if self.store is not None:
+            self.store.append(self.info.session_id, seq, frame)
+            if seq > self._reserved - SEQ_BLOCK // 2:
+                self._reserved = seq + SEQ_BLOCK
+                self.store.reserve_seq(self.info.session_id, self._reserved)
         for peer in tuple(self._peers):
             if not peer.notify(seq, frame):
                 self._peers.discard(peer)
@@ -352,7 +382,7 @@ class SessionActor:
                 try:
                     await self._loop()
                 finally:
-                    self._cancel_all("the session is ending")
+                    self._cancel_all(_ENDING.get(self.stop_reason or "", "the session is ending"))
         finally:
             # Finished tasks hold tracebacks whose frames hold this actor.
             self._tg, self._runner = None, None
@@ -390,6 +420,8 @@ class SessionActor:
                 self._publish_state(request_id=rid)
             case m.ClearLogs():
                 self.journal.clear()
+                if self.store is not None:
+                    self.store.clear_journal(self.info.session_id, self.journal.last_seq)
                 self.emit(m.Result(id=rid, ok=True, data={}))
             case m.KillDesktop():
                 self._cancel_all(f"cancelled by kill_desktop {rid}")
@@ -427,6 +459,8 @@ class SessionActor:
     # Jobs
 
     def _enqueue(self, job: _Job, *, first: bool = False) -> None:
+        if self.store is not None:
+            self.store.add_pending(self.info.session_id, job.rid)
         if first:
             self._pending.appendleft(job)
         else:
@@ -462,6 +496,7 @@ class SessionActor:
             log=self.log,
             emit=self.emit,
             set_starting=self._set_starting,
+            desktop_changed=self._store_desktop,
         )
         return await jobs.run_to_result(job.msg, ctx)
 
@@ -477,6 +512,15 @@ class SessionActor:
             seconds = round(time.monotonic() - job.started_at, 3)
             self.log.info("job.finished", id=job.rid, ok=result.ok, seconds=seconds)
         self.emit(result)
+        if self.store is not None:
+            self.store.remove_pending(self.info.session_id, job.rid)
+
+    async def _store_desktop(self) -> None:
+        """Keep the sandbox's id while its desktop runs (before ``start_desktop``'s result)."""
+        if self.store is not None:
+            running = self.sandbox.desktop_running
+            sandbox_id = self.sandbox.sandbox_id if running else None
+            await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, sandbox_id)
 
     def _set_starting(self, starting: bool) -> None:
         self._starting = starting
@@ -498,9 +542,62 @@ class SessionActor:
         peers, self._peers = self._peers, set()
         await self._close_peers(peers, f"session ended: {reason}")
 
-    def _refuse_leftovers(self, reason: str) -> None:
+    # ------------------------------------------------------------------
+    # Across a restart (durable store)
+
+    def restore(self, record: SessionRecord, stored: StoredJournal, *, clean: bool) -> None:
+        """Take back a stored session's journal, activity and unanswered requests.
+
+        After a crash (*clean* false) new events are numbered above the
+        reservation, the skipped numbers kept as a hole; requests that were
+        acknowledged get their ``cancelled`` result, and a desktop that ran
+        is reported lost. Runs before the first incarnation, without suspending.
+        """
+        base = stored.last_seq if clean else max(stored.last_seq, record.seq_reserved)
+        self.journal.restore(stored.events, base)
+        self._reserved = base + SEQ_BLOCK
+        assert self.store is not None
+        sid = self.info.session_id
+        self.store.reserve_seq(sid, self._reserved)
+        self.store.sent_seq(sid, base)
+        idle = max(0.0, time.time() - record.last_active)
+        self._last_active = self._stored_active = time.monotonic() - idle
+        for rid in record.pending:
+            self.emit(jobs.cancelled(rid, RESTARTED))
+            self.store.remove_pending(sid, rid)
+        if record.sandbox_id is not None and not self.sandbox.desktop_running:
+            self._lost_desktop = True
+            self.log.warning("desktop.lost", reason="the server restarted", sandbox_id=record.sandbox_id)
+            self._publish_state()
+
+    async def recover(self) -> None:
+        """End what the previous server left of the sandbox; forget a desktop that died."""
+        if isinstance(self.sandbox, Resumable):
+            await self.sandbox.recover()
+        if self._lost_desktop and self.store is not None:
+            self._lost_desktop = False
+            await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, None)
+
+    async def suspend(self, reason: str) -> None:
+        """The server stops but the session does not end: keep everything for the next start.
+
+        Jobs were cancelled by the incarnation's end (their results stored);
+        what the mailbox still holds is answered, the activity and the last
+        seq are stored, and the sockets are told the server is going away.
+        """
+        self._refuse_leftovers(reason, "the server stopped before this request was handled")
+        if self.store is not None:
+            sid = self.info.session_id
+            self.store.touch(sid, time.time() - (time.monotonic() - self._last_active))
+            self.store.sent_seq(sid, self.journal.last_seq)
+        peers, self._peers = self._peers, set()
+        await self._close_peers(peers, reason, CloseCode.GOING_AWAY)
+
+    def _refuse_leftovers(
+        self, reason: str, why: str = "the session ended before this request was handled"
+    ) -> None:
         """Answer what the mailbox still holds: no incarnation will handle it now."""
-        message = f"the session ended before this request was handled: {reason}"
+        message = f"{why}: {reason}"
         while True:
             try:
                 msg, origin = self._mailbox.get_nowait()
@@ -514,21 +611,21 @@ class SessionActor:
             else:
                 origin.deliver(codec.encode(codec.error_for(SessionClosed(message, request_id=msg.id))))
 
-    async def _close_peers(self, peers: set[Peer], reason: str) -> None:
+    async def _close_peers(self, peers: set[Peer], reason: str, code: int = CloseCode.NOT_FOUND) -> None:
         """Close every socket together under one deadline, not one deadline each."""
         if not peers:
             return
         try:
             async with asyncio.timeout(self.config.close_timeout), asyncio.TaskGroup() as tg:
                 for peer in peers:
-                    tg.create_task(_close_peer(peer, reason), name=f"close:{self.info.session_id}")
+                    tg.create_task(_close_peer(peer, reason, code), name=f"close:{self.info.session_id}")
         except TimeoutError:
             logger.warning("actor.close_timeout", session_id=self.info.session_id, sockets=len(peers))
 
 
-async def _close_peer(peer: Peer, reason: str) -> None:
+async def _close_peer(peer: Peer, reason: str, code: int) -> None:
     try:
-        await peer.close(CloseCode.NOT_FOUND, reason)
+        await peer.close(code, reason)
     except Exception:
         # A socket that broke while closing is closed enough; the others go on.
         logger.warning("actor.close_failed", peer=repr(peer), exc_info=True)

@@ -40,6 +40,10 @@ class SandboxSpec:
     #: Where the session's desktop is watched in a browser, when the backend
     #: streams through the server itself (the local backend); ``None`` else.
     stream_url: str | None = None
+    #: Set when the session is restored after a server restart: the sandbox id
+    #: the store kept (``""`` when it kept none). A backend that can find what
+    #: it had (the local one its home folder and uid) takes it back.
+    previous_id: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -126,6 +130,23 @@ class StreamedSandbox(Protocol):
     @property
     def vnc_password(self) -> str | None:
         """The VNC password the proxy must give, if the server wants one."""
+        ...
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """A sandbox that outlives a server restart with its session (the local one).
+
+    Backends without these are closed at a durable shutdown like at a
+    session's end, and start afresh when the session comes back.
+    """
+
+    async def suspend(self) -> None:
+        """Stop every process but keep what comes back (the home folder); never raises."""
+        ...
+
+    async def recover(self) -> None:
+        """At restore: end whatever the previous server left running of this sandbox."""
         ...
 
 
