@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+import store
 from actors.jobs import JobConfig
 from actors.session import ActorConfig
 from actors.workflows import Workflow
@@ -34,6 +35,7 @@ def supervisor_config(
         sweep_interval=settings.sweep_interval,
         sessions_per_user=settings.sessions_per_user,
         data_dir=settings.data_dir,
+        store_url=settings.store or store.default_url(settings.data_dir),
         actor=ActorConfig(
             mailbox_size=settings.mailbox_size,
             journal_size=settings.journal_size,
