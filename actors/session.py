@@ -562,8 +562,10 @@ class SessionActor:
         self.store.sent_seq(sid, base)
         idle = max(0.0, time.time() - record.last_active)
         self._last_active = self._stored_active = time.monotonic() - idle
+        answered = _answered(stored, record.pending)
         for rid in record.pending:
-            self.emit(jobs.cancelled(rid, RESTARTED))
+            if rid not in answered:
+                self.emit(jobs.cancelled(rid, RESTARTED))
             self.store.remove_pending(sid, rid)
         if record.sandbox_id is not None and not self.sandbox.desktop_running:
             self._lost_desktop = True
@@ -621,6 +623,23 @@ class SessionActor:
                     tg.create_task(_close_peer(peer, reason, code), name=f"close:{self.info.session_id}")
         except TimeoutError:
             logger.warning("actor.close_timeout", session_id=self.info.session_id, sockets=len(peers))
+
+
+def _answered(stored: StoredJournal, pending: tuple[str, ...]) -> set[str]:
+    """Which of the *pending* requests already have a stored result.
+
+    The result and the pending entry's removal are two writes; a crash can
+    fall between their commits, and the request must not get a second result.
+    """
+    if not pending:
+        return set()
+    wanted, found = set(pending), set()
+    for _, frame in stored.events:
+        if b'"result"' in frame:
+            event = codec.loads(frame)
+            if event.get("type") == "result" and event.get("id") in wanted:
+                found.add(event["id"])
+    return found
 
 
 async def _close_peer(peer: Peer, reason: str, code: int) -> None:

@@ -161,8 +161,8 @@ class SqliteStore:
             record.token_hash,
             record.created,
             record.last_active,
-            record.aws_login,
-            record.customer_name,
+            _enc(record.aws_login),
+            _enc(record.customer_name),
             record.sandbox_kind,
             record.sandbox_id,
             record.seq_reserved,
@@ -196,10 +196,10 @@ class SqliteStore:
         self._queue.put(("sent", session_id, seq))
 
     def add_pending(self, session_id: str, request_id: str) -> None:
-        self._queue.put(("pending+", session_id, request_id))
+        self._queue.put(("pending+", session_id, _enc(request_id)))
 
     def remove_pending(self, session_id: str, request_id: str) -> None:
-        self._queue.put(("pending-", session_id, request_id))
+        self._queue.put(("pending-", session_id, _enc(request_id)))
 
     async def end_session(self, session_id: str, reason: str, at: float) -> None:
         def end(c: sqlite3.Connection) -> None:
@@ -347,7 +347,9 @@ class SqliteStore:
             self._write_events(conn, rows)
             self._trim(conn, appended)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:
+            # Whatever it was, the writer goes on with the next batch: a thread
+            # that died would leave every later write waiting for nobody.
             logger.exception("store.commit_failed", path=str(self.path), operations=len(batch))
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -398,6 +400,21 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
+def _enc(text: str | None) -> str | bytes | None:
+    """*text* as SQLite takes it: a lone surrogate (valid in a JSON string) goes as bytes."""
+    if text is None:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+    return text
+
+
+def _dec(value: str | bytes | None) -> str | None:
+    return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -425,7 +442,7 @@ def _read_sessions(c: sqlite3.Connection) -> list[SessionRecord]:
         shares.setdefault(sid, []).append(share)
     pending: dict[str, list[str]] = {}
     for sid, rid in c.execute("SELECT session_id, request_id FROM pending"):
-        pending.setdefault(sid, []).append(rid)
+        pending.setdefault(sid, []).append(_dec(rid) or "")
     records = []
     for row in c.execute(
         "SELECT session_id, username, token_hash, created, last_active, aws_login, customer_name,"
@@ -439,8 +456,8 @@ def _read_sessions(c: sqlite3.Connection) -> list[SessionRecord]:
                 token_hash=bytes(row[2]),
                 created=row[3],
                 last_active=row[4],
-                aws_login=row[5],
-                customer_name=row[6],
+                aws_login=_dec(row[5]),
+                customer_name=_dec(row[6]),
                 sandbox_kind=row[7],
                 sandbox_id=row[8],
                 seq_reserved=row[9],
