@@ -149,7 +149,7 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ("journal_size", _positive(int), "events kept per session for replay"),
     ("users_file", Path, "file of 'username:scrypt$...' lines; unset means demo mode"),
     ("data_dir", Path, "folder for per-session data (default /var/lib/deskhive as root, else ./var)"),
-    ("store", _store_url, "where sessions are kept: sqlite:///PATH (default <data-dir>/deskhive.db) or memory"),
+    ("store", _store_url, "sqlite:///PATH (default <data-dir>/deskhive.db) or memory (nothing kept)"),
     ("mailbox_size", _positive(int), "messages a session's mailbox holds before 'busy'"),
     ("sessions_per_user", _positive(int), "sessions one username may hold at once"),
     ("command_timeout", _positive(float), "default command timeout, seconds"),
