@@ -9,6 +9,11 @@ Layout of a session's folder (``<root>/<session_id>`` or the spec's
             desktop starts after the jail)
     vnc/    x11vnc's unix socket; never mounted in a jail the user's code runs in
 
+At a durable shutdown ``suspend`` stops every process but keeps the folder;
+the restored session's sandbox (``SandboxSpec.previous_id`` set) takes back
+its id and the uid that owns its home, and ``recover`` ends whatever the
+dead server left of it.
+
 Commands run in one long-lived jail per session (see ``cmdjail``), whose
 ``/tmp`` therefore lasts from one command to the next, like a machine's, until
 the desktop stops or the session closes: both end that jail with everything
@@ -37,7 +42,7 @@ from sandboxes.local import cgroups, tools
 from sandboxes.local.cmdjail import CommandJail
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
-from sandboxes.local.jail import HOME, X11_DIR, Identity, Jail, Mount, session_pids, spawn
+from sandboxes.local.jail import HOME, UIDS, X11_DIR, Identity, Jail, Mount, session_pids, spawn
 from sandboxes.local.procs import exit_code, kill_now, pump_both, reap, terminate
 
 logger = structlog.get_logger()
@@ -56,7 +61,9 @@ class LocalSandbox:
         self._spec, self._config = spec, config
         base = config.root / spec.session_id if config.root is not None else spec.data_dir
         self._base = base.absolute()
-        self._id = f"local-{secrets.token_hex(6)}"
+        self._id = _previous_id(spec) or f"local-{secrets.token_hex(6)}"
+        #: The uid a restored session's home belongs to, taken back from the pool.
+        self._claimed = self._claim_home_uid() if spec.previous_id is not None else None
         self._jail: Jail | None = None
         self._desktop: Desktop | None = None
         self._apps: list[asyncio.subprocess.Process] = []
@@ -110,13 +117,32 @@ class LocalSandbox:
 
     # -- life cycle ----------------------------------------------------------
 
+    def _claim_home_uid(self) -> int | None:
+        """The restored home's owner, if it is a sandbox uid: its files stay its own."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            uid = (self._base / "home").stat().st_uid
+        except OSError:
+            return None
+        first, count = self._config.uid_base, self._config.uid_count
+        if not first <= uid < first + count:
+            return None
+        UIDS.claim(uid)
+        return uid
+
+    def _identity(self) -> Identity:
+        if self._claimed is not None:
+            return Identity(uid=self._claimed, gid=self._claimed, dropped=True)
+        return Identity.acquire(self._config.uid_base, self._config.uid_count)
+
     def _ensure(self) -> Jail:
         """The session's jail, creating its folders and identity on first use."""
         if self._closed:
             raise SandboxBroken(f"sandbox {self._id} is closed")
         if self._jail is not None:
             return self._jail
-        identity = Identity.acquire(self._config.uid_base, self._config.uid_count)
+        identity = self._identity()
         try:
             # bwrap opens the mounted folders as the session's uid, so every
             # folder above them must be searchable (o+x) by it; the session
@@ -181,6 +207,28 @@ class LocalSandbox:
         logger.info("sandbox.desktop_stopped", sandbox_id=self._id, stragglers=stragglers)
 
     async def close(self) -> None:
+        await self._shut(keep=False)
+
+    async def suspend(self) -> None:
+        """Stop every process of the session, keep its folder (a durable shutdown)."""
+        await self._shut(keep=True)
+
+    async def recover(self) -> None:
+        """End what a previous server left running of this session (its uid, its marker)."""
+        if not self._base.exists():
+            return
+        jail = self._ensure()
+        if jail.cgroup is not None:
+            jail.cgroup.kill()
+        # A scan of /proc: off the loop.
+        pids = await asyncio.to_thread(session_pids, jail)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+        if pids:
+            logger.info("sandbox.leftovers_killed", sandbox_id=self._id, processes=len(pids))
+
+    async def _shut(self, *, keep: bool) -> None:
         if self._closed:
             return
         self._closed = True
@@ -190,12 +238,15 @@ class LocalSandbox:
             logger.exception("sandbox.close_failed", sandbox_id=self._id)
         finally:
             self._kill_everything_now()
-            self._remove_folder()
+            if not keep:
+                self._remove_folder()
             if self._jail is not None:
                 if self._jail.cgroup is not None:
                     await cgroups.close(self._jail.cgroup)
                 self._jail.identity.release()
-        logger.info("sandbox.closed", sandbox_id=self._id)
+            elif self._claimed is not None:
+                UIDS.give(self._claimed)
+        logger.info("sandbox.suspended" if keep else "sandbox.closed", sandbox_id=self._id)
 
     def _kill_everything_now(self) -> None:
         # Synchronous, so that it also happens when close() itself is cancelled.
@@ -407,6 +458,15 @@ def _check_searchable(folder: Path) -> None:
                 f"{path} is not searchable by other users, so sandboxed uids cannot reach {folder}: "
                 "choose a sandbox root whose parents all have o+x"
             )
+
+
+def _previous_id(spec: SandboxSpec) -> str | None:
+    """The restored sandbox's own id, if the store kept one of ours (it is the processes' marker)."""
+    previous = spec.previous_id or ""
+    tail = previous.removeprefix("local-")
+    if previous.startswith("local-") and len(tail) == 12 and all(c in "0123456789abcdef" for c in tail):
+        return previous
+    return None
 
 
 def local_factory(config: LocalConfig) -> SandboxFactory:
