@@ -39,6 +39,8 @@ _SPAWN_TIMEOUT_S: Final = 5.0
 _START_TIMEOUT_S: Final = 120.0
 #: Bound on a restored session's recovery (what the old server left running).
 _RECOVER_TIMEOUT_S: Final = 15.0
+#: Sessions restored between two yields to the loop.
+_RESTORE_STEP: Final = 200
 #: Bound on the store's answer when a session ends.
 _STORE_TIMEOUT_S: Final = 10.0
 #: How many ended sessions' token hashes are remembered, so that a client of
@@ -288,11 +290,13 @@ class Supervisor:
             return
         # All at once: the store answers them in a few transactions.
         journals = await asyncio.gather(*(self.store.load_journal(r.session_id) for r in records))
-        for record, stored in zip(records, journals, strict=True):
+        for n, (record, stored) in enumerate(zip(records, journals, strict=True), 1):
             try:
                 self._restore_one(record, stored)
             except Exception:
                 logger.exception("session.restore_failed", session_id=record.session_id)
+            if n % _RESTORE_STEP == 0:
+                await asyncio.sleep(0)  # ten thousand sessions must not hold the loop for one call
         logger.info(
             "supervisor.restored",
             sessions=len(self._actors),
