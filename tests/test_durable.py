@@ -257,3 +257,32 @@ async def test_a_desktop_that_died_with_the_server_is_reported_lost(
         assert "restarted" in lost["reason"]
         assert (await conn.wait_for(lambda e: e["type"] == "state"))["state"] == "idle"
         assert (await conn.result(await conn.send("start_desktop")))["ok"]
+
+
+async def test_a_result_stored_before_a_crash_is_not_given_twice(
+    boot: tuple[Start, Callable[[], Awaitable[None]]], tmp_path: Path
+) -> None:
+    """A request still marked pending but whose result was stored gets no second, `cancelled` result."""
+    start, stop = boot
+    client = await start()
+    login = await client.login("hal")
+    async with client.connect(login) as conn:
+        done = await conn.send("run_command", cmd="echo done")
+        assert (await conn.result(done))["ok"]
+        last = conn.last_seq
+    await stop()
+    db = tmp_path / "deskhive.db"
+    with sqlite3.connect(db) as conn_db:
+        # The crash fell between the result's commit and the removal of its pending mark.
+        conn_db.execute("INSERT INTO pending VALUES (?, ?)", (login.session_id, done))
+    crashed(db)
+    client = await start()
+    login = at(client, login)
+    async with client.connect(login, last_seq=0) as conn:
+        probe = await conn.send("get_state", id="probe")
+        frames = [await conn._next_frame(10)]
+        while (frames[-1].get("id"), frames[-1]["type"]) != (probe, "state"):
+            frames.append(await conn._next_frame(10))
+    results = [f for f in frames if f["type"] == "result" and f["id"] == done]
+    assert [r["ok"] for r in results] == [True]
+    assert frames[-1]["seq"] > last

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from protocol.errors import NotConfigured
@@ -253,3 +254,12 @@ async def test_a_burst_of_events_is_committed_soon_while_the_loop_is_busy(tmp_pa
         assert len((await store.load_journal("alice_1_00")).events) == 5_000
     finally:
         await store.aclose()
+
+
+async def test_text_a_json_string_may_hold_round_trips(store: Store) -> None:
+    """Profile fields and request ids with lone surrogates are kept and read back as they were."""
+    await store.create_session(attrs.evolve(record(), customer_name="Ac\ud800me"))
+    store.add_pending("alice_1_00", "r\udfff")
+    await store.flush()
+    (live,) = await store.live_sessions()
+    assert (live.customer_name, live.pending) == ("Ac\ud800me", ("r\udfff",))
