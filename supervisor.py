@@ -71,6 +71,8 @@ class Totals:
     crashed: int = 0
     restarted: int = 0
     ended: int = 0
+    #: Sessions brought back from the store at start-up.
+    restored: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -145,7 +147,7 @@ class Supervisor:
         is flushed and closed, after every session's own last write.
         """
         try:
-            await self._open_store()
+            await self.store.open()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 await self._restore()
@@ -160,17 +162,13 @@ class Supervisor:
                     except TimeoutError:
                         self.sweep()
                 await self._stop_all()
+        except BaseException as exc:
+            self._start_error = exc
+            raise
         finally:
             self._tg = None
             self._running.set()  # a failed start wakes wait_running, which raises
             await self.store.aclose()
-
-    async def _open_store(self) -> None:
-        try:
-            await self.store.open()
-        except BaseException as exc:
-            self._start_error = exc
-            raise
 
     @property
     def running(self) -> bool:
@@ -318,7 +316,7 @@ class Supervisor:
         actor.restore(record, stored, clean=self.store.was_clean)
         self.restored[record.session_id] = record
         self._register(actor, restored=True)
-        self.totals.spawned += 1
+        self.totals.restored += 1
 
     async def _recover(self, actor: SessionActor) -> None:
         try:

@@ -12,6 +12,7 @@ import attrs
 import pytest
 from aiohttp.test_utils import TestServer
 
+import config
 import server
 from actors.journal import Journal
 from client import Client, ClientError, Login
@@ -110,6 +111,7 @@ async def test_a_clean_restart_brings_sessions_back_with_their_journal_and_no_ga
     login = at(client, login)
     status = await client.call("GET", "/status", token="admin-secret")
     assert [s["session_id"] for s in status["sessions"]] == [login.session_id]
+    assert (status["totals"]["restored"], status["totals"]["spawned"]) == (1, 0)
     async with client.connect(login, last_seq=seen) as conn:
         assert conn.welcome["resumed"] is True
         result = await conn.result(held)
@@ -286,3 +288,12 @@ async def test_a_result_stored_before_a_crash_is_not_given_twice(
     results = [f for f in frames if f["type"] == "result" and f["id"] == done]
     assert [r["ok"] for r in results] == [True]
     assert frames[-1]["seq"] > last
+
+
+def test_the_store_comes_from_store_or_deskhive_store() -> None:
+    """`--store` and `DESKHIVE_STORE` name the store; anything but memory or sqlite:// is refused."""
+    args = config.parser().parse_args(["serve"])
+    assert config.from_args(args, {"DESKHIVE_STORE": "memory"}).store == "memory"
+    assert config.from_args(args, {}).store is None, "the default: a SQLite file in the data folder"
+    with pytest.raises(SystemExit, match="DESKHIVE_STORE"):
+        config.from_args(args, {"DESKHIVE_STORE": "redis://x"})
