@@ -219,8 +219,9 @@ class LocalSandbox:
             return
         jail = self._ensure()
         if jail.cgroup is not None:
-            jail.cgroup.kill()
-        # A scan of /proc: off the loop.
+            # Every process of the session joined its cgroup: no need to scan all of /proc.
+            await asyncio.to_thread(jail.cgroup.kill)
+            return
         pids = await asyncio.to_thread(session_pids, jail)
         for pid in pids:
             with contextlib.suppress(OSError):
