@@ -245,7 +245,16 @@ class SessionActor:
         self._active()
 
     def _active(self) -> None:
-        now = self._last_active = time.monotonic()
+        self._last_active = time.monotonic()
+        self._touch_store()
+
+    def _touch_store(self) -> None:
+        """Tell the store the session is in use (a client frame, a job's start or end); throttled.
+
+        A running job keeps a session from being idle: after a crash, the
+        activity stored is what decides whether it is reaped at once.
+        """
+        now = time.monotonic()
         if self.store is not None and now - self._stored_active >= TOUCH_EVERY_S:
             self._stored_active = now
             self.store.touch(self.info.session_id, time.time())
@@ -474,6 +483,7 @@ class SessionActor:
         while self._pending:
             job = self._current = self._pending.popleft()
             job.started_at = time.monotonic()
+            self._touch_store()
             job.task = self._tg.create_task(self._execute(job), name=f"job:{self.info.session_id}:{job.rid}")
             self._publish_state()
             try:
@@ -514,6 +524,7 @@ class SessionActor:
         self.emit(result)
         if self.store is not None:
             self.store.remove_pending(self.info.session_id, job.rid)
+            self._touch_store()
 
     async def _store_desktop(self) -> None:
         """Keep the sandbox's id while its desktop runs (before ``start_desktop``'s result)."""
@@ -590,7 +601,8 @@ class SessionActor:
         self._refuse_leftovers(reason, "the server stopped before this request was handled")
         if self.store is not None:
             sid = self.info.session_id
-            self.store.touch(sid, time.time() - (time.monotonic() - self._last_active))
+            last = max(self._last_active, self._stored_active)
+            self.store.touch(sid, time.time() - (time.monotonic() - last))
             self.store.sent_seq(sid, self.journal.last_seq)
         peers, self._peers = self._peers, set()
         await self._close_peers(peers, reason, CloseCode.GOING_AWAY)
