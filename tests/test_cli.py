@@ -167,7 +167,7 @@ async def test_generated_admin_token_goes_to_the_terminal_once_and_never_to_the_
 
 
 async def test_sigterm_ends_sessions_and_leaves_nothing_behind(null_server: Served) -> None:
-    """SIGTERM closes sockets with 1001, ends every session and exits 0 with no child left."""
+    """SIGTERM closes sockets with 1001 and exits 0 with no child left."""
     async with Client(null_server.url) as client:
         login = await client.login("zed")
         async with client.connect(login) as conn:
