@@ -295,6 +295,8 @@ class Supervisor:
                 logger.exception("session.restore_failed", session_id=record.session_id)
             if n % _RESTORE_STEP == 0:
                 await asyncio.sleep(0)  # ten thousand sessions must not hold the loop for one call
+        # The new reservations are on disk before any client can see a seq they cover.
+        await self.store.flush()
         logger.info(
             "supervisor.restored",
             sessions=len(self._actors),
