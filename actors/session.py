@@ -245,16 +245,16 @@ class SessionActor:
         self._active()
 
     def _active(self) -> None:
-        self._last_active = time.monotonic()
-        self._touch_store()
+        now = self._last_active = time.monotonic()
+        self._touch_store(now)
 
-    def _touch_store(self) -> None:
+    def _touch_store(self, now: float | None = None) -> None:
         """Tell the store the session is in use (a client frame, a job's start or end); throttled.
 
         A running job keeps a session from being idle: after a crash, the
         activity stored is what decides whether it is reaped at once.
         """
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if self.store is not None and now - self._stored_active >= TOUCH_EVERY_S:
             self._stored_active = now
             self.store.touch(self.info.session_id, time.time())
