@@ -20,6 +20,7 @@ from aiohttp import web
 
 import auth
 import httpguard
+import store
 from config import Settings, from_args, parser
 from protocol.errors import GatewayError
 from server import ADMIN_TOKEN, SETTINGS, USERS, create_app
@@ -102,7 +103,16 @@ def freeze_startup_heap() -> None:
 
 
 async def serve(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down in order."""
+    """Serve until SIGINT or SIGTERM, then shut down in order.
+
+    The data folder is held for as long as the server runs: a second server
+    on the same folder would share its store and its sandboxes' homes.
+    """
+    with store.lock_data_dir(settings.data_dir):
+        await _serve(settings)
+
+
+async def _serve(settings: Settings) -> None:
     app = create_app(settings)
     freeze_startup_heap()
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, handle_signals=False)

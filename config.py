@@ -75,6 +75,12 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+def _store_url(text: str) -> str:
+    if text != "memory" and not (text.startswith("sqlite://") and len(text) > len("sqlite://")):
+        raise argparse.ArgumentTypeError(f"expected memory or sqlite:///PATH, not {text!r}")
+    return text
+
+
 def default_data_dir() -> Path:
     """``/var/lib/deskhive`` for a root server, ``./var`` otherwise.
 
@@ -96,6 +102,8 @@ class Settings:
     journal_size: int = 1000
     users_file: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     data_dir: Path = attrs.field(factory=lambda: default_data_dir(), converter=Path)
+    #: Where sessions are kept; ``None``: ``sqlite://<data_dir>/deskhive.db``.
+    store: str | None = None
     mailbox_size: int = 1000
     sessions_per_user: int = 3
     #: Limits of SPEC 1.1 ("Limits"); 0 turns one off.
@@ -151,6 +159,7 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ("journal_size", _positive(int), "events kept per session for replay"),
     ("users_file", Path, "file of 'username:scrypt$...' lines; unset means demo mode"),
     ("data_dir", Path, "folder for per-session data (default /var/lib/deskhive as root, else ./var)"),
+    ("store", _store_url, "sqlite:///PATH (default <data-dir>/deskhive.db) or memory (nothing kept)"),
     ("mailbox_size", _positive(int), "messages a session's mailbox holds before 'busy'"),
     ("sessions_per_user", _positive(int), "sessions one username may hold at once"),
     ("max_sessions", _at_least(int, 0, "0 turns it off"), "sessions on this server at once (0: no limit)"),

@@ -27,7 +27,7 @@ import attrs
 import structlog
 
 import auth
-from actors.session import SOCKETS_PER_SESSION, ActorConfig, SessionActor, SessionInfo
+from actors.session import SEQ_BLOCK, SOCKETS_PER_SESSION, ActorConfig, SessionActor, SessionInfo
 from actors.shares import OWNER, Grant
 from limits import DesktopGate, Limits
 from metrics import Metrics, ended_reason
@@ -38,12 +38,23 @@ from protocol.errors import (
     SessionNotFound,
     Unauthorized,
 )
-from sandboxes.base import SandboxFactory, SandboxSpec
+from sandboxes.base import OrphanSweeper, Resumable, Sandbox, SandboxFactory, SandboxSpec
+from store import SessionRecord, Store, StoredJournal, open_store
 from store.base import ShareRecord
 
 logger = structlog.get_logger("deskhive.supervisor")
 
 _SPAWN_TIMEOUT_S: Final = 5.0
+#: Bound on start-up: opening the store and restoring its sessions.
+_START_TIMEOUT_S: Final = 120.0
+#: Bound on a restored session's recovery (what the old server left running).
+_RECOVER_TIMEOUT_S: Final = 15.0
+#: Bound on finding and ending what an earlier server left behind, at start-up.
+_SWEEP_ORPHANS_TIMEOUT_S: Final = 60.0
+#: Sessions restored between two yields to the loop.
+_RESTORE_STEP: Final = 200
+#: Bound on the store's answer when a session ends.
+_STORE_TIMEOUT_S: Final = 10.0
 #: How many ended sessions' token hashes are remembered, so that a client of
 #: an ended session is told "ended" (404, 4404) rather than "wrong token".
 _TOMBSTONES: Final = 10_000
@@ -72,6 +83,8 @@ class SupervisorConfig:
     #: Bound on closing one session's sandbox at its end.
     close_timeout: float = 15.0
     data_dir: Path = Path("var")
+    #: Where sessions are kept (``store.open_store``): ``memory`` or ``sqlite://PATH``.
+    store_url: str = "memory"
     actor: ActorConfig = attrs.field(factory=ActorConfig)
 
 
@@ -82,6 +95,8 @@ class Totals:
     crashed: int = 0
     restarted: int = 0
     ended: int = 0
+    #: Sessions brought back from the store at start-up.
+    restored: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -102,6 +117,8 @@ class _Child:
     in_run: bool = False
     #: Why the session was killed (second stop phase); set once.
     killed: str | None = None
+    #: Came back from the store at start-up: recovered before its first run.
+    restored: bool = False
 
     def was_killed(self) -> bool:
         # A call, not the field: type checkers would take the field's value
@@ -120,8 +137,16 @@ class Supervisor:
         stream_url: Any = None,
         limits: Limits | None = None,
         metrics: Metrics | None = None,
+        store: Store | None = None,
     ) -> None:
         self.totals = Totals()
+        #: Sessions, shares and journals across restarts (shares are kept by their endpoints).
+        self.store = store or open_store(config.store_url, journal_size=config.actor.journal_size)
+        #: The records restored at start-up, by session id (their shares, for the share endpoints).
+        self.restored: dict[str, SessionRecord] = {}
+        #: A durable shutdown is under way: sessions stopped by it are kept, not ended.
+        self._suspending = False
+        self._start_error: BaseException | None = None
         self._sandbox_factory = sandbox_factory
         #: ``session_id -> stream URL`` for backends streamed by this server.
         self._stream_url = stream_url
@@ -152,11 +177,21 @@ class Supervisor:
     # Life of the supervisor
 
     async def run(self) -> None:
-        """Own every session task; sweep for idle ones until ``aclose``."""
+        """Own every session task; sweep for idle ones until ``aclose``.
+
+        At start the store is opened and its sessions restored; at the end it
+        is flushed and closed, after every session's own last write.
+        """
         try:
+            await self.store.open()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                await self._restore()
+                await self._sweep_orphans()
                 self._running.set()
+                if self._actors:
+                    # Sessions idle past the timeout while the server was down go now.
+                    self.sweep()
                 while not self._stop.is_set():
                     try:
                         async with asyncio.timeout(self.config.sweep_interval):
@@ -164,8 +199,13 @@ class Supervisor:
                     except TimeoutError:
                         self.sweep()
                 await self._stop_all()
+        except BaseException as exc:
+            self._start_error = exc
+            raise
         finally:
             self._tg = None
+            self._running.set()  # a failed start wakes wait_running, which raises
+            await self.store.aclose()
 
     @property
     def running(self) -> bool:
@@ -173,8 +213,11 @@ class Supervisor:
         return self._tg is not None and not self._stop.is_set()
 
     async def wait_running(self) -> None:
-        async with asyncio.timeout(_SPAWN_TIMEOUT_S):
+        """Return once sessions are served (the store open, its sessions back)."""
+        async with asyncio.timeout(_START_TIMEOUT_S):
             await self._running.wait()
+        if not self.running:
+            raise GatewayError(f"the supervisor did not start: {self._start_error!r}")
 
     async def aclose(self) -> None:
         """Stop accepting, stop every session (two phases), end ``run``."""
@@ -182,6 +225,9 @@ class Supervisor:
         self._stop.set()
 
     async def _stop_all(self) -> None:
+        # With a durable store the sessions outlive the server: their jobs are
+        # cancelled and their sandboxes stopped, but they are not ended.
+        self._suspending = self.store.durable
         for actor in list(self._actors.values()):
             actor.request_stop("shutdown")
         children = list(self._children.values())
@@ -220,19 +266,22 @@ class Supervisor:
             customer_name=customer_name,
         )
         sid = info.session_id
-        spec = SandboxSpec(
-            session_id=sid,
-            username=username,
-            data_dir=self._sessions_dir / sid,
-            stream_url=self._stream_url(sid) if self._stream_url else None,
-        )
-        actor = SessionActor(info, self._sandbox_factory(spec), self.config.actor)
-        child = _Child(actor)
+        sandbox = self._sandbox_factory(self._spec(sid, username))
+        # The user's place is held while the store writes, so that two logins
+        # at once cannot both take the last one.
         owned.add(sid)
-        self._actors[sid] = actor
-        self._children[sid] = child
-        self._by_token[info.token_hash] = actor
-        child.task = self._tg.create_task(self._supervise(child), name=f"session:{sid}")
+        try:
+            await self.store.create_session(_record(info, sandbox))
+        except BaseException:
+            owned.discard(sid)
+            raise
+        if self._stop.is_set():
+            # The server began to stop while the store wrote.
+            owned.discard(sid)
+            await self.store.end_session(sid, "the server is shutting down", time.time())
+            raise SessionClosed("the server is shutting down")
+        actor = SessionActor(info, sandbox, self.config.actor, self.store)
+        child = self._register(actor)
         self.totals.spawned += 1
         try:
             await self._until_started(actor)
@@ -242,6 +291,95 @@ class Supervisor:
             self._abandon(child, "the session did not start")
             raise
         return Login(actor=actor, token=token)
+
+    def _spec(self, sid: str, username: str, previous_id: str | None = None) -> SandboxSpec:
+        return SandboxSpec(
+            session_id=sid,
+            username=username,
+            data_dir=self._sessions_dir / sid,
+            stream_url=self._stream_url(sid) if self._stream_url else None,
+            previous_id=previous_id,
+        )
+
+    def _register(self, actor: SessionActor, *, restored: bool = False) -> _Child:
+        """Put *actor* under supervision: its places in the registry, and its task."""
+        assert self._tg is not None
+        info = actor.info
+        sid = info.session_id
+        child = _Child(actor, restored=restored)
+        self._by_user.setdefault(info.username, set()).add(sid)
+        self._actors[sid] = actor
+        self._children[sid] = child
+        self._by_token[info.token_hash] = actor
+        child.task = self._tg.create_task(self._supervise(child), name=f"session:{sid}")
+        return child
+
+    # ------------------------------------------------------------------
+    # Restore (a durable store's sessions at start-up)
+
+    async def _restore(self) -> None:
+        """Bring back every session the store kept, and the tombstones of ended ones."""
+        started = time.monotonic()
+        for digest, reason in reversed(await self.store.recent_tombstones(_TOMBSTONES)):
+            self._ended[digest] = reason
+        records = await self.store.live_sessions()
+        if not records:
+            return
+        # All at once: the store answers them in a few transactions.
+        journals = await asyncio.gather(*(self.store.load_journal(r.session_id) for r in records))
+        for n, (record, stored) in enumerate(zip(records, journals, strict=True), 1):
+            try:
+                self._restore_one(record, stored)
+            except Exception:
+                logger.exception("session.restore_failed", session_id=record.session_id)
+            if n % _RESTORE_STEP == 0:
+                await asyncio.sleep(0)  # ten thousand sessions must not hold the loop for one call
+        # The new reservations are on disk before any client can see a seq they cover.
+        await self.store.flush()
+        logger.info(
+            "supervisor.restored",
+            sessions=len(self._actors),
+            clean=self.store.was_clean,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    async def _sweep_orphans(self) -> None:
+        """End what an earlier server left that no restored session owns (folders, E2B sandboxes)."""
+        factory: object = self._sandbox_factory
+        if not isinstance(factory, OrphanSweeper):
+            return
+        live = {sid: actor.sandbox.sandbox_id for sid, actor in self._actors.items()}
+        try:
+            async with asyncio.timeout(_SWEEP_ORPHANS_TIMEOUT_S):
+                await factory.sweep_orphans(live)
+        except Exception:
+            # Leftovers cost space or money, but must not keep the server from serving.
+            logger.exception("supervisor.orphan_sweep_failed")
+
+    def _restore_one(self, record: SessionRecord, stored: StoredJournal) -> None:
+        info = SessionInfo(
+            session_id=record.session_id,
+            username=record.username,
+            token_hash=record.token_hash,
+            created_at=record.created,
+            aws_login=record.aws_login,
+            customer_name=record.customer_name,
+        )
+        spec = self._spec(record.session_id, record.username, record.sandbox_id or "")
+        actor = SessionActor(info, self._sandbox_factory(spec), self.config.actor, self.store)
+        actor.restore(record, stored, clean=self.store.was_clean)
+        self.restored[record.session_id] = record
+        self._register(actor, restored=True)
+        for share in record.shares:
+            self.add_share(actor, share, announce=False)
+        self.totals.restored += 1
+
+    async def _recover(self, actor: SessionActor) -> None:
+        try:
+            async with asyncio.timeout(_RECOVER_TIMEOUT_S):
+                await actor.recover()
+        except Exception:
+            logger.exception("session.recover_failed", session_id=actor.info.session_id)
 
     async def _until_started(self, actor: SessionActor) -> None:
         # The new task's first step runs before we resume, so the timeout is
@@ -406,6 +544,8 @@ class Supervisor:
 
     async def _supervise(self, child: _Child) -> None:
         try:
+            if child.restored:
+                await self._recover(child.actor)
             state, reason = await self._incarnations(child)
         except asyncio.CancelledError:
             # The supervisor itself is torn down from outside: still free
@@ -460,27 +600,30 @@ class Supervisor:
         restarts.append(now)
         return True
 
-    def _unregister(self, actor: SessionActor, reason: str) -> None:
+    def _unregister(self, actor: SessionActor, reason: str, *, ended: bool = True) -> None:
         """Forget the session: its token, its place in the user's quota (idempotent)."""
         info = actor.info
         sid = info.session_id
         if self._actors.pop(sid, None) is None:
             return
         self._children.pop(sid, None)
+        self.restored.pop(sid, None)
         self._by_token.pop(info.token_hash, None)
-        self._ended[info.token_hash] = reason
-        # Ending the session voids its shares: their guests are told it ended.
+        # The session's shares go with it; when it ends, their guests are told so.
         for share in actor.shares:
             self._forget_share(share.token_hash, revoked=False)
-            self._ended[share.token_hash] = reason
-        while len(self._ended) > _TOMBSTONES:
-            self._ended.popitem(last=False)
+            if ended:
+                self._ended[share.token_hash] = reason
+        if ended:
+            self._ended[info.token_hash] = reason
+            while len(self._ended) > _TOMBSTONES:
+                self._ended.popitem(last=False)
+            self.totals.ended += 1
         owned = self._by_user.get(info.username)
         if owned is not None:
             owned.discard(sid)
             if not owned:
                 del self._by_user[info.username]
-        self.totals.ended += 1
 
     async def _finish(self, actor: SessionActor, state: str, reason: str) -> None:
         """Free everything the session held; runs once per session, never raises."""
@@ -488,8 +631,12 @@ class Supervisor:
             reason = actor.stop_reason or reason
         # From here on requests are refused at once, not left for nobody.
         actor.refuse_requests(reason)
+        if self._suspending and state == "closed" and actor.stop_reason == "shutdown":
+            await self._suspend(actor)
+            return
         self._unregister(actor, reason)
         self.metrics.sessions_ended[ended_reason(state, reason, shutting_down=not self._accepting)] += 1
+        await self._end_in_store(actor, reason)
         await self._close_sandbox(actor)
         try:
             await actor.end(state, reason)
@@ -497,11 +644,33 @@ class Supervisor:
             logger.exception("actor.end_failed", session_id=actor.info.session_id)
         self._summary(actor, state, reason)
 
-    async def _close_sandbox(self, actor: SessionActor) -> None:
+    async def _suspend(self, actor: SessionActor) -> None:
+        """A durable shutdown: stop the session's processes, keep the session for the next start."""
+        reason = "the server is shutting down; the session will be back when it restarts"
+        self._unregister(actor, reason, ended=False)
+        await self._close_sandbox(actor, keep=True)
+        try:
+            await actor.suspend(reason)
+        except Exception:
+            logger.exception("actor.suspend_failed", session_id=actor.info.session_id)
+        self._summary(actor, "suspended", reason)
+
+    async def _end_in_store(self, actor: SessionActor, reason: str) -> None:
+        """The session's tombstone, so that it stays ended across a restart."""
+        try:
+            async with asyncio.timeout(_STORE_TIMEOUT_S):
+                await self.store.end_session(actor.info.session_id, reason, time.time())
+        except Exception:
+            logger.exception("store.end_failed", session_id=actor.info.session_id)
+
+    async def _close_sandbox(self, actor: SessionActor, *, keep: bool = False) -> None:
         sid, sandbox = actor.info.session_id, actor.sandbox
         try:
             async with asyncio.timeout(self.config.close_timeout):
-                await sandbox.close()
+                if keep and isinstance(sandbox, Resumable):
+                    await sandbox.suspend()
+                else:
+                    await sandbox.close()
         except TimeoutError:
             logger.error("sandbox.close_timeout", session_id=sid, sandbox_id=sandbox.sandbox_id)  # noqa: TRY400 - a timeout, no traceback worth keeping
         except Exception:
@@ -592,3 +761,18 @@ def _desktop_up(actor: SessionActor) -> bool:
         return actor.sandbox.desktop_running
     except Exception:  # noqa: BLE001 - a broken backend counts as no desktop, and status still answers
         return False
+
+
+def _record(info: SessionInfo, sandbox: Sandbox) -> SessionRecord:
+    """What the store keeps of a new session (its first seqs reserved)."""
+    return SessionRecord(
+        session_id=info.session_id,
+        username=info.username,
+        token_hash=info.token_hash,
+        created=info.created_at,
+        last_active=info.created_at,
+        aws_login=info.aws_login,
+        customer_name=info.customer_name,
+        sandbox_kind=sandbox.kind,
+        seq_reserved=SEQ_BLOCK,
+    )

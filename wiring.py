@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+import store
 from actors.jobs import JobConfig
 from actors.session import ActorConfig
 from actors.workflows import Workflow
@@ -36,6 +37,7 @@ def supervisor_config(
         max_desktops=settings.max_desktops,
         desktops_per_user=settings.desktops_per_user,
         data_dir=settings.data_dir,
+        store_url=settings.store or store.default_url(settings.data_dir),
         actor=ActorConfig(
             mailbox_size=settings.mailbox_size,
             journal_size=settings.journal_size,

@@ -20,7 +20,7 @@ import functools
 import re
 import time
 from base64 import b64encode
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -66,6 +66,10 @@ class JobConfig:
     metrics: Metrics | None = None
 
 
+async def _nothing() -> None:
+    return None
+
+
 @attrs.define(kw_only=True)
 class JobContext:
     """One job's view of its session: sandbox, log, output and phase."""
@@ -81,6 +85,9 @@ class JobContext:
     #: Whose job it is, for the per-username desktop limit.
     session_id: str = ""
     username: str = ""
+    #: Awaited once the desktop started or was killed, before the job's result:
+    #: the store keeps the sandbox id first.
+    desktop_changed: Callable[[], Awaitable[None]] = attrs.field(default=_nothing)
     _output_bytes: int = 0
     _truncated: bool = False
 
@@ -179,6 +186,7 @@ async def execute(job: m.Job | m.KillDesktop, ctx: JobContext) -> m.Result:
     match job:
         case m.KillDesktop():
             await ctx.sandbox.stop_desktop()
+            await ctx.desktop_changed()
             return m.Result(id=rid, ok=True, data={})
         case m.StartDesktop():
             return m.Result(id=rid, ok=True, data={"stream_url": await start_desktop(ctx)})
@@ -216,6 +224,7 @@ async def start_desktop(ctx: JobContext) -> str | None:
                 ctx.set_starting(False)
         if ctx.config.metrics is not None:
             ctx.config.metrics.desktop_start.observe(time.monotonic() - started)
+        await ctx.desktop_changed()
     return ctx.sandbox.stream_url
 
 

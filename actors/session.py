@@ -45,13 +45,23 @@ from protocol.errors import (
     SessionClosed,
     TooManySockets,
 )
-from sandboxes.base import Sandbox
-from store.base import ShareRecord
+from sandboxes.base import Resumable, Sandbox
+from store.base import SessionRecord, ShareRecord, Store, StoredJournal
 
 logger = structlog.get_logger("deskhive.actor")
 
 #: Sockets watching one session at once (owner's and guests' together).
 SOCKETS_PER_SESSION: Final = 16
+#: Seqs reserved in the store ahead of use, topped up when half is left: a
+#: restarted server numbers above the reservation, which must therefore be
+#: committed before any seq it covers is sent (half a block is thousands of
+#: events, far more than a batch's few milliseconds let through).
+SEQ_BLOCK: Final = 10_000
+#: The store hears of a session's activity at most this often (seconds).
+TOUCH_EVERY_S: Final = 5.0
+RESTARTED: Final = "the server restarted before this request finished"
+#: What a job cut off by a stop is told, by the stop's reason.
+_ENDING: Final = {"shutdown": "the server is shutting down; the job was cancelled"}
 
 
 @attrs.frozen(kw_only=True)
@@ -167,11 +177,19 @@ _Envelope = tuple[m.Request | Stop, Peer | None]
 class SessionActor:
     """A session's mailbox, journal, sockets, sandbox and job queue."""
 
-    def __init__(self, info: SessionInfo, sandbox: Sandbox, config: ActorConfig) -> None:
+    def __init__(
+        self, info: SessionInfo, sandbox: Sandbox, config: ActorConfig, store: Store | None = None
+    ) -> None:
         self.info = info
         self.sandbox = sandbox
         self.config = config
         self.journal = Journal(config.journal_size, config.journal_bytes)
+        #: Where events, activity and pending requests are kept across restarts.
+        self.store = store
+        self._reserved = SEQ_BLOCK
+        self._stored_active = time.monotonic()
+        #: A restored session whose desktop died with the old server.
+        self._lost_desktop = False
         self._log: Any = None
         self.started = asyncio.Event()
         self.stop_requested_at: float | None = None
@@ -230,7 +248,7 @@ class SessionActor:
         if msg.id is None and not isinstance(msg, m.Ping):
             self._next_rid += 1
             msg = attrs.evolve(msg, id=f"r{self._next_rid}")
-        self._last_active = time.monotonic()
+        self._active()
         self.frames_in += 1
         self._mailbox.put_nowait((msg, origin))
         return msg.id
@@ -248,7 +266,22 @@ class SessionActor:
 
     def touch(self) -> None:
         """Count as activity: someone is working on the session outside its mailbox."""
-        self._last_active = time.monotonic()
+        self._active()
+
+    def _active(self) -> None:
+        now = self._last_active = time.monotonic()
+        self._touch_store(now)
+
+    def _touch_store(self, now: float | None = None) -> None:
+        """Tell the store the session is in use (a client frame, a job's start or end); throttled.
+
+        A running job keeps a session from being idle: after a crash, the
+        activity stored is what decides whether it is reaped at once.
+        """
+        now = time.monotonic() if now is None else now
+        if self.store is not None and now - self._stored_active >= TOUCH_EVERY_S:
+            self._stored_active = now
+            self.store.touch(self.info.session_id, time.time())
 
     def request_stop(self, reason: str, now: float | None = None) -> None:
         """Ask the actor to end the session once earlier messages are handled.
@@ -277,7 +310,7 @@ class SessionActor:
                 f"session {self.info.session_id} already has {SOCKETS_PER_SESSION} sockets, "
                 f"the limit per session (sockets_per_session = {SOCKETS_PER_SESSION})"
             )
-        self._last_active = time.monotonic()
+        self._active()
         peer.deliver(
             codec.encode(
                 m.Welcome(
@@ -406,6 +439,11 @@ class SessionActor:
         """Journal *event* and send it to every socket of this session."""
         frame = self.journal.append(event)
         seq = self.journal.last_seq
+        if self.store is not None:
+            self.store.append(self.info.session_id, seq, frame)
+            if seq > self._reserved - SEQ_BLOCK // 2:
+                self._reserved = seq + SEQ_BLOCK
+                self.store.reserve_seq(self.info.session_id, self._reserved)
         for peer in tuple(self._peers):
             if not peer.notify(seq, frame):
                 self._peers.discard(peer)
@@ -445,7 +483,7 @@ class SessionActor:
                 try:
                     await self._loop()
                 finally:
-                    self._cancel_all("the session is ending")
+                    self._cancel_all(_ENDING.get(self.stop_reason or "", "the session is ending"))
         finally:
             # Finished tasks hold tracebacks whose frames hold this actor.
             self._tg, self._runner = None, None
@@ -483,6 +521,8 @@ class SessionActor:
                 self._publish_state(request_id=rid)
             case m.ClearLogs():
                 self.journal.clear()
+                if self.store is not None:
+                    self.store.clear_journal(self.info.session_id, self.journal.last_seq)
                 self.emit(m.Result(id=rid, ok=True, data={}))
             case m.KillDesktop():
                 self._cancel_all(f"cancelled by kill_desktop {rid}")
@@ -520,6 +560,8 @@ class SessionActor:
     # Jobs
 
     def _enqueue(self, job: _Job, *, first: bool = False) -> None:
+        if self.store is not None:
+            self.store.add_pending(self.info.session_id, job.rid)
         if first:
             self._pending.appendleft(job)
         else:
@@ -533,6 +575,7 @@ class SessionActor:
         while self._pending:
             job = self._current = self._pending.popleft()
             job.started_at = time.monotonic()
+            self._touch_store()
             job.task = self._tg.create_task(self._execute(job), name=f"job:{self.info.session_id}:{job.rid}")
             self._publish_state()
             try:
@@ -560,6 +603,7 @@ class SessionActor:
             set_starting=self._set_starting,
             session_id=self.info.session_id,
             username=self.info.username,
+            desktop_changed=self._store_desktop,
         )
         return await jobs.run_to_result(job.msg, ctx)
 
@@ -576,6 +620,16 @@ class SessionActor:
             self.log.info("job.finished", id=job.rid, ok=result.ok, seconds=seconds)
             self._measure(job, result, seconds)
         self.emit(result)
+        if self.store is not None:
+            self.store.remove_pending(self.info.session_id, job.rid)
+            self._touch_store()
+
+    async def _store_desktop(self) -> None:
+        """Keep the sandbox's id while its desktop runs (before ``start_desktop``'s result)."""
+        if self.store is not None:
+            running = self.sandbox.desktop_running
+            sandbox_id = self.sandbox.sandbox_id if running else None
+            await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, sandbox_id)
 
     def _measure(self, job: _Job, result: m.Result, seconds: float) -> None:
         """The job's duration by kind, and a sandbox failure by backend, for ``/metrics``."""
@@ -607,9 +661,65 @@ class SessionActor:
         self.shares.clear()
         await self._close_peers(peers, f"session ended: {reason}")
 
-    def _refuse_leftovers(self, reason: str) -> None:
+    # ------------------------------------------------------------------
+    # Across a restart (durable store)
+
+    def restore(self, record: SessionRecord, stored: StoredJournal, *, clean: bool) -> None:
+        """Take back a stored session's journal, activity and unanswered requests.
+
+        After a crash (*clean* false) new events are numbered above the
+        reservation, the skipped numbers kept as a hole; requests that were
+        acknowledged get their ``cancelled`` result, and a desktop that ran
+        is reported lost. Runs before the first incarnation, without suspending.
+        """
+        base = stored.last_seq if clean else max(stored.last_seq, record.seq_reserved)
+        self.journal.restore(stored.events, base)
+        self._reserved = base + SEQ_BLOCK
+        assert self.store is not None
+        sid = self.info.session_id
+        self.store.reserve_seq(sid, self._reserved)
+        self.store.sent_seq(sid, base)
+        idle = max(0.0, time.time() - record.last_active)
+        self._last_active = self._stored_active = time.monotonic() - idle
+        answered = _answered(stored, record.pending)
+        for rid in record.pending:
+            if rid not in answered:
+                self.emit(jobs.cancelled(rid, RESTARTED))
+            self.store.remove_pending(sid, rid)
+        if record.sandbox_id is not None and not self.sandbox.desktop_running:
+            self._lost_desktop = True
+            self.log.warning("desktop.lost", reason="the server restarted", sandbox_id=record.sandbox_id)
+            self._publish_state()
+
+    async def recover(self) -> None:
+        """End what the previous server left of the sandbox; forget a desktop that died."""
+        if isinstance(self.sandbox, Resumable):
+            await self.sandbox.recover()
+        if self._lost_desktop and self.store is not None:
+            self._lost_desktop = False
+            await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, None)
+
+    async def suspend(self, reason: str) -> None:
+        """The server stops but the session does not end: keep everything for the next start.
+
+        Jobs were cancelled by the incarnation's end (their results stored);
+        what the mailbox still holds is answered, the activity and the last
+        seq are stored, and the sockets are told the server is going away.
+        """
+        self._refuse_leftovers(reason, "the server stopped before this request was handled")
+        if self.store is not None:
+            sid = self.info.session_id
+            last = max(self._last_active, self._stored_active)
+            self.store.touch(sid, time.time() - (time.monotonic() - last))
+            self.store.sent_seq(sid, self.journal.last_seq)
+        peers, self._peers = self._peers, set()
+        await self._close_peers(peers, reason, CloseCode.GOING_AWAY)
+
+    def _refuse_leftovers(
+        self, reason: str, why: str = "the session ended before this request was handled"
+    ) -> None:
         """Answer what the mailbox still holds: no incarnation will handle it now."""
-        message = f"the session ended before this request was handled: {reason}"
+        message = f"{why}: {reason}"
         while True:
             try:
                 msg, origin = self._mailbox.get_nowait()
@@ -635,6 +745,23 @@ class SessionActor:
                     tg.create_task(_close_peer(peer, reason, code), name=f"close:{self.info.session_id}")
         except TimeoutError:
             logger.warning("actor.close_timeout", session_id=self.info.session_id, sockets=len(peers))
+
+
+def _answered(stored: StoredJournal, pending: tuple[str, ...]) -> set[str]:
+    """Which of the *pending* requests already have a stored result.
+
+    The result and the pending entry's removal are two writes; a crash can
+    fall between their commits, and the request must not get a second result.
+    """
+    if not pending:
+        return set()
+    wanted, found = set(pending), set()
+    for _, frame in stored.events:
+        if b'"result"' in frame:
+            event = codec.loads(frame)
+            if event.get("type") == "result" and event.get("id") in wanted:
+                found.add(event["id"])
+    return found
 
 
 async def _close_peer(peer: Closable, reason: str, code: CloseCode) -> None:

@@ -14,6 +14,8 @@ medians), so the verdicts do not depend on the machine's speed:
 - memory after a soak: three rounds of 1,000 sessions (log in, connect, ping,
   reconnect every few seconds, log out) against one server; its VmRSS after
   the second round's logouts <= 1.1 x after the first's (``bench/soak.py``);
+- restoring 1,000 stored sessions (50 events each) from a SQLite store at
+  start-up, until the server serves: < 1 s;
 - the local sandbox's figures, from ``bench/local_bench.py`` when present.
 
 Servers are pinned to core 0 and the load generator to core 1 (when there are
@@ -67,6 +69,8 @@ IDLE_SESSIONS: Final = 10_000
 LOGIN_CONCURRENCY: Final = 50
 SWEEP_SESSIONS: Final = 10_000
 SWEEP_REPEATS: Final = 5
+RESTORE_SESSIONS: Final = 1_000
+RESTORE_EVENTS: Final = 50
 SOAK_ROUNDS: Final = 3
 #: Bound on the wait for the server to count no session after a round.
 SOAK_SETTLE_S: Final = 15.0
@@ -285,6 +289,9 @@ def deskhive_args(data_dir: str, *extra: str) -> list[str]:
         "86400",
         "--data-dir",
         data_dir,
+        # The actor layer is measured, not the disk (the restore stage measures that).
+        "--store",
+        "memory",
         *extra,
     ]
 
@@ -517,6 +524,62 @@ async def sweep_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
     ], {"spawn_seconds": spawned_in, "idle_ms": idle_ms, "reap_ms": reap_ms, "reaped": reaped[0]}
 
 
+async def restore_stage(tmp: str) -> tuple[list[Figure], dict[str, Any]]:
+    """Start-up of a server whose SQLite store holds 1,000 sessions: open, load, restore, serve."""
+    from sandboxes.null import NullSandbox
+    from store import SqliteStore
+    from supervisor import Supervisor, SupervisorConfig
+
+    path = Path(tmp) / "restore.db"
+    written = await fill_store(path)
+    config = SupervisorConfig(idle_timeout=86_400.0, sweep_interval=86_400.0, data_dir=Path(tmp))
+    supervisor = Supervisor(config, NullSandbox, store=SqliteStore(path))
+    start = time.perf_counter()
+    task = asyncio.create_task(supervisor.run(), name="bench-restore")
+    try:
+        await supervisor.wait_running()
+        seconds = time.perf_counter() - start
+        restored = len(supervisor)
+    finally:
+        await supervisor.aclose()
+        await asyncio.wait_for(task, 60.0)
+    note = f"{restored:,} of {RESTORE_SESSIONS:,} sessions back, {RESTORE_EVENTS} events each"
+    return [Figure("restore 1,000 sessions at start-up", seconds, "s", 1.0, "<", note=note)], {
+        "restore_seconds": seconds,
+        "restored": restored,
+        "fill_seconds": written,
+    }
+
+
+async def fill_store(path: Path) -> float:
+    """Write the sessions a restore stage brings back, as a server would have; seconds it took."""
+    from protocol import codec
+    from protocol import messages as m
+    from store import SessionRecord, SqliteStore
+
+    start = time.perf_counter()
+    store = SqliteStore(path)
+    await store.open()
+    now = time.time()
+    records = [
+        SessionRecord(
+            session_id=f"r{i}_1700000000_{i:016x}",
+            username=f"r{i}",
+            token_hash=i.to_bytes(32, "big"),
+            created=now,
+            last_active=now,
+        )
+        for i in range(RESTORE_SESSIONS)
+    ]
+    await asyncio.gather(*(store.create_session(r) for r in records))
+    for r in records:
+        for seq in range(1, RESTORE_EVENTS + 1):
+            frame = codec.encode_event(m.Output(id="c1", stream="stdout", data=f"line {seq}\n"), seq)
+            store.append(r.session_id, seq, frame)
+    await store.aclose()
+    return time.perf_counter() - start
+
+
 def timed_ms(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -663,6 +726,7 @@ STAGES: Final = (
     ("ping", ping_stage, 95.0),
     ("idle sessions", idle_stage, 45.0),
     ("sweep", sweep_stage, 40.0),
+    ("restore", restore_stage, 30.0),
     ("local", local_stage, 60.0),
 )
 

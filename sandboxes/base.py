@@ -15,7 +15,7 @@ what the call started (a command's whole process tree) before it propagates.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -42,6 +42,10 @@ class SandboxSpec:
     #: Where the session's desktop is watched in a browser, when the backend
     #: streams through the server itself (the local backend); ``None`` else.
     stream_url: str | None = None
+    #: Set when the session is restored after a server restart: the sandbox id
+    #: the store kept (``""`` when it kept none). A backend that can find what
+    #: it had (the local one its home folder and uid) takes it back.
+    previous_id: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -151,7 +155,38 @@ class StreamedSandbox(Protocol):
         ...
 
 
+@runtime_checkable
+class Resumable(Protocol):
+    """A sandbox that outlives a server restart with its session (the local one).
+
+    Backends without these are closed at a durable shutdown like at a
+    session's end, and start afresh when the session comes back.
+    """
+
+    async def suspend(self) -> None:
+        """Stop every process but keep what comes back (the home folder); never raises."""
+        ...
+
+    async def recover(self) -> None:
+        """At restore: end whatever the previous server left running of this sandbox."""
+        ...
+
+
 SandboxFactory = Callable[[SandboxSpec], Sandbox]
+
+
+@runtime_checkable
+class OrphanSweeper(Protocol):
+    """A factory that can find what an earlier server of this data folder left behind.
+
+    The supervisor calls it once at start-up, after restoring the stored
+    sessions and before serving: *live* maps each of them to its sandbox's
+    id (``None`` when it had none). Whatever else the backend finds of ours
+    (a local session folder, an E2B sandbox tagged with this instance) is
+    ended.
+    """
+
+    async def sweep_orphans(self, live: Mapping[str, str | None]) -> None: ...
 
 
 def png_size(png: bytes) -> tuple[int, int]:

@@ -24,11 +24,10 @@ once: ``desktop_running`` turns False, the call raises ``SandboxLost`` (a
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import secrets
 import time
-from collections.abc import AsyncIterable, Awaitable, Collection, Sequence
+from collections.abc import AsyncIterable, Awaitable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -82,7 +81,23 @@ def e2b_factory(config: E2BConfig | None = None) -> SandboxFactory:
     """
     shared = config if config is not None else E2BConfig.from_env()
     shared.require_key()
-    return functools.partial(E2BSandbox, config=shared)
+    return E2BFactory(shared)
+
+
+class E2BFactory:
+    """Makes one ``E2BSandbox`` per session, all sharing *config*."""
+
+    def __init__(self, config: E2BConfig) -> None:
+        self.config = config
+
+    def __call__(self, spec: SandboxSpec) -> E2BSandbox:
+        return E2BSandbox(spec, self.config)
+
+    async def sweep_orphans(self, live: Mapping[str, str | None]) -> None:
+        """Kill every sandbox tagged with this instance that no live session owns."""
+        killed = await sweep_orphans(self.config, [sid for sid in live.values() if sid])
+        if killed:
+            log.info("e2b.orphans_killed", sandboxes=len(killed))
 
 
 async def sweep_orphans(config: E2BConfig, live_ids: Collection[str]) -> list[str]:

@@ -9,7 +9,7 @@ encoded events. Two kinds of call:
   they return, so the answer that announces what they wrote (a login's 201,
   ``start_desktop``'s result) is sent after them.
 - *Streaming* writes (``append``, ``touch``, ``clear_journal``,
-  ``reserve_seq``, ``add_pending``, ``remove_pending``) return at
+  ``reserve_seq``, ``sent_seq``, ``add_pending``, ``remove_pending``) return at
   once and are committed in batches soon after (group commit): the live
   path never waits for the disk.
 
@@ -108,6 +108,10 @@ class Store(Protocol):
         """Record that seqs up to *upto* may be sent (a high-water mark, never lowered); batched."""
         ...
 
+    def sent_seq(self, session_id: str, seq: int) -> None:
+        """Every seq up to *seq* was used (kept or skipped): a clean restart numbers on after it; batched."""
+        ...
+
     def add_pending(self, session_id: str, request_id: str) -> None:
         """A request was acknowledged and waits for its result; batched."""
         ...
@@ -122,6 +126,10 @@ class Store(Protocol):
 
     async def ended_reason(self, token_hash: bytes) -> str | None:
         """Why the session (or share) whose token hashes to *token_hash* ended, if it did."""
+        ...
+
+    async def recent_tombstones(self, limit: int) -> Sequence[tuple[bytes, str]]:
+        """The newest *limit* tombstones, ``(token_hash, reason)``, newest first."""
         ...
 
     # -- shares ------------------------------------------------------------

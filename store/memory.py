@@ -61,6 +61,13 @@ class MemoryStore:
         if record is not None and upto > record.seq_reserved:
             self._update(session_id, seq_reserved=upto)
 
+    def sent_seq(self, session_id: str, seq: int) -> None:
+        if session_id in self._sessions:
+            journal = self._journals.get(session_id)
+            if journal is None:
+                journal = self._journals[session_id] = _Journal(deque(maxlen=self._journal_size))
+            journal.last_seq = max(journal.last_seq, seq)
+
     def add_pending(self, session_id: str, request_id: str) -> None:
         record = self._sessions.get(session_id)
         if record is not None and request_id not in record.pending:
@@ -83,6 +90,10 @@ class MemoryStore:
     async def ended_reason(self, token_hash: bytes) -> str | None:
         found = self._tombstones.get(token_hash)
         return found[0] if found else None
+
+    async def recent_tombstones(self, limit: int) -> Sequence[tuple[bytes, str]]:
+        newest = sorted(self._tombstones.items(), key=lambda item: item[1][1], reverse=True)[:limit]
+        return [(h, reason) for h, (reason, _) in newest]
 
     async def create_share(self, share: ShareRecord) -> None:
         record = self._sessions.get(share.session_id)

@@ -27,6 +27,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from store.base import TOMBSTONE_SECONDS, SessionRecord, ShareRecord, StoredJournal
+from store.batch import Writes
 
 logger = structlog.get_logger("deskhive.store")
 
@@ -82,7 +83,9 @@ SCHEMA_VERSION: Final = len(MIGRATIONS)
 #: Bound on waiting for the writer thread to finish at close.
 _CLOSE_TIMEOUT_S: Final = 30.0
 #: Operations taken into one transaction at most.
-_BATCH: Final = 20_000
+_BATCH: Final = 5_000
+#: Sessions whose events since their last trim are counted, at most (then counting restarts).
+_TRIM_MEMORY: Final = 100_000
 
 _Op = tuple[Any, ...]
 _STOP: Final = ("stop",)
@@ -113,6 +116,8 @@ class SqliteStore:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
+        #: Events stored per session since its last trim (the writer thread's own).
+        self._since_trim: dict[str, int] = {}
         #: Whether the last server using the file closed it (False after a crash).
         self.was_clean = True
 
@@ -161,8 +166,8 @@ class SqliteStore:
             record.token_hash,
             record.created,
             record.last_active,
-            record.aws_login,
-            record.customer_name,
+            _enc(record.aws_login),
+            _enc(record.customer_name),
             record.sandbox_kind,
             record.sandbox_id,
             record.seq_reserved,
@@ -192,11 +197,14 @@ class SqliteStore:
     def reserve_seq(self, session_id: str, upto: int) -> None:
         self._queue.put(("reserve", session_id, upto))
 
+    def sent_seq(self, session_id: str, seq: int) -> None:
+        self._queue.put(("sent", session_id, seq))
+
     def add_pending(self, session_id: str, request_id: str) -> None:
-        self._queue.put(("pending+", session_id, request_id))
+        self._queue.put(("pending+", session_id, _enc(request_id)))
 
     def remove_pending(self, session_id: str, request_id: str) -> None:
-        self._queue.put(("pending-", session_id, request_id))
+        self._queue.put(("pending-", session_id, _enc(request_id)))
 
     async def end_session(self, session_id: str, reason: str, at: float) -> None:
         def end(c: sqlite3.Connection) -> None:
@@ -218,6 +226,15 @@ class SqliteStore:
         def read(c: sqlite3.Connection) -> str | None:
             row = c.execute("SELECT reason FROM tombstones WHERE token_hash = ?", (token_hash,)).fetchone()
             return None if row is None else str(row[0])
+
+        return await self._call(read)
+
+    async def recent_tombstones(self, limit: int) -> Sequence[tuple[bytes, str]]:
+        def read(c: sqlite3.Connection) -> list[tuple[bytes, str]]:
+            rows = c.execute(
+                "SELECT token_hash, reason FROM tombstones ORDER BY ended DESC LIMIT ?", (limit,)
+            )
+            return [(bytes(h), str(r)) for h, r in rows]
 
         return await self._call(read)
 
@@ -255,8 +272,10 @@ class SqliteStore:
     async def load_journal(self, session_id: str) -> StoredJournal:
         def read(c: sqlite3.Connection) -> StoredJournal:
             rows = c.execute(
-                "SELECT seq, frame FROM events WHERE session_id = ? ORDER BY seq", (session_id,)
+                "SELECT seq, frame FROM events WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
+                (session_id, self._journal_size),
             ).fetchall()
+            rows.reverse()
             last = c.execute("SELECT last_seq FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
             return StoredJournal(
                 events=tuple((int(s), bytes(f)) for s, f in rows), last_seq=int(last[0]) if last else 0
@@ -297,41 +316,29 @@ class SqliteStore:
             while len(batch) < _BATCH:
                 batch.append(self._queue.get_nowait())
         settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        appended: dict[str, int] = {}
-        rows: list[tuple[str, int, bytes]] = []
+        writes = Writes()
         stop = False
         try:
             conn.execute("BEGIN")
             for op in batch:
-                kind = op[0]
-                if kind == "append":
-                    rows.append(op[1:])
-                    appended[op[1]] = max(appended.get(op[1], 0), op[2])
+                if writes.add(op):
                     continue
-                self._write_events(conn, rows)
+                # Calls, clears and the clean mark see everything submitted before them.
+                self._count(writes.flush(conn), conn)
+                kind = op[0]
                 if kind == "call":
                     settled.append(_apply(conn, op[1], op[2]))
-                elif kind == "touch":
-                    conn.execute("UPDATE sessions SET last_active = ? WHERE session_id = ?", (op[2], op[1]))
                 elif kind == "clear":
                     conn.execute("DELETE FROM events WHERE session_id = ? AND seq <= ?", (op[1], op[2]))
-                elif kind == "pending+":
-                    conn.execute("INSERT OR IGNORE INTO pending VALUES (?, ?)", op[1:])
-                elif kind == "pending-":
-                    conn.execute("DELETE FROM pending WHERE session_id = ? AND request_id = ?", op[1:])
-                elif kind == "reserve":
-                    conn.execute(
-                        "UPDATE sessions SET seq_reserved = max(seq_reserved, ?) WHERE session_id = ?",
-                        (op[2], op[1]),
-                    )
                 elif kind == "clean":
                     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '1')")
                 elif kind == "stop":
                     stop = True
-            self._write_events(conn, rows)
-            self._trim(conn, appended)
+            self._count(writes.flush(conn), conn)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:
+            # Whatever it was, the writer goes on with the next batch: a thread
+            # that died would leave every later write waiting for nobody.
             logger.exception("store.commit_failed", path=str(self.path), operations=len(batch))
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -340,17 +347,26 @@ class SqliteStore:
             self._settle(future, result, error)
         return not stop
 
-    @staticmethod
-    def _write_events(conn: sqlite3.Connection, rows: list[tuple[str, int, bytes]]) -> None:
-        if rows:
-            conn.executemany("INSERT OR REPLACE INTO events (session_id, seq, frame) VALUES (?,?,?)", rows)
-            rows.clear()
+    def _count(self, appended: dict[str, int], conn: sqlite3.Connection) -> None:
+        """Trim a session's stored events once a tenth of its bound came since the last trim.
 
-    def _trim(self, conn: sqlite3.Connection, appended: dict[str, int]) -> None:
-        for sid, last in appended.items():
-            conn.execute("UPDATE sessions SET last_seq = max(last_seq, ?) WHERE session_id = ?", (last, sid))
+        By count, not by seq arithmetic: numbers skipped at a restart are no
+        events. Between trims a few more than the bound are kept;
+        ``load_journal`` reads the newest within it.
+        """
+        if len(self._since_trim) > _TRIM_MEMORY:
+            self._since_trim.clear()
+        every = max(1, self._journal_size // 10)
+        for sid, count in appended.items():
+            total = self._since_trim.get(sid, 0) + count
+            if total < every:
+                self._since_trim[sid] = total
+                continue
+            self._since_trim.pop(sid, None)
             conn.execute(
-                "DELETE FROM events WHERE session_id = ? AND seq <= ?", (sid, last - self._journal_size)
+                "DELETE FROM events WHERE session_id = ? AND seq <= (SELECT seq FROM events"
+                " WHERE session_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (sid, sid, self._journal_size),
             )
 
     def _settle(self, future: asyncio.Future[Any] | None, result: Any, error: BaseException | None) -> None:
@@ -376,6 +392,21 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _enc(text: str | None) -> str | bytes | None:
+    """*text* as SQLite takes it: a lone surrogate (valid in a JSON string) goes as bytes."""
+    if text is None:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+    return text
+
+
+def _dec(value: str | bytes | None) -> str | None:
+    return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -405,7 +436,7 @@ def _read_sessions(c: sqlite3.Connection) -> list[SessionRecord]:
         shares.setdefault(sid, []).append(share)
     pending: dict[str, list[str]] = {}
     for sid, rid in c.execute("SELECT session_id, request_id FROM pending"):
-        pending.setdefault(sid, []).append(rid)
+        pending.setdefault(sid, []).append(_dec(rid) or "")
     records = []
     for row in c.execute(
         "SELECT session_id, username, token_hash, created, last_active, aws_login, customer_name,"
@@ -419,8 +450,8 @@ def _read_sessions(c: sqlite3.Connection) -> list[SessionRecord]:
                 token_hash=bytes(row[2]),
                 created=row[3],
                 last_active=row[4],
-                aws_login=row[5],
-                customer_name=row[6],
+                aws_login=_dec(row[5]),
+                customer_name=_dec(row[6]),
                 sandbox_kind=row[7],
                 sandbox_id=row[8],
                 seq_reserved=row[9],

@@ -20,6 +20,7 @@ import structlog
 import cli
 import config
 from client import Client
+from tests.datadirs import fresh_data_dir, remove_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,7 +167,7 @@ async def test_generated_admin_token_goes_to_the_terminal_once_and_never_to_the_
 
 
 async def test_sigterm_ends_sessions_and_leaves_nothing_behind(null_server: Served) -> None:
-    """SIGTERM closes sockets with 1001, ends every session and exits 0 with no child left."""
+    """SIGTERM closes sockets with 1001 and exits 0 with no child left."""
     async with Client(null_server.url) as client:
         login = await client.login("zed")
         async with client.connect(login) as conn:
@@ -234,7 +235,8 @@ def _processes_marked(sandbox_id: str) -> list[int]:
 @pytest.mark.skipif(shutil.which("bwrap") is None or os.geteuid() != 0, reason="needs root and bubblewrap")
 async def test_sigterm_kills_every_local_sandbox_process() -> None:
     """SIGTERM with live local desktops and background commands leaves no sandbox process behind."""
-    served = await start("--sandbox", "local")
+    data_dir = fresh_data_dir()
+    served = await start("--sandbox", "local", "--data-dir", str(data_dir))
     try:
         async with Client(served.url) as client:
             login = await client.login("sig")
@@ -247,6 +249,7 @@ async def test_sigterm_kills_every_local_sandbox_process() -> None:
             assert _processes_marked(sandbox_id), "the test must see the session's processes"
     finally:
         assert await stop(served) == 0
+        remove_data_dir(data_dir)
     assert _processes_marked(sandbox_id) == []
 
 

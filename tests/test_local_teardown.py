@@ -180,8 +180,8 @@ def test_remove_tree_goes_deeper_than_recursion_and_never_follows_links(tmp_path
     assert (outside / "keep").read_text() == "kept"
 
 
-def test_start_up_removes_session_folders_left_by_a_killed_server(root: Path) -> None:
-    """Session folders under the sandbox root are removed when the factory is made; other entries stay."""
+async def test_start_up_removes_session_folders_left_by_a_killed_server(root: Path) -> None:
+    """The start-up sweep removes session folders no live session owns; live ones and other entries stay."""
     sandboxes = root / "sandboxes"
     left = sandboxes / "ada_1700000000_00000000000000aa"
     (left / "home" / "deep").mkdir(parents=True)
@@ -189,7 +189,7 @@ def test_start_up_removes_session_folders_left_by_a_killed_server(root: Path) ->
     kept = sandboxes / "ada_1700000000_00000000000000bb"
     kept.mkdir()
     (sandboxes / "README").write_text("not a session")
-    local_factory(LocalConfig(root=sandboxes), keep=frozenset({kept.name}))
+    await local_factory(LocalConfig(root=sandboxes)).sweep_orphans({kept.name: None})
     assert sorted(p.name for p in sandboxes.iterdir()) == ["README", kept.name]
 
 

@@ -25,6 +25,8 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright, expect
 
+from tests.datadirs import fresh_data_dir, remove_data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 SCREENS = ROOT / "artifacts" / "screens"
 CHROMIUM = "/usr/bin/chromium"
@@ -57,6 +59,7 @@ class ServerProcess:
 
     def __init__(self, sandbox: str, *extra: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        self.data_dir = fresh_data_dir()
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -69,6 +72,9 @@ class ServerProcess:
                 "0",
                 "--sandbox",
                 sandbox,
+                # A folder of its own: a data folder serves one server at a time.
+                "--data-dir",
+                str(self.data_dir),
                 *extra,
             ],
             cwd=ROOT,
@@ -114,6 +120,7 @@ class ServerProcess:
         self.reader.join(5)
         assert self.process.stdout is not None
         self.process.stdout.close()
+        remove_data_dir(self.data_dir)
 
 
 @contextlib.contextmanager

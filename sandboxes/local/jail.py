@@ -91,6 +91,10 @@ class NumberPool:
         with self._lock:
             self._taken.discard(n)
 
+    def claim(self, n: int) -> None:
+        """Take *n* itself, whoever runs as it (a restored session takes back its uid)."""
+        self._taken.add(n)
+
 
 UIDS = NumberPool()
 DISPLAYS = NumberPool()

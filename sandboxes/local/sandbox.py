@@ -9,6 +9,11 @@ Layout of a session's folder (``<root>/<session_id>`` or the spec's
             desktop starts after the jail)
     vnc/    x11vnc's unix socket; never mounted in a jail the user's code runs in
 
+At a durable shutdown ``suspend`` stops every process but keeps the folder;
+the restored session's sandbox (``SandboxSpec.previous_id`` set) takes back
+its id and the uid that owns its home, and ``recover`` ends whatever the
+dead server left of it.
+
 Commands run in one long-lived jail per session (see ``commands``), whose
 ``/tmp`` therefore lasts from one command to the next, like a machine's, until
 the desktop stops or the session closes: both end that jail with everything
@@ -20,19 +25,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import os
 import secrets
 import shlex
 import signal
 import time
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import attrs
 import structlog
 
 from protocol.errors import ProtocolError, SandboxBroken
-from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
+from sandboxes.base import OutputSink, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.files import FileReader, Listing
 from sandboxes.local import cgroups, tools
 from sandboxes.local.commands import Commands
@@ -40,7 +46,7 @@ from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
 from sandboxes.local.files import LocalHome
 from sandboxes.local.folders import check_enterable, remove_logged, sweep_orphans
-from sandboxes.local.jail import HOME, Identity, Jail, Mount, session_pids, spawn
+from sandboxes.local.jail import HOME, UIDS, Identity, Jail, Mount, session_pids, spawn
 from sandboxes.local.procs import exit_code, kill_now, reap, terminate
 
 logger = structlog.get_logger()
@@ -61,7 +67,9 @@ class LocalSandbox:
         self._spec, self._config = spec, config
         base = config.root / spec.session_id if config.root is not None else spec.data_dir
         self._base = base.absolute()
-        self._id = f"local-{secrets.token_hex(6)}"
+        self._id = _previous_id(spec) or f"local-{secrets.token_hex(6)}"
+        #: The uid a restored session's home belongs to, taken back from the pool.
+        self._claimed = self._claim_home_uid() if spec.previous_id is not None else None
         self._jail: Jail | None = None
         self._desktop: Desktop | None = None
         self._apps: list[asyncio.subprocess.Process] = []
@@ -147,9 +155,28 @@ class LocalSandbox:
             shm_bytes=config.shm_bytes, root_bytes=config.root_bytes, cgroup=cgroup,
         )  # fmt: skip
 
+    def _claim_home_uid(self) -> int | None:
+        """The restored home's owner, if it is a sandbox uid: its files stay its own."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            uid = (self._base / "home").stat().st_uid
+        except OSError:
+            return None
+        first, count = self._config.uid_base, self._config.uid_count
+        if not first <= uid < first + count:
+            return None
+        UIDS.claim(uid)
+        return uid
+
+    def _identity(self) -> Identity:
+        if self._claimed is not None:
+            return Identity(uid=self._claimed, gid=self._claimed, dropped=True)
+        return Identity.acquire(self._config.uid_base, self._config.uid_count)
+
     def _prepare(self) -> Identity:
         """Take a uid and make the session's folders (blocking)."""
-        identity = Identity.acquire(self._config.uid_base, self._config.uid_count)
+        identity = self._identity()
         try:
             # bwrap opens the mounted folders as the server (by descriptor),
             # but the server reaches the sockets by path: every folder above
@@ -214,6 +241,31 @@ class LocalSandbox:
         giving back the uid) run in a thread that finishes even if this call
         is cancelled: a huge home takes seconds to remove, and never on the loop.
         """
+        await self._shut(keep=False)
+
+    async def suspend(self) -> None:
+        """Stop every process of the session, keep its folder (a durable shutdown)."""
+        await self._shut(keep=True)
+
+    async def recover(self) -> None:
+        """End what a previous server left running of this session (its uid, its marker)."""
+        if not self._base.exists():
+            return
+        jail = await self._ensure()
+        if jail.cgroup is not None:
+            # Every process of the session joined its cgroup: no need to scan all of /proc.
+            await asyncio.to_thread(jail.cgroup.kill)
+        if jail.identity.dropped:
+            await asyncio.to_thread(jail.identity.kill_all)
+            return
+        pids = await asyncio.to_thread(session_pids, jail)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+        if pids:
+            logger.info("sandbox.leftovers_killed", sandbox_id=self._id, processes=len(pids))
+
+    async def _shut(self, *, keep: bool) -> None:
         if self._closed:
             return
         self._closed = self._commands.closed = True
@@ -224,12 +276,14 @@ class LocalSandbox:
             logger.exception("sandbox.close_failed", sandbox_id=self._id)
         finally:
             self._abort_processes()
-            teardown = _in_thread(loop, self._teardown)
+            teardown = _in_thread(loop, functools.partial(self._teardown, keep=keep))
         if teardown is not None:
             await asyncio.shield(teardown)
         if self._jail is not None and self._jail.cgroup is not None:
             await cgroups.close(self._jail.cgroup)
-        logger.info("sandbox.closed", sandbox_id=self._id)
+        elif self._jail is None and self._claimed is not None:
+            UIDS.give(self._claimed)
+        logger.info("sandbox.suspended" if keep else "sandbox.closed", sandbox_id=self._id)
 
     def _abort_processes(self) -> None:
         # Synchronous, so that it also happens when close() itself is cancelled.
@@ -239,15 +293,19 @@ class LocalSandbox:
         if self._jail is not None and self._jail.cgroup is not None:
             self._jail.cgroup.kill()
 
-    def _teardown(self) -> None:
-        """SIGKILL what is left of the session, remove its folder, free its uid (blocking; never raises)."""
+    def _teardown(self, *, keep: bool = False) -> None:
+        """SIGKILL what is left of the session, remove its folder unless *keep*, free its uid (blocking).
+
+        Never raises.
+        """
         jail, gone = self._jail, True
         try:
             if jail is not None:
                 gone = False
                 _kill_session(jail)
                 gone = True
-            remove_logged(self._base, sandbox_id=self._id)
+            if not keep:
+                remove_logged(self._base, sandbox_id=self._id)
         except Exception:
             logger.exception("sandbox.teardown_failed", sandbox_id=self._id)
         finally:
@@ -426,20 +484,32 @@ def _kill_session(jail: Jail) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def local_factory(config: LocalConfig, keep: frozenset[str] = frozenset()) -> SandboxFactory:
-    """A factory making one ``LocalSandbox`` per session, all sharing *config*.
+class LocalFactory:
+    """Makes one ``LocalSandbox`` per session, all sharing *config*; see ``local_factory``."""
 
-    Called once at start-up, before serving: it removes the session folders
-    under ``config.root`` that a server killed without its cleanup left
-    behind, all but those of the live sessions named in *keep*.
-    """
-    if config.root is not None:
-        sweep_orphans(config.root, keep)
+    def __init__(self, config: LocalConfig) -> None:
+        self.config = config
 
+    def __call__(self, spec: SandboxSpec) -> LocalSandbox:
+        return LocalSandbox(spec, self.config)
+
+    async def sweep_orphans(self, live: Mapping[str, str | None]) -> None:
+        """Remove the session folders a server killed without its cleanup left, but the live ones'."""
+        if self.config.root is not None:
+            await asyncio.to_thread(sweep_orphans, self.config.root, frozenset(live))
+
+
+def local_factory(config: LocalConfig) -> LocalFactory:
+    """The local backend's factory; cgroups are probed now, so a host without them is said at start-up."""
     if config.cgroups:
-        cgroups.shared()  # probed at start-up, so that a host without them is said at once
+        cgroups.shared()
+    return LocalFactory(config)
 
-    def factory(spec: SandboxSpec) -> LocalSandbox:
-        return LocalSandbox(spec, config)
 
-    return factory
+def _previous_id(spec: SandboxSpec) -> str | None:
+    """The restored sandbox's own id, if the store kept one of ours (it is the processes' marker)."""
+    previous = spec.previous_id or ""
+    tail = previous.removeprefix("local-")
+    if previous.startswith("local-") and len(tail) == 12 and all(c in "0123456789abcdef" for c in tail):
+        return previous
+    return None
