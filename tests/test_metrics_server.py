@@ -79,8 +79,11 @@ async def test_every_metric_moves_and_no_label_names_a_session(
 async def test_crashes_restarts_idle_and_shutdown_are_counted(
     start_server: StartServer, fakes: list[FakeSandbox]
 ) -> None:
-    """An actor crash and its restart, an idle reaping and a shutdown each count under their name."""
-    test_server, client = await start_server(idle_timeout=0.2, sweep_interval=0.1)
+    """An actor crash and its restart, an idle reaping and a shutdown each count under their name.
+
+    With ``--store memory`` a shutdown ends sessions (a durable store keeps them for the next start).
+    """
+    test_server, client = await start_server(idle_timeout=0.2, sweep_interval=0.1, store="memory")
     crashing = await client.login("crashy")
     async with client.connect(crashing) as conn:
         fakes[0].break_stream_url = True
