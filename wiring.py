@@ -85,7 +85,7 @@ def sandbox_factory(settings: Settings) -> SandboxFactory:
     if os.geteuid() == 0:
         # Fail at start-up, not at the first command, on a folder sandboxes cannot reach.
         root.mkdir(parents=True, exist_ok=True)
-        root.chmod(0o755)
+        root.chmod(0o711)  # enterable, not listable: session ids are nobody else's to see
         try:
             check_enterable(root)
         except SandboxBroken as exc:

@@ -19,6 +19,7 @@ import fcntl
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,8 @@ from protocol.errors import SandboxBroken
 from sandboxes.base import Limits
 from sandboxes.local import seccomp
 from sandboxes.local.cgroups import SessionCgroup
+from sandboxes.local.hostpaths import open_nofollow, program
+from sandboxes.local.xauth import XAUTHORITY
 
 HOME = "/home/user"
 X11_DIR = "/tmp/.X11-unix"
@@ -54,6 +57,8 @@ NETWORK_ETC = ("resolv.conf", "hosts")
 #: Started by absolute path: the environment handed to it is the session's.
 BWRAP = "/usr/bin/bwrap"
 SH = "/bin/sh"
+PRLIMIT = "/usr/bin/prlimit"
+SETPRIV = "/usr/bin/setpriv"
 CHROMIUM_D = "/etc/chromium.d"
 #: Waits for one line "go" on stdin, then runs the rest of argv with stdin on
 #: /dev/null; anything else (the server gave up) ends it before it ran anything.
@@ -152,7 +157,7 @@ def kill_uid(uid: int) -> None:
         raise ValueError(f"refusing to signal every process of uid {uid}")
     try:
         subprocess.run(
-            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *_KILL_ALL],
+            [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *_KILL_ALL],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             timeout=_KILL_ALL_TIMEOUT, env={"PATH": "/usr/bin:/bin"}, check=False,
         )  # fmt: skip
@@ -250,6 +255,7 @@ class Jail:
         }
         if display is not None:
             env["DISPLAY"] = f":{display}"
+            env["XAUTHORITY"] = XAUTHORITY
         return env
 
     def _identity_files(self) -> tuple[str, str]:
@@ -307,8 +313,7 @@ class Jail:
                 args += ["--ro-bind-data", keep(_data_fd(data)), dest]
             chdir = "/"
             for m in mounts:
-                flags = os.O_PATH | (os.O_DIRECTORY if m.host.is_dir() else 0)
-                fd = keep(_open(m.host, flags))
+                fd = keep(_open(m.host))
                 args += ["--bind-fd" if m.writable else "--ro-bind-fd", fd, m.dest]
                 chdir = HOME if m.dest == HOME else chdir
             args += ["--chdir", chdir, "--", *command]
@@ -333,9 +338,12 @@ def _chromium_without_its_sandbox(keep: Callable[[int], str]) -> list[str]:
     return [*args, "--ro-bind-data", keep(_data_fd(flags)), f"{CHROMIUM_D}/zz-deskhive-no-sandbox"]
 
 
-def _open(path: Path, flags: int) -> int:
+def _open(path: Path) -> int:
+    """A descriptor of a bind source: a folder, socket or file, never through a link (see ``hostpaths``)."""
     try:
-        return os.open(path, flags)
+        st = os.lstat(path)
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "file"
+        return open_nofollow(path, kind)
     except OSError as exc:
         raise SandboxBroken(f"cannot open sandbox folder {path}: {exc.strerror}") from exc
 
@@ -362,7 +370,7 @@ def _prlimit(limits: Limits | None) -> list[str]:
         ("nproc", limits.processes),
         ("fsize", limits.file_bytes),
     )
-    return ["prlimit", *(f"--{name}={value}" for name, value in pairs if value > 0), "--"]
+    return [PRLIMIT, *(f"--{name}={value}" for name, value in pairs if value > 0), "--"]
 
 
 async def spawn(
@@ -387,6 +395,8 @@ async def spawn(
     and all that follows run bounded from their first instruction.
     """
     env = jail.env(display) | dict(extra_env or {})
+    # bwrap would look the program up on the session's PATH (its ~/.local/bin first).
+    command = [program(command[0]), *command[1:]]
     confined = jail.argv(
         command, mounts=mounts, network=network, limits=limits, files=files, as_pid_1=as_pid_1
     )

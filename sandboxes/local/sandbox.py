@@ -37,7 +37,7 @@ from sandboxes.local import cgroups, tools
 from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
-from sandboxes.local.folders import check_enterable, remove_logged, sweep_orphans
+from sandboxes.local.folders import check_enterable, make_session_folder, remove_logged, sweep_orphans
 from sandboxes.local.jail import HOME, Identity, Jail, Mount, session_pids, spawn
 from sandboxes.local.procs import kill_now, reap, terminate
 
@@ -147,17 +147,11 @@ class LocalSandbox:
         """Take a uid and make the session's folders (blocking)."""
         identity = Identity.acquire(self._config.uid_base, self._config.uid_count)
         try:
-            # bwrap opens the mounted folders as the server (by descriptor),
-            # but the server reaches the sockets by path: every folder above
-            # must be searchable (o+x); the session's are private to its uid.
-            self._base.mkdir(mode=0o711, parents=True, exist_ok=True)
+            self._base.parent.mkdir(parents=True, exist_ok=True)
             if identity.dropped:
-                check_enterable(self._base)
-            for name in ("home", "x11", "vnc"):
-                folder = self._base / name
-                folder.mkdir(mode=0o700, exist_ok=True)
-                if identity.dropped:
-                    os.chown(folder, identity.uid, identity.gid)
+                # The session's folder itself is 0710 for its group alone; those above, o+x.
+                check_enterable(self._base.parent)
+            make_session_folder(self._base, identity.uid, identity.gid)
         except BaseException as exc:
             identity.release()
             if not isinstance(exc, OSError):
@@ -171,7 +165,7 @@ class LocalSandbox:
         if self._desktop is not None:
             await self.stop_desktop()
         jail, started = await self._ensure(), time.monotonic()
-        self._desktop = await Desktop.start(jail, self._config, self._base / "x11", self._base / "vnc")
+        self._desktop = await Desktop.start(jail, self._config, self._base)
         seconds = round(time.monotonic() - started, 3)
         logger.info(
             "sandbox.desktop_started", sandbox_id=self._id, display=self._desktop.display, seconds=seconds
@@ -256,7 +250,7 @@ class LocalSandbox:
     def _mounts(self) -> tuple[list[Mount], int | None]:
         mounts = [Mount(self.home, HOME, writable=True)]
         if self._desktop is not None and self.desktop_running:
-            return [*mounts, self._desktop.x_mount()], self._desktop.display
+            return [*mounts, *self._desktop.x_mounts()], self._desktop.display
         return mounts, None
 
     async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:
@@ -289,7 +283,7 @@ class LocalSandbox:
         """Run a desktop helper (xdotool, import) in a jail; its stdout."""
         desktop, jail = self._need_desktop(), await self._ensure()
         proc = await spawn(
-            jail, argv, mounts=[desktop.x_mount()], display=desktop.display, stdout=PIPE, stderr=PIPE
+            jail, argv, mounts=desktop.x_mounts(), display=desktop.display, stdout=PIPE, stderr=PIPE
         )
         try:
             async with asyncio.timeout(self._config.tool_timeout):
@@ -357,7 +351,7 @@ class LocalSandbox:
         desktop, jail = self._need_desktop(), await self._ensure()
         self._apps = [p for p in self._apps if p.returncode is None]
         app_limits = attrs.evolve(self._config.limits, cpu_seconds=0, memory_bytes=0)
-        mounts = [Mount(self.home, HOME, writable=True), desktop.x_mount()]
+        mounts = [Mount(self.home, HOME, writable=True), *desktop.x_mounts()]
         proc = await spawn(
             jail,
             argv,
