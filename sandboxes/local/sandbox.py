@@ -148,6 +148,9 @@ class LocalSandbox:
         identity = Identity.acquire(self._config.uid_base, self._config.uid_count)
         try:
             self._base.parent.mkdir(parents=True, exist_ok=True)
+            if self._config.root is not None:
+                # Enterable, not listable: session ids are nobody else's to see.
+                self._config.root.chmod(0o711)
             if identity.dropped:
                 # The session's folder itself is 0710 for its group alone; those above, o+x.
                 check_enterable(self._base.parent)
