@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import aiohttp
+import attrs
 
 from actors.jobs import JobConfig
 from actors.session import ActorConfig
@@ -79,7 +80,7 @@ def sandbox_factory(settings: Settings) -> SandboxFactory:
         from sandboxes.e2b import e2b_factory
 
         return e2b_factory()
-    from sandboxes.local import LocalConfig, check_enterable, local_factory
+    from sandboxes.local import LocalConfig, check_enterable, local_factory, uids
 
     root = settings.data_dir / "sandboxes"
     if os.geteuid() == 0:
@@ -98,4 +99,14 @@ def sandbox_factory(settings: Settings) -> SandboxFactory:
         processes=settings.command_processes,
         file_bytes=settings.command_file_size,
     )
-    return local_factory(LocalConfig(root=root, limits=limits, network=settings.sandbox_network))
+    config = LocalConfig(
+        root=root, limits=limits, network=settings.sandbox_network, uids_per_user=settings.sessions_per_user
+    )
+    if os.geteuid() == 0:
+        # This instance's own uids: never another server's, never a container's.
+        try:
+            uid_range = uids.instance_range(root)
+        except SandboxBroken as exc:
+            raise NotConfigured(f"data folder {settings.data_dir}: {exc.message}") from None
+        config = attrs.evolve(config, uid_base=uid_range.first, uid_count=uid_range.count)
+    return local_factory(config)

@@ -26,6 +26,8 @@ class LocalConfig:
     #: When the server runs as root, sessions get uids from this range.
     uid_base: int = 200_000
     uid_count: int = 10_000
+    #: Uids one username may hold at once (0: no bound): one per live session.
+    uids_per_user: int = 16
     #: X display numbers are handed out from here up (``:100``, ``:101``...).
     display_base: int = 100
     display_count: int = 1000

@@ -70,29 +70,45 @@ USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("
 class NumberPool:
     """Numbers (uids, X displays) handed out at most once in this process.
 
-    They are host-wide resources, so one pool per process is the right scope;
-    nothing about any user is kept here. Thread-safe: uids are taken in a
+    They are host-wide resources, so one pool per process is the right scope.
+    An owner (a username) may hold at most *cap* numbers at once, so that one
+    user cannot drain the pool for everyone. Thread-safe: uids are taken in a
     thread, since checking that one is free scans the host's processes.
     """
 
     def __init__(self) -> None:
         self._taken: set[int] = set()
+        self._owners: dict[int, str] = {}
         self._lock = threading.Lock()
 
-    def take(self, first: int, count: int, is_free: Callable[[int], bool]) -> int:
+    def take(
+        self, first: int, count: int, is_free: Callable[[int], bool], *, owner: str = "", cap: int = 0
+    ) -> int:
         for n in range(first, first + count):
-            with self._lock:
-                if n in self._taken:
-                    continue
-                self._taken.add(n)
-            if is_free(n):
+            if self.claim(n, is_free, owner=owner, cap=cap):
                 return n
-            self.give(n)
         raise SandboxBroken(f"no free number left in {first}..{first + count - 1}")
+
+    def claim(self, n: int, is_free: Callable[[int], bool], *, owner: str = "", cap: int = 0) -> bool:
+        """Take *n* itself if it is free; ``SandboxBroken`` if *owner* holds *cap* already."""
+        with self._lock:
+            if cap and owner and sum(1 for o in self._owners.values() if o == owner) >= cap:
+                raise SandboxBroken(f"user {owner!r} already holds {cap} sandbox uids, the most one user may")
+            if n in self._taken:
+                return False
+            self._taken.add(n)
+        if is_free(n):
+            if owner:
+                with self._lock:
+                    self._owners[n] = owner
+            return True
+        self.give(n)
+        return False
 
     def give(self, n: int) -> None:
         with self._lock:
             self._taken.discard(n)
+            self._owners.pop(n, None)
 
 
 UIDS = NumberPool()
@@ -165,6 +181,24 @@ def kill_uid(uid: int) -> None:
         raise SandboxBroken(f"cannot signal the processes of uid {uid}: {exc}") from exc
 
 
+def _free_now() -> Callable[[int], bool]:
+    """Whether a uid is free, from one scan of /proc for all candidates (in the caller's thread).
+
+    A uid some process of the host runs as (another server's session, a
+    container's mapped user) is never shared, and never killed by kill_all;
+    a free one is locked host-wide as it is found.
+    """
+    in_use = uids_in_use()
+
+    def free(n: int) -> bool:
+        if not uid_is_free(n, in_use) or (fd := lock_uid(n)) is None:
+            return False
+        _UID_LOCK_FDS[n] = fd
+        return True
+
+    return free
+
+
 @attrs.frozen(kw_only=True)
 class Identity:
     """The host user a session's processes run as."""
@@ -175,22 +209,27 @@ class Identity:
     dropped: bool
 
     @classmethod
-    def acquire(cls, uid_base: int, uid_count: int) -> Identity:
-        """A uid of the session's own (blocking when the server is root: run it in a thread)."""
+    def acquire(cls, uid_base: int, uid_count: int, *, owner: str = "", cap: int = 0) -> Identity:
+        """A uid of the session's own (blocking when the server is root: run it in a thread).
+
+        *owner* (the username) may hold *cap* uids at most (0: no bound).
+        """
         if os.geteuid() != 0:
             return cls(uid=os.getuid(), gid=os.getgid(), dropped=False)
-        # One scan for all candidates, in the caller's thread: a uid some
-        # process of the host runs as (another server's session, a container's
-        # mapped user) is never shared, and never killed by kill_all.
-        in_use = uids_in_use()
+        uid = UIDS.take(uid_base, uid_count, _free_now(), owner=owner, cap=cap)
+        return cls(uid=uid, gid=uid, dropped=True)
 
-        def free(n: int) -> bool:
-            if not uid_is_free(n, in_use) or (fd := lock_uid(n)) is None:
-                return False
-            _UID_LOCK_FDS[n] = fd
-            return True
+    @classmethod
+    def claim(cls, uid: int, *, owner: str = "", cap: int = 0) -> Identity:
+        """Take *uid* again (a restored session's, whose home it owns); ``SandboxBroken`` if it is not free.
 
-        uid = UIDS.take(uid_base, uid_count, free)
+        Free means what ``acquire`` means: no account has it, no process of the
+        host runs as it, no server on the host holds its lock. Blocking.
+        """
+        if os.geteuid() != 0:
+            return cls.acquire(0, 0)
+        if not UIDS.claim(uid, _free_now(), owner=owner, cap=cap):
+            raise SandboxBroken(f"uid {uid} is in use on this host; it cannot be taken again")
         return cls(uid=uid, gid=uid, dropped=True)
 
     def release(self) -> None:

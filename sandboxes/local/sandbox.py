@@ -145,7 +145,8 @@ class LocalSandbox:
 
     def _prepare(self) -> Identity:
         """Take a uid and make the session's folders (blocking)."""
-        identity = Identity.acquire(self._config.uid_base, self._config.uid_count)
+        config, owner = self._config, self._spec.username
+        identity = Identity.acquire(config.uid_base, config.uid_count, owner=owner, cap=config.uids_per_user)
         try:
             self._base.parent.mkdir(parents=True, exist_ok=True)
             if self._config.root is not None:
