@@ -67,6 +67,22 @@ def _origins(text: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+_UNITS: Final = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def _home_quota(text: str) -> tuple[int, int]:
+    """``5GiB`` or ``5GiB:500000`` (bytes, then inodes); ``0`` leaves homes unbounded."""
+    size, _, inodes = text.strip().lower().partition(":")
+    number = size.rstrip("kmgtib")
+    unit = size[len(number) :].removesuffix("ib").removesuffix("b")
+    if not number.isdigit() or unit not in _UNITS or (inodes and not inodes.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected SIZE[:INODES] such as 5GiB:500000, not {text!r}")
+    value = int(number) * _UNITS[unit]
+    if 0 < value < 64 * 1024**2:
+        raise argparse.ArgumentTypeError(f"a home needs at least 64 MiB, not {text!r}")
+    return value, int(inodes) if inodes else 500_000
+
+
 def _flag(text: str) -> bool:
     if text.lower() in {"1", "true", "yes", "on"}:
         return True
@@ -128,6 +144,8 @@ class Settings:
     agent_image_height: int = 1280
     agent_image_format: str = "jpeg"
     agent_coordinate_grid: int = 0
+    #: Bytes and inodes of each local sandbox's home; (0, n) leaves homes unbounded.
+    home_quota: tuple[int, int] = (5 * 1024**3, 500_000)
 
 
 #: (option, parser, help); the default comes from ``Settings``.
@@ -180,6 +198,7 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
         _at_least(int, 0, "0 means screenshot pixels"),
         "0: the model answers screenshot pixels; N: a 0..N grid (1000 for Qwen-VL, UI-TARS)",
     ),
+    ("home_quota", _home_quota, "size[:inodes] of each local sandbox's home (default 5GiB:500000; 0: none)"),
 )
 
 

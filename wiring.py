@@ -81,6 +81,7 @@ def sandbox_factory(settings: Settings) -> SandboxFactory:
 
         return e2b_factory()
     from sandboxes.local import LocalConfig, check_enterable, local_factory, uids
+    from sandboxes.local.quota import HomeQuota
 
     root = settings.data_dir / "sandboxes"
     if os.geteuid() == 0:
@@ -100,8 +101,9 @@ def sandbox_factory(settings: Settings) -> SandboxFactory:
         file_bytes=settings.command_file_size,
     )
     config = LocalConfig(
-        root=root, limits=limits, network=settings.sandbox_network, uids_per_user=settings.sessions_per_user
-    )
+        root=root, limits=limits, network=settings.sandbox_network, uids_per_user=settings.sessions_per_user,
+        home_quota=HomeQuota(*settings.home_quota),
+    )  # fmt: skip
     if os.geteuid() == 0:
         # This instance's own uids: never another server's, never a container's.
         try:

@@ -22,6 +22,7 @@ import attrs
 import structlog
 
 from protocol.errors import SandboxBroken
+from sandboxes.local.quota import unmount_under
 
 logger = structlog.get_logger()
 
@@ -239,6 +240,9 @@ def remove_logged(path: Path, **context: object) -> None:
     share of the server's interpreter lock from the event loop's thread.
     """
     try:
+        # A home's image mounted on it (see ``quota``) goes first: rm stays on
+        # one filesystem, and the image is removed whole with the folder.
+        unmount_under(path)
         _rm(path)
         done = remove_tree(path)
     except Exception:  # a bug here must not end a session's teardown

@@ -33,7 +33,7 @@ import structlog
 
 from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
-from sandboxes.local import cgroups, tools
+from sandboxes.local import cgroups, quota, tools
 from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
@@ -156,6 +156,8 @@ class LocalSandbox:
                 # The session's folder itself is 0710 for its group alone; those above, o+x.
                 check_enterable(self._base.parent)
             make_session_folder(self._base, identity.uid, identity.gid)
+            if config.home_quota.bytes:
+                quota.mount_home(self._base, identity.uid, identity.gid, config.home_quota)
         except BaseException as exc:
             identity.release()
             if not isinstance(exc, OSError):
@@ -403,6 +405,8 @@ def local_factory(config: LocalConfig, keep: frozenset[str] = frozenset()) -> Sa
     if config.root is not None:
         sweep_orphans(config.root, keep)
 
+    if config.home_quota.bytes and (reason := quota.unavailable()) is not None:
+        logger.warning("sandbox.home_quota_unenforced", reason=reason)
     if config.cgroups:
         cgroups.shared()  # probed at start-up, so that a host without them is said at once
 
