@@ -11,7 +11,7 @@ set -eu
 # python3-pip: setup's "pip:NAME" packages run its `python3 -m pip`.
 # procps: ps, which the jail tests look for other sessions' processes with.
 # tests/test_programs.py checks that every program the code starts is here.
-PACKAGES="python3 python3-pip bubblewrap xvfb xfonts-base x11vnc x11-xserver-utils xdotool novnc imagemagick xterm openbox chromium fonts-dejavu-core util-linux procps"
+PACKAGES="python3 python3-pip bubblewrap xvfb xfonts-base x11vnc x11-xserver-utils x11-utils xdotool novnc imagemagick xterm openbox chromium fonts-dejavu-core util-linux procps"
 
 # One dpkg-query for all: names it does not list as installed are missing.
 # shellcheck disable=SC2086  # the list is meant to split into words

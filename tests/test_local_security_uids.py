@@ -16,7 +16,7 @@ from config import Settings
 from protocol.errors import SandboxBroken
 from sandboxes.base import SandboxSpec
 from sandboxes.local import uids
-from sandboxes.local.jail import Identity
+from sandboxes.local.jail import UIDS, Identity, lock_uid
 from sandboxes.local.sandbox import LocalSandbox
 from tests.conftest import MakeLocal
 from tests.test_local_sandbox import run
@@ -131,3 +131,38 @@ async def test_a_uid_given_back_can_be_claimed_again_and_a_held_one_cannot(make:
         claimed.release()
     with pytest.raises(SandboxBroken, match="in use"):
         await asyncio.to_thread(Identity.claim, b.jail.identity.uid)
+
+
+async def test_a_session_idle_after_kill_desktop_holds_no_uid_and_gets_its_own_back(make: MakeLocal) -> None:
+    """After the desktop stops nothing holds the session's uid; its next command runs as it again."""
+    sandbox = make("ada")
+    assert (await run(sandbox, "echo mine > note"))[0] == 0
+    assert sandbox.jail is not None
+    uid = sandbox.jail.identity.uid
+    for _ in range(5):  # "run true; kill_desktop" in a loop takes nothing from the pool
+        await sandbox.stop_desktop()
+        assert uid not in UIDS._taken
+        fd = lock_uid(uid)
+        assert fd is not None  # free host-wide too
+        os.close(fd)
+        code, out = await run(sandbox, "stat -c %u note; cat note")
+        assert code == 0 and out.text().split() == [str(uid), "mine"]
+
+
+async def test_a_session_whose_idle_uid_was_taken_moves_to_another_with_its_files(make: MakeLocal) -> None:
+    """If another server took the idle session's uid, the next command runs as a new uid owning the home."""
+    sandbox = make("ada")
+    assert (await run(sandbox, "mkdir -p d && echo mine > d/note && ln -s /etc/passwd link"))[0] == 0
+    assert sandbox.jail is not None
+    uid = sandbox.jail.identity.uid
+    await sandbox.stop_desktop()
+    held = lock_uid(uid)
+    assert held is not None
+    try:
+        code, out = await run(sandbox, "id -u; stat -c %u d d/note; cat d/note; echo x >> d/note")
+        assert code == 0, out.text()
+        new, *owners, text = out.text().split()
+        assert new != str(uid) and owners == [new, new] and text == "mine"
+        assert os.stat("/etc/passwd").st_uid == 0  # the link was not followed
+    finally:
+        os.close(held)

@@ -79,13 +79,20 @@ class NumberPool:
     def __init__(self) -> None:
         self._taken: set[int] = set()
         self._owners: dict[int, str] = {}
+        #: Where the next search of each range starts: right after the last number
+        #: handed out, so a number given back is the last one handed out again
+        #: (a session that gave its uid back while idle most likely gets it back).
+        self._next: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
 
     def take(
         self, first: int, count: int, is_free: Callable[[int], bool], *, owner: str = "", cap: int = 0
     ) -> int:
-        for n in range(first, first + count):
+        start = self._next.get((first, count), 0)
+        for i in range(count):
+            n = first + (start + i) % count
             if self.claim(n, is_free, owner=owner, cap=cap):
+                self._next[(first, count)] = (n - first + 1) % count
                 return n
         raise SandboxBroken(f"no free number left in {first}..{first + count - 1}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import os
 import secrets
 import shlex
@@ -33,7 +34,7 @@ import structlog
 
 from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
-from sandboxes.local import cgroups, quota, tools
+from sandboxes.local import cgroups, quota, tools, uids
 from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
@@ -63,6 +64,8 @@ class LocalSandbox:
         self._apps: list[asyncio.subprocess.Process] = []
         self._commands = Commands(self._id, config, self._base)
         self._ensure_lock = asyncio.Lock()
+        #: True while the session's uid is given back (see ``_park``).
+        self._parked = False
         self._closed = False
 
     # -- Sandbox protocol: state -------------------------------------------
@@ -112,12 +115,38 @@ class LocalSandbox:
         """The session's jail, creating its folders and identity on first use."""
         if self._closed:
             raise SandboxBroken(f"sandbox {self._id} is closed")
-        if self._jail is not None:
+        if self._jail is not None and not self._parked:
             return self._jail
         async with self._ensure_lock:
             if self._jail is None:
                 self._jail = await self._create_jail()
+            elif self._parked:
+                self._jail = await self._unpark(self._jail)
         return self._jail
+
+    def _park(self) -> None:
+        """Give the uid back: nothing runs under it (the desktop stopped, its uid swept)."""
+        if self._jail is not None and self._jail.identity.dropped and not self._closed:
+            self._jail.identity.release()
+            self._parked = True
+
+    async def _unpark(self, jail: Jail) -> Jail:
+        """The jail with its uid taken back (or a new one, the home handed over), off the loop."""
+        config = self._config
+        again = functools.partial(
+            uids.retake, jail.identity, self._base, uid_base=config.uid_base, uid_count=config.uid_count,
+            owner=self._spec.username, cap=config.uids_per_user,
+        )  # fmt: skip
+        made = asyncio.get_running_loop().run_in_executor(None, again)
+        try:
+            identity = await asyncio.shield(made)
+        except asyncio.CancelledError:
+            made.add_done_callback(_release_identity)
+            raise
+        self._parked = False
+        if identity.uid != jail.identity.uid:
+            logger.info("sandbox.uid_changed", sandbox_id=self._id, uid=identity.uid, was=jail.identity.uid)
+        return attrs.evolve(jail, identity=identity)
 
     async def _create_jail(self) -> Jail:
         # Finding a free uid starts processes: off the loop. Shielded, so that
@@ -198,9 +227,12 @@ class LocalSandbox:
                 desktop.release()
         # Anything of the session's left outside the jails walked above (a
         # desktop helper in flight); no new command jail may start meanwhile.
-        if self._jail.identity.dropped:
+        if self._jail.identity.dropped and not self._parked:
             async with self._commands.held():
                 await asyncio.to_thread(self._jail.identity.kill_all)
+                # Nothing runs under the uid now: a session idle after its
+                # desktop stopped holds none (the next command takes it back).
+                self._park()
         logger.info("sandbox.desktop_stopped", sandbox_id=self._id, ignored_sigterm=stubborn)
 
     async def close(self) -> None:
@@ -239,7 +271,7 @@ class LocalSandbox:
         """SIGKILL what is left of the session, remove its folder, free its uid (blocking; never raises)."""
         jail, gone = self._jail, True
         try:
-            if jail is not None:
+            if jail is not None and not self._parked:  # a parked uid may be another's by now
                 gone = False
                 _kill_session(jail)
                 gone = True
@@ -247,8 +279,9 @@ class LocalSandbox:
         except Exception:
             logger.exception("sandbox.teardown_failed", sandbox_id=self._id)
         finally:
-            # A uid whose processes may live on is never handed out again.
-            if jail is not None and gone:
+            # A uid whose processes may live on is never handed out again; a
+            # parked one was given back already (and may be another's now).
+            if jail is not None and gone and not self._parked:
                 jail.identity.release()
 
     # -- commands --------------------------------------------------------------

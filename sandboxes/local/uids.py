@@ -24,11 +24,14 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import attrs
 
 from protocol.errors import SandboxBroken
+from sandboxes.local.folders import make_session_folder
+from sandboxes.local.jail import Identity
 
 #: Ranges live in [SPACE_BASE, SPACE_BASE + SLOTS * RANGE_SIZE): above the
 #: uids of accounts and of Debian's default subuid ranges (100000 + 65536 n).
@@ -38,6 +41,7 @@ SLOTS = 16_000
 RANGE_LOCKS = Path("/run/deskhive/ranges")
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 RECORD = "uid-range"
+CHOWN = "/usr/bin/chown"
 #: The descriptors holding this process's range locks, by first uid.
 _HELD: dict[int, int] = {}
 
@@ -146,3 +150,38 @@ def release_range(r: UidRange) -> None:
     fd = _HELD.pop(r.first, None)
     if fd is not None:
         os.close(fd)
+
+
+def retake(
+    identity: Identity, base: Path, *, uid_base: int, uid_count: int, owner: str, cap: int
+) -> Identity:
+    """The uid a session gave back while idle; or a new one, the session's files handed to it (blocking).
+
+    The home's files are owned by the old uid, so that one is claimed first;
+    only if something else took it meanwhile does the session move to a new
+    uid, and then its home is chowned (links themselves, never followed).
+    """
+    try:
+        return Identity.claim(identity.uid, owner=owner, cap=cap)
+    except SandboxBroken:
+        pass
+    new = Identity.acquire(uid_base, uid_count, owner=owner, cap=cap)
+    try:
+        make_session_folder(base, new.uid, new.gid)
+        _chown_tree(base / "home", new.uid, new.gid)
+    except BaseException:
+        new.release()
+        raise
+    return new
+
+
+def _chown_tree(home: Path, uid: int, gid: int) -> None:
+    # GNU chown -R walks physically (-P, the default): no link is followed,
+    # and -h changes links themselves. Nothing of the session runs meanwhile.
+    done = subprocess.run(
+        [CHOWN, "-R", "-P", "-h", "--", f"{uid}:{gid}", os.fspath(home)],
+        stdin=subprocess.DEVNULL, capture_output=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        detail = done.stderr.decode(errors="replace").strip()[-200:]
+        raise SandboxBroken(f"cannot hand the home {home} to uid {uid}: {detail}")
