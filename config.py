@@ -94,9 +94,8 @@ def _flag(text: str) -> bool:
 def default_data_dir() -> Path:
     """``/var/lib/deskhive`` for a root server, ``./var`` otherwise.
 
-    Sandboxed processes run as other, unprivileged users, and bubblewrap opens
-    their folders as those users: every folder above the data folder must be
-    enterable by them, which a checkout under ``/root`` is not.
+    Any folder works, ``/root`` included: sandboxed processes reach their
+    folders through a mount of their own (``sandboxes.local.portal``).
     """
     return Path("/var/lib/deskhive") if os.geteuid() == 0 else Path("var")
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sandboxes.local import LocalSandbox, xauth
+from sandboxes.base import SandboxSpec
+from sandboxes.local import LocalConfig, LocalSandbox, portal, quota, xauth
 from sandboxes.local.sockets import connectable
 from tests.conftest import MakeLocal
 from tests.test_local_sandbox import run
@@ -147,3 +148,23 @@ async def test_programs_planted_in_the_home_are_not_what_the_server_starts(deskt
     assert await windows(desktop, "chromium")
     assert (await desktop.screenshot()).startswith(b"\x89PNG")
     assert not list(desktop.home.glob("planted-*"))
+
+
+async def test_a_data_folder_under_a_private_folder_works_and_leaves_no_mount(tmp_path: Path) -> None:
+    """Under a 0700 folder (as /root is) commands and the desktop run; nothing stays mounted on the host."""
+    private = tmp_path / "root-like"
+    private.mkdir(mode=0o700)
+    spec = SandboxSpec(session_id="ada_1700000000_00000000000000aa", username="ada", data_dir=private)
+    sandbox = LocalSandbox(spec, LocalConfig(root=private / "sandboxes"))
+    try:
+        code, out = await run(sandbox, "echo hi > note; cat note")
+        assert (code, out.text()) == (0, "hi\n")
+        async with asyncio.timeout(20):
+            await sandbox.start_desktop()
+        assert (await sandbox.screenshot()).startswith(b"\x89PNG")
+        code, out = await run(sandbox, "xdotool getmouselocation")
+        assert code == 0 and "x:" in out.text()
+        assert quota.mounts_under(Path(portal.PORTAL).parent) == []
+    finally:
+        async with asyncio.timeout(20):
+            await sandbox.close()

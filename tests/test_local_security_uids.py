@@ -135,7 +135,8 @@ async def test_a_uid_given_back_can_be_claimed_again_and_a_held_one_cannot(make:
 
 async def test_a_session_idle_after_kill_desktop_holds_no_uid_and_gets_its_own_back(make: MakeLocal) -> None:
     """After the desktop stops nothing holds the session's uid; its next command runs as it again."""
-    sandbox = make("ada")
+    # A range of its own: sandboxes of other test runs on the host take the lowest free uids.
+    sandbox = make("ada", uid_base=270_000 + (os.getpid() % 1000) * 10, uid_count=10)
     assert (await run(sandbox, "echo mine > note"))[0] == 0
     assert sandbox.jail is not None
     uid = sandbox.jail.identity.uid

@@ -21,7 +21,6 @@ from pathlib import Path
 import attrs
 import structlog
 
-from protocol.errors import SandboxBroken
 from sandboxes.local.quota import unmount_under
 
 logger = structlog.get_logger()
@@ -32,22 +31,6 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RM = "/usr/bin/rm"
 #: Errors named in the log line of one removal (their count is always given).
 _ERRORS_KEPT = 5
-
-
-def check_enterable(folder: Path) -> None:
-    """Raise ``SandboxBroken`` naming the first of existing *folder* and its parents others cannot enter.
-
-    Sandboxed commands run as other users than the server's, so every folder
-    above the ones they use must have o+x. Links are resolved first: what
-    counts is the folders they lead through.
-    """
-    folder = folder.resolve()
-    for path in [folder, *folder.parents]:
-        if not path.stat().st_mode & stat.S_IXOTH:
-            raise SandboxBroken(
-                f"{path} is not enterable by other users (o+x), and sandboxed commands run as "
-                f"other users, so they cannot reach {folder}: choose another folder or chmod o+x it"
-            )
 
 
 #: The session's folders its uid owns, right under the session's folder, and
@@ -61,10 +44,9 @@ def make_session_folder(base: Path, uid: int, gid: int) -> None:
 
     No other host account may enter it: not to list sessions, not to reach
     the desktop's socket, not to read the home. The session's own uid must
-    pass through it (group x) because bwrap, running as that uid, resolves
-    every bind source by path, even one given by descriptor (``--bind-fd``
-    is ``realpath("/proc/self/fd/N")`` in bwrap 0.8). An existing entry that
-    is a link is refused.
+    pass through it (group x): bwrap, running as that uid, resolves every
+    bind source by path (see ``portal``). An existing entry that is a link
+    is refused.
     """
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     top = os.open(base, _DIR_FLAGS)

@@ -30,7 +30,7 @@ import attrs
 
 from protocol.errors import SandboxBroken
 from sandboxes.base import Limits
-from sandboxes.local import seccomp
+from sandboxes.local import portal, seccomp
 from sandboxes.local.cgroups import SessionCgroup
 from sandboxes.local.hostpaths import open_nofollow, program
 from sandboxes.local.xauth import XAUTHORITY
@@ -287,6 +287,19 @@ class Jail:
     #: The session's cgroup, which every process joins before it runs; ``None``
     #: where the host has none we can use.
     cgroup: SessionCgroup | None = None
+    #: The session's folder; with a uid of its own, its jails reach it through
+    #: ``portal`` (so no folder above it needs a right for the session's uid).
+    base: Path | None = None
+
+    @property
+    def portal_base(self) -> Path | None:
+        return self.base if self.identity.dropped else None
+
+    def start_argv(self) -> tuple[list[str], dict[str, Any]]:
+        """What runs before ``argv``, and ``Popen``'s arguments: root through the portal, or the uid."""
+        if self.portal_base is None:
+            return [], self.identity.popen_kwargs()
+        return portal.prefix(self.portal_base, self.identity.uid, self.identity.gid), {}
 
     def env(self, display: int | None = None) -> dict[str, str]:
         env = {
@@ -359,8 +372,13 @@ class Jail:
                 args += ["--ro-bind-data", keep(_data_fd(data)), dest]
             chdir = "/"
             for m in mounts:
-                fd = keep(_open(m.host))
-                args += ["--bind-fd" if m.writable else "--ro-bind-fd", fd, m.dest]
+                fd = _open(m.host)  # refused if a link, whichever way it is bound
+                via = portal.source(self.portal_base, m.host) if self.portal_base is not None else None
+                if via is None:
+                    args += ["--bind-fd" if m.writable else "--ro-bind-fd", keep(fd), m.dest]
+                else:
+                    os.close(fd)
+                    args += ["--bind" if m.writable else "--ro-bind", via, m.dest]
                 chdir = HOME if m.dest == HOME else chdir
             args += ["--chdir", chdir, "--", *command]
             yield args, fds
@@ -446,11 +464,13 @@ async def spawn(
     confined = jail.argv(
         command, mounts=mounts, network=network, limits=limits, files=files, as_pid_1=as_pid_1
     )
+    start, popen_kwargs = jail.start_argv()
     with confined as (argv, fds), _gate(jail.cgroup) as gate:
         prefix = [SH, "-c", _JOIN_THEN_EXEC, "sh"] if gate is not None else []
         try:
             proc = await asyncio.create_subprocess_exec(
                 *prefix,
+                *start,
                 *argv,
                 stdin=gate[0] if gate is not None else asyncio.subprocess.DEVNULL,
                 stdout=stdout,
@@ -458,7 +478,7 @@ async def spawn(
                 env=env,
                 pass_fds=[*fds, *pass_fds],
                 start_new_session=True,
-                **jail.identity.popen_kwargs(),
+                **popen_kwargs,
             )
         except OSError as exc:
             raise SandboxBroken(f"cannot start sandboxed {command[0]!r}: {exc}") from exc

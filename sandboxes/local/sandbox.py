@@ -34,11 +34,11 @@ import structlog
 
 from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
-from sandboxes.local import cgroups, quota, tools, uids
+from sandboxes.local import cgroups, portal, quota, tools, uids
 from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
-from sandboxes.local.folders import check_enterable, make_session_folder, remove_logged, sweep_orphans
+from sandboxes.local.folders import make_session_folder, remove_logged, sweep_orphans
 from sandboxes.local.jail import HOME, Identity, Jail, Mount, session_pids, spawn
 from sandboxes.local.procs import kill_now, reap, terminate
 
@@ -169,7 +169,7 @@ class LocalSandbox:
         logger.info("sandbox.created", sandbox_id=self._id, uid=identity.uid, base=str(self._base))
         return Jail(
             identity=identity, username=self._spec.username, marker=self._id, tmp_bytes=config.tmp_bytes,
-            shm_bytes=config.shm_bytes, root_bytes=config.root_bytes, cgroup=cgroup,
+            shm_bytes=config.shm_bytes, root_bytes=config.root_bytes, cgroup=cgroup, base=self._base,
         )  # fmt: skip
 
     def _prepare(self) -> Identity:
@@ -182,8 +182,7 @@ class LocalSandbox:
                 # Enterable, not listable: session ids are nobody else's to see.
                 self._config.root.chmod(0o711)
             if identity.dropped:
-                # The session's folder itself is 0710 for its group alone; those above, o+x.
-                check_enterable(self._base.parent)
+                portal.ensure()  # jails reach the session's folder there, not by its path
             make_session_folder(self._base, identity.uid, identity.gid)
             if config.home_quota.bytes:
                 quota.mount_home(self._base, identity.uid, identity.gid, config.home_quota)

@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import attrs
@@ -42,6 +43,8 @@ RANGE_LOCKS = Path("/run/deskhive/ranges")
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 RECORD = "uid-range"
 CHOWN = "/usr/bin/chown"
+#: Seconds a session waits for its idle uid to be free again before it moves to another.
+RETAKE_WAIT = 1.0
 #: The descriptors holding this process's range locks, by first uid.
 _HELD: dict[int, int] = {}
 
@@ -161,10 +164,15 @@ def retake(
     only if something else took it meanwhile does the session move to a new
     uid, and then its home is chowned (links themselves, never followed).
     """
-    try:
-        return Identity.claim(identity.uid, owner=owner, cap=cap)
-    except SandboxBroken:
-        pass
+    # Processes SIGKILLed as the uid a moment ago may not be gone yet: a short, bounded wait.
+    deadline = time.monotonic() + RETAKE_WAIT
+    while True:
+        try:
+            return Identity.claim(identity.uid, owner=owner, cap=cap)
+        except SandboxBroken:
+            if time.monotonic() >= deadline:
+                break
+        time.sleep(0.05)  # in a worker thread, never on the loop
     new = Identity.acquire(uid_base, uid_count, owner=owner, cap=cap)
     try:
         make_session_folder(base, new.uid, new.gid)
