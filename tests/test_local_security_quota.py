@@ -68,3 +68,12 @@ def test_home_quota_option_takes_a_size_and_inodes() -> None:
     assert from_args(serve.parse_args(["serve"]), {"DESKHIVE_HOME_QUOTA": "0"}).home_quota[0] == 0
     with pytest.raises(SystemExit):
         serve.parse_args(["serve", "--home-quota", "lots"])
+
+
+async def test_more_bounded_homes_than_the_loop_nodes_in_dev_are_all_bounded(make: MakeLocal) -> None:
+    """Ten sessions at once (a container's /dev has loop0..7) each get a home of their own filesystem."""
+    sandboxes = [make(f"u{i}", home_quota=SMALL) for i in range(10)]
+    for sandbox in sandboxes:
+        assert (await run(sandbox, "true"))[0] == 0
+    mounted = set(quota.mounts_under(sandboxes[0].home.parent.parent))
+    assert mounted == {os.fspath(s.home) for s in sandboxes}

@@ -11,14 +11,16 @@ image again; removing a session's folder unmounts whatever is mounted under
 it first (``unmount_under``).
 
 Where the image cannot be made or mounted (a server not run as root, no
-loop device left), the home is a plain folder and ``sandbox.home_quota_unenforced``
+loop device the host lets us use), the home is a plain folder and ``sandbox.home_quota_unenforced``
 says so, at start-up and for each session it concerns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -73,6 +75,7 @@ def mount_home(base: Path, uid: int, gid: int, quota: HomeQuota) -> bool:
         try:
             if not image.exists():
                 _make_image(image, uid, gid, quota)
+            _free_loop_node()
             _run(MOUNT, "-t", "ext4", "-o", "loop,nosuid,nodev", "--", os.fspath(image), os.fspath(home))
         except SandboxBroken as exc:
             reason = str(exc)
@@ -88,6 +91,26 @@ def mount_home(base: Path, uid: int, gid: int, quota: HomeQuota) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_MAJOR = 7
+
+
+def _free_loop_node() -> None:
+    """Make sure the next free loop device has its node: a container's /dev may hold only loop0..7.
+
+    The kernel makes loop devices on demand (``LOOP_CTL_GET_FREE``, which
+    mount's ``-o loop`` asks for too), but a /dev without udev gets no node.
+    """
+    with contextlib.suppress(OSError):
+        fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            n = fcntl.ioctl(fd, LOOP_CTL_GET_FREE)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.mknod(f"/dev/loop{n}", 0o660 | stat.S_IFBLK, os.makedev(LOOP_MAJOR, n))
 
 
 def _make_image(image: Path, uid: int, gid: int, quota: HomeQuota) -> None:
