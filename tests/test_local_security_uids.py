@@ -16,7 +16,7 @@ from config import Settings
 from protocol.errors import SandboxBroken
 from sandboxes.base import SandboxSpec
 from sandboxes.local import uids
-from sandboxes.local.jail import UIDS, Identity, lock_uid
+from sandboxes.local.identity import UIDS, Identity, lock_uid
 from sandboxes.local.sandbox import LocalSandbox
 from tests.conftest import MakeLocal
 from tests.test_local_sandbox import run

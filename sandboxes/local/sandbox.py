@@ -39,7 +39,8 @@ from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
 from sandboxes.local.folders import make_session_folder, remove_logged, sweep_orphans
-from sandboxes.local.jail import HOME, Identity, Jail, Mount, session_pids, spawn
+from sandboxes.local.identity import Identity, wait_uid_gone
+from sandboxes.local.jail import HOME, Jail, Mount, session_pids, spawn
 from sandboxes.local.procs import kill_now, reap, terminate
 
 logger = structlog.get_logger()
@@ -229,9 +230,11 @@ class LocalSandbox:
         if self._jail.identity.dropped and not self._parked:
             async with self._commands.held():
                 await asyncio.to_thread(self._jail.identity.kill_all)
-                # Nothing runs under the uid now: a session idle after its
+                # Once nothing runs under the uid, a session idle after its
                 # desktop stopped holds none (the next command takes it back).
-                self._park()
+                uid, grace = self._jail.identity.uid, self._config.kill_grace * 4
+                if await asyncio.to_thread(wait_uid_gone, uid, grace):
+                    self._park()
         logger.info("sandbox.desktop_stopped", sandbox_id=self._id, ignored_sigterm=stubborn)
 
     async def close(self) -> None:

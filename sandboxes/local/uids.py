@@ -32,7 +32,7 @@ import attrs
 
 from protocol.errors import SandboxBroken
 from sandboxes.local.folders import make_session_folder
-from sandboxes.local.jail import Identity
+from sandboxes.local.identity import Identity
 
 #: Ranges live in [SPACE_BASE, SPACE_BASE + SLOTS * RANGE_SIZE): above the
 #: uids of accounts and of Debian's default subuid ranges (100000 + 65536 n).
