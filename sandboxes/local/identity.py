@@ -48,12 +48,12 @@ class NumberPool:
         start = self._next.get((first, count), 0)
         for i in range(count):
             n = first + (start + i) % count
-            if self.claim(n, is_free, owner=owner, cap=cap):
+            if self.take_exact(n, is_free, owner=owner, cap=cap):
                 self._next[(first, count)] = (n - first + 1) % count
                 return n
         raise SandboxBroken(f"no free number left in {first}..{first + count - 1}")
 
-    def claim(self, n: int, is_free: Callable[[int], bool], *, owner: str = "", cap: int = 0) -> bool:
+    def take_exact(self, n: int, is_free: Callable[[int], bool], *, owner: str = "", cap: int = 0) -> bool:
         """Take *n* itself if it is free; ``SandboxBroken`` if *owner* holds *cap* already."""
         with self._lock:
             if cap and owner and sum(1 for o in self._owners.values() if o == owner) >= cap:
@@ -192,7 +192,7 @@ class Identity:
         """
         if os.geteuid() != 0:
             return cls.acquire(0, 0)
-        if not UIDS.claim(uid, _free_now(), owner=owner, cap=cap):
+        if not UIDS.take_exact(uid, _free_now(), owner=owner, cap=cap):
             raise SandboxBroken(f"uid {uid} is in use on this host; it cannot be taken again")
         return cls(uid=uid, gid=uid, dropped=True)
 
