@@ -67,6 +67,22 @@ def _origins(text: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+_UNITS: Final = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def _home_quota(text: str) -> tuple[int, int]:
+    """``5GiB`` or ``5GiB:500000`` (bytes, then inodes); ``0`` leaves homes unbounded."""
+    size, _, inodes = text.strip().lower().partition(":")
+    number = size.rstrip("kmgtib")
+    unit = size[len(number) :].removesuffix("ib").removesuffix("b")
+    if not number.isdigit() or unit not in _UNITS or (inodes and not inodes.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected SIZE[:INODES] such as 5GiB:500000, not {text!r}")
+    value = int(number) * _UNITS[unit]
+    if 0 < value < 64 * 1024**2:
+        raise argparse.ArgumentTypeError(f"a home needs at least 64 MiB, not {text!r}")
+    return value, int(inodes) if inodes else 500_000
+
+
 def _flag(text: str) -> bool:
     if text.lower() in {"1", "true", "yes", "on"}:
         return True
@@ -84,9 +100,8 @@ def _store_url(text: str) -> str:
 def default_data_dir() -> Path:
     """``/var/lib/deskhive`` for a root server, ``./var`` otherwise.
 
-    Sandboxed processes run as other, unprivileged users, and bubblewrap opens
-    their folders as those users: every folder above the data folder must be
-    enterable by them, which a checkout under ``/root`` is not.
+    Any folder works, ``/root`` included: sandboxed processes reach their
+    folders through a mount of their own (``sandboxes.local.portal``).
     """
     return Path("/var/lib/deskhive") if os.geteuid() == 0 else Path("var")
 
@@ -146,6 +161,8 @@ class Settings:
     agent_coordinate_grid: int = 0
     #: Largest file ``PUT /api/sessions/{id}/files/{path}`` takes, bytes.
     upload_limit: int = 100 * 1024 * 1024
+    #: Bytes and inodes of each local sandbox's home; (0, n) leaves homes unbounded.
+    home_quota: tuple[int, int] = (5 * 1024**3, 500_000)
 
 
 #: (option, parser, help); the default comes from ``Settings``.
@@ -226,6 +243,7 @@ _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
         "0: the model answers screenshot pixels; N: a 0..N grid (1000 for Qwen-VL, UI-TARS)",
     ),
     ("upload_limit", _positive(int), "largest file one upload to a session's home may be, bytes"),
+    ("home_quota", _home_quota, "size[:inodes] of each local sandbox's home (default 5GiB:500000; 0: none)"),
 )
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import aiohttp
+import attrs
 
 import store
 from actors.jobs import JobConfig
@@ -85,23 +86,30 @@ def sandbox_factory(settings: Settings) -> SandboxFactory:
         from sandboxes.e2b import e2b_factory
 
         return e2b_factory()
-    from sandboxes.local import LocalConfig, check_enterable, local_factory
+    from sandboxes.local import LocalConfig, local_factory, uids
+    from sandboxes.local.quota import HomeQuota
 
     root = settings.data_dir / "sandboxes"
-    if os.geteuid() == 0:
-        # Fail at start-up, not at the first command, on a folder sandboxes cannot reach.
-        root.mkdir(parents=True, exist_ok=True)
-        root.chmod(0o755)
-        try:
-            check_enterable(root)
-        except SandboxBroken as exc:
-            raise NotConfigured(
-                f"data folder {settings.data_dir}: {exc.message}; choose another --data-dir"
-            ) from None
+    # Enterable, not listable: session ids are nobody else's to see. Jails
+    # reach their folders through a mount of their own (sandboxes.local.portal),
+    # so the folders above need no right for the sessions' uids.
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o711)
     limits = Limits(
         cpu_seconds=settings.command_cpu_seconds,
         memory_bytes=settings.command_memory,
         processes=settings.command_processes,
         file_bytes=settings.command_file_size,
     )
-    return local_factory(LocalConfig(root=root, limits=limits, network=settings.sandbox_network))
+    config = LocalConfig(
+        root=root, limits=limits, network=settings.sandbox_network, uids_per_user=settings.sessions_per_user,
+        home_quota=HomeQuota(*settings.home_quota),
+    )  # fmt: skip
+    if os.geteuid() == 0:
+        # This instance's own uids: never another server's, never a container's.
+        try:
+            uid_range = uids.instance_range(root)
+        except SandboxBroken as exc:
+            raise NotConfigured(f"data folder {settings.data_dir}: {exc.message}") from None
+        config = attrs.evolve(config, uid_base=uid_range.first, uid_count=uid_range.count)
+    return local_factory(config)

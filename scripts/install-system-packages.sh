@@ -12,7 +12,7 @@ set -eu
 # procps: ps, which the jail tests look for other sessions' processes with.
 # slirp4netns: the outbound-only network of a sandbox with --sandbox-network.
 # tests/test_programs.py checks that every program the code starts is here.
-PACKAGES="python3 python3-pip bubblewrap xvfb xfonts-base x11vnc x11-xserver-utils xdotool novnc imagemagick xterm openbox chromium fonts-dejavu-core util-linux procps slirp4netns"
+PACKAGES="python3 python3-pip bubblewrap xvfb xfonts-base x11vnc x11-xserver-utils x11-utils xdotool novnc imagemagick xterm openbox chromium fonts-dejavu-core util-linux procps slirp4netns"
 
 # One dpkg-query for all: names it does not list as installed are missing.
 # shellcheck disable=SC2086  # the list is meant to split into words

@@ -112,6 +112,7 @@ KNOWN: dict[str, str] = {
     "import": "imagemagick-6.q16",
     "openbox": "openbox",
     "xterm": "xterm",
+    "xdpyinfo": "x11-utils",
     "chromium": "chromium",
     "/usr/bin/chromium": "chromium",
     "bwrap": "bubblewrap",

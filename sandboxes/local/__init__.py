@@ -1,7 +1,6 @@
 """The ``local`` sandbox backend: bubblewrap jails and an Xvfb desktop."""
 
 from sandboxes.local.config import LocalConfig
-from sandboxes.local.folders import check_enterable
 from sandboxes.local.sandbox import LocalSandbox, local_factory
 
-__all__ = ["LocalConfig", "LocalSandbox", "check_enterable", "local_factory"]
+__all__ = ["LocalConfig", "LocalSandbox", "local_factory"]

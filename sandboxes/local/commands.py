@@ -24,6 +24,7 @@ from sandboxes.local.cmdjail import CommandJail
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.jail import HOME, X11_DIR, Jail, Mount, spawn
 from sandboxes.local.procs import exit_code, kill_now, pump_both, reap
+from sandboxes.local.xauth import AUTH_DIR
 
 logger = structlog.get_logger()
 
@@ -91,7 +92,12 @@ class Commands:
             logger.warning("sandbox.command_jail_restarted", sandbox_id=self._id, reason=old.ended)
         # The X socket folder read-only: the display's socket can be used
         # (connect needs no write on the mount) but not replaced.
-        mounts = [Mount(self._base / "home", HOME, writable=True), Mount(self._base / "x11", X11_DIR)]
+        # And the auth folder, where each desktop run's cookie appears.
+        mounts = [
+            Mount(self._base / "home", HOME, writable=True),
+            Mount(self._base / "x11", X11_DIR),
+            Mount(self._base / "auth", AUTH_DIR),
+        ]
         started = time.monotonic()
         new = await CommandJail.start(
             jail,

@@ -7,6 +7,7 @@ from pathlib import Path
 import attrs
 
 from sandboxes.base import Limits
+from sandboxes.local.quota import HomeQuota
 
 
 @attrs.frozen(kw_only=True)
@@ -27,6 +28,8 @@ class LocalConfig:
     #: When the server runs as root, sessions get uids from this range.
     uid_base: int = 200_000
     uid_count: int = 10_000
+    #: Uids one username may hold at once (0: no bound): one per live session.
+    uids_per_user: int = 16
     #: X display numbers are handed out from here up (``:100``, ``:101``...).
     display_base: int = 100
     display_count: int = 1000
@@ -47,6 +50,9 @@ class LocalConfig:
     session_memory_bytes: int = 4 * 1024**3
     session_processes: int = 512
     session_cpu_weight: int = 100
+    #: Size and inodes of each home (an image of its own, see ``quota``);
+    #: ``HomeQuota()`` (0 bytes) leaves homes unbounded.
+    home_quota: HomeQuota = attrs.field(factory=HomeQuota)
     #: Bound on the desktop's start, from spawning Xvfb to x11vnc answering.
     start_timeout: float = 10.0
     #: Time a process gets between SIGTERM and SIGKILL.

@@ -3,7 +3,8 @@
 Xvfb runs in its own jail with the session's private X socket folder mounted
 at ``/tmp/.X11-unix``; with its own network namespace its abstract socket is
 out of everybody's reach, so the socket file is the only way in, and only
-jails that mount it can draw. MIT-SHM is off because the jails do not share
+jails that mount it can draw, and only with the desktop's cookie (Xvfb runs
+with ``-auth``; see ``xauth``). MIT-SHM is off because the jails do not share
 an IPC namespace. x11vnc listens on a unix socket in a folder that no
 sandboxed program of the session can see; only the server connects to it.
 """
@@ -21,6 +22,7 @@ import attrs
 import structlog
 
 from protocol.errors import SandboxBroken
+from sandboxes.local import xauth
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.jail import DISPLAYS, X11_DIR, Jail, Mount, spawn
 from sandboxes.local.procs import reap
@@ -46,6 +48,7 @@ class Desktop:
     display: int
     x11_dir: Path
     vnc_dir: Path
+    auth_dir: Path
     procs: list[asyncio.subprocess.Process] = attrs.field(factory=list)
     #: The program each process runs, by pid (for messages).
     names: dict[int, str] = attrs.field(factory=dict)
@@ -61,14 +64,20 @@ class Desktop:
     def vnc_socket(self) -> Path:
         return self.vnc_dir / "sock"
 
-    def x_mount(self) -> Mount:
-        """The display's socket alone, for jails that draw on it."""
-        return Mount(self.x_socket, f"{X11_DIR}/X{self.display}", writable=True)
+    def x_mounts(self) -> list[Mount]:
+        """The display's socket alone and its cookie, for jails that draw on it."""
+        return [Mount(self.x_socket, f"{X11_DIR}/X{self.display}", writable=True), self.auth_mount()]
+
+    def auth_mount(self) -> Mount:
+        return Mount(self.auth_dir, xauth.AUTH_DIR)
 
     @classmethod
-    async def start(cls, jail: Jail, config: LocalConfig, x11_dir: Path, vnc_dir: Path) -> Desktop:
+    async def start(cls, jail: Jail, config: LocalConfig, base: Path) -> Desktop:
+        """A ready desktop with its folders under the session's folder *base*."""
         display = DISPLAYS.take(config.display_base, config.display_count, display_is_free)
-        desktop = cls(jail=jail, display=display, x11_dir=x11_dir, vnc_dir=vnc_dir)
+        desktop = cls(
+            jail=jail, display=display, x11_dir=base / "x11", vnc_dir=base / "vnc", auth_dir=base / "auth"
+        )
         try:
             try:
                 async with asyncio.timeout(config.start_timeout):
@@ -92,13 +101,15 @@ class Desktop:
         for stale in (self.x_socket, self.vnc_socket):
             stale.unlink(missing_ok=True)
         width, height = config.screen
+        xauth.write(self.auth_dir, self.display)
         xvfb = ["Xvfb", f":{self.display}", "-screen", "0", f"{width}x{height}x{config.depth}"]
-        xvfb += ["-nolisten", "tcp", "-extension", "MIT-SHM", "-noreset"]
-        self._add(await spawn(self.jail, xvfb, mounts=[Mount(self.x11_dir, X11_DIR, writable=True)]), "Xvfb")
+        xvfb += ["-nolisten", "tcp", "-extension", "MIT-SHM", "-noreset", "-auth", xauth.XAUTHORITY]
+        mounts = [Mount(self.x11_dir, X11_DIR, writable=True), self.auth_mount()]
+        self._add(await spawn(self.jail, xvfb, mounts=mounts), "Xvfb")
         await self._until_accepting(self.x_socket, "Xvfb")
 
     async def _start_clients(self, config: LocalConfig) -> None:
-        x = [self.x_mount()]
+        x = self.x_mounts()
         # The desktop's own programs get a HOME on their private /tmp: no
         # access to the session's files, and a writable HOME (openbox stalls
         # for seconds at start without one).
@@ -150,6 +161,7 @@ class Desktop:
     def release(self) -> None:
         """Give back the display number and remove the sockets."""
         DISPLAYS.give(self.display)
+        xauth.remove(self.auth_dir)
         for path in (self.x_socket, self.vnc_socket):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)

@@ -14,7 +14,6 @@ import contextlib
 import errno
 import os
 import re
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -22,31 +21,53 @@ from pathlib import Path
 import attrs
 import structlog
 
-from protocol.errors import SandboxBroken
+from sandboxes.local.quota import unmount_under
 
 logger = structlog.get_logger()
 
 #: The names session folders have (``{username}_{unix seconds}_{16 hex}``).
 SESSION_FOLDER = re.compile(r"[A-Za-z0-9._-]{1,32}_[0-9]+_[0-9a-f]{16}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+RM = "/usr/bin/rm"
 #: Errors named in the log line of one removal (their count is always given).
 _ERRORS_KEPT = 5
 
 
-def check_enterable(folder: Path) -> None:
-    """Raise ``SandboxBroken`` naming the first of existing *folder* and its parents others cannot enter.
+#: The session's folders its uid owns, right under the session's folder, and
+#: root's read-only ones (see ``hostpaths`` on why nothing deeper is theirs).
+SESSION_OWNED = ("home", "x11", "vnc")
+ROOT_OWNED = ("auth",)
 
-    Sandboxed commands run as other users than the server's, so every folder
-    above the ones they use must have o+x. Links are resolved first: what
-    counts is the folders they lead through.
+
+def make_session_folder(base: Path, uid: int, gid: int) -> None:
+    """Create (or tighten) a session's folder: root's, 0710 with the session's group; nothing followed.
+
+    No other host account may enter it: not to list sessions, not to reach
+    the desktop's socket, not to read the home. The session's own uid must
+    pass through it (group x): bwrap, running as that uid, resolves every
+    bind source by path (see ``portal``). An existing entry that is a link
+    is refused.
     """
-    folder = folder.resolve()
-    for path in [folder, *folder.parents]:
-        if not path.stat().st_mode & stat.S_IXOTH:
-            raise SandboxBroken(
-                f"{path} is not enterable by other users (o+x), and sandboxed commands run as "
-                f"other users, so they cannot reach {folder}: choose another folder or chmod o+x it"
-            )
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    top = os.open(base, _DIR_FLAGS)
+    try:
+        os.fchown(top, os.geteuid(), gid)
+        os.fchmod(top, 0o710)
+        for name in SESSION_OWNED + ROOT_OWNED:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=top)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=top)
+            try:
+                if name in SESSION_OWNED:
+                    os.fchown(fd, uid, gid)
+                    os.fchmod(fd, 0o700)
+                else:
+                    os.fchown(fd, os.geteuid(), os.getegid())
+                    os.fchmod(fd, 0o755)  # its cookie is the session's to read, in its jails
+            finally:
+                os.close(fd)
+    finally:
+        os.close(top)
 
 
 @attrs.define
@@ -201,6 +222,9 @@ def remove_logged(path: Path, **context: object) -> None:
     share of the server's interpreter lock from the event loop's thread.
     """
     try:
+        # A home's image mounted on it (see ``quota``) goes first: rm stays on
+        # one filesystem, and the image is removed whole with the folder.
+        unmount_under(path)
         _rm(path)
         done = remove_tree(path)
     except Exception:  # a bug here must not end a session's teardown
@@ -213,12 +237,12 @@ def remove_logged(path: Path, **context: object) -> None:
 
 
 def _rm(path: Path) -> None:
-    if not os.path.lexists(path) or shutil.which("rm") is None:
+    if not os.path.lexists(path) or not os.path.exists(RM):
         return
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         # No timeout: a huge home takes as long as it takes, in this thread.
         subprocess.run(
-            ["rm", "-rf", "--one-file-system", "--", os.fspath(path)],
+            [RM, "-rf", "--one-file-system", "--", os.fspath(path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
         )  # fmt: skip
 

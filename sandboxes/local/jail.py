@@ -1,4 +1,4 @@
-"""Bubblewrap jails: who a session runs as, and the argv that confines it.
+"""Bubblewrap jails: the argv that confines a session's processes (who they run as: ``identity``).
 
 Every process a local sandbox starts (commands, Xvfb, the window manager,
 x11vnc, desktop apps, xdotool) goes through :func:`spawn`, so they all get
@@ -7,20 +7,19 @@ namespaces, a read-only ``/usr``, a private ``/tmp``, only the session's own
 folders mounted, a minimal environment (no server secret leaks in), and, when
 the server runs as root, the session's own unprivileged uid.
 
-Folders are mounted from file descriptors (``--bind-fd``) that the server
-opens: the session's uid then needs no right on the folders above them.
+The server opens every bind source itself, never through a link (see
+``hostpaths``); with a uid of its own a jail binds the session's folders
+from ``portal``, so the session's uid needs no right on the folders above
+them; otherwise (a server not run as root) from those descriptors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
-import pwd
 import signal
-import subprocess
-import threading
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -29,12 +28,19 @@ import attrs
 
 from protocol.errors import SandboxBroken
 from sandboxes.base import Limits
-from sandboxes.local import seccomp
+from sandboxes.local import portal, seccomp
 from sandboxes.local.cgroups import SessionCgroup
+from sandboxes.local.hostpaths import open_nofollow, program
+from sandboxes.local.identity import DISPLAYS as DISPLAYS
+from sandboxes.local.identity import UIDS as UIDS
+from sandboxes.local.identity import Identity as Identity
+from sandboxes.local.identity import host_pids, real_uid
+from sandboxes.local.identity import lock_uid as lock_uid
 from sandboxes.local.network import ETC_FILES as NETWORK_ETC_FILES
 from sandboxes.local.network import START_TIMEOUT as NETWORK_START_TIMEOUT
 from sandboxes.local.network import Uplink, uplink_for
 from sandboxes.local.procs import reap
+from sandboxes.local.xauth import XAUTHORITY
 
 HOME = "/home/user"
 X11_DIR = "/tmp/.X11-unix"
@@ -56,167 +62,13 @@ SYSTEM_OTHER = ("/var/cache/fontconfig",)
 #: Started by absolute path: the environment handed to it is the session's.
 BWRAP = "/usr/bin/bwrap"
 SH = "/bin/sh"
+PRLIMIT = "/usr/bin/prlimit"
 CHROMIUM_D = "/etc/chromium.d"
 #: Waits for one line "go" on stdin, then runs the rest of argv with stdin on
 #: /dev/null; anything else (the server gave up) ends it before it ran anything.
 _JOIN_THEN_EXEC = 'read -r go && [ "$go" = go ] && exec "$@" </dev/null; exit 125'
 #: Top-level links of a merged-/usr system.
 USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64"))
-
-
-class NumberPool:
-    """Numbers (uids, X displays) handed out at most once in this process.
-
-    They are host-wide resources, so one pool per process is the right scope;
-    nothing about any user is kept here. Thread-safe: uids are taken in a
-    thread, since checking that one is free scans the host's processes.
-    """
-
-    def __init__(self) -> None:
-        self._taken: set[int] = set()
-        self._lock = threading.Lock()
-
-    def take(self, first: int, count: int, is_free: Callable[[int], bool]) -> int:
-        for n in range(first, first + count):
-            with self._lock:
-                if n in self._taken:
-                    continue
-                self._taken.add(n)
-            if is_free(n):
-                return n
-            self.give(n)
-        raise SandboxBroken(f"no free number left in {first}..{first + count - 1}")
-
-    def give(self, n: int) -> None:
-        with self._lock:
-            self._taken.discard(n)
-
-    def claim(self, n: int) -> None:
-        """Take *n* itself, whoever runs as it (a restored session takes back its uid)."""
-        self._taken.add(n)
-
-
-UIDS = NumberPool()
-DISPLAYS = NumberPool()
-#: Signals every process the caller may signal (all of its uid's, since it has
-#: no capability), itself excepted: ``kill(2)`` with pid -1. The shell is
-#: Debian's dash, whose ``kill`` is built in. setpriv (util-linux) changes the
-#: uid after exec, so the server starts it with vfork: a fork with a uid change
-#: would copy the whole server's page tables, stalling its other threads.
-_KILL_ALL = ("/bin/sh", "-c", "kill -s KILL -- -1", "kill-all")
-_KILL_ALL_TIMEOUT = 5.0
-
-
-def uids_in_use() -> set[int]:
-    """The real uids of every live process on the host: one scan of /proc (blocking)."""
-    return {uid for pid in _pids() if (uid := _real_uid(pid)) is not None}
-
-
-def uid_is_free(uid: int, in_use: set[int]) -> bool:
-    """A uid no account has and no process in *in_use* runs as."""
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return uid not in in_use
-    return False
-
-
-#: One lock file per uid in use by a session of any server on this host.
-UID_LOCKS = Path("/run/deskhive/uids")
-#: The descriptors holding this process's uid locks, by uid.
-_UID_LOCK_FDS: dict[int, int] = {}
-
-
-def lock_uid(uid: int) -> int | None:
-    """Hold an flock on *uid*'s lock file; its descriptor, or ``None`` if another holds it.
-
-    A uid is taken before any process runs as it, so the scan of /proc alone
-    cannot keep two servers on one host from taking the same one. The kernel
-    drops the lock when its holder dies, however it dies.
-    """
-    try:
-        UID_LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(UID_LOCKS / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise SandboxBroken(f"cannot lock uid {uid} in {UID_LOCKS}: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def kill_uid(uid: int) -> None:
-    """SIGKILL every process of *uid* with ``kill(-1)`` run as *uid* (blocking: a process start).
-
-    No scan of /proc: the kernel finds them, in every namespace, since a
-    process's uid is the same seen from any of them. (Its answer says
-    nothing: ``kill(-1)`` succeeds whenever any other process exists.)
-    """
-    if uid == 0 or uid == os.getuid():
-        raise ValueError(f"refusing to signal every process of uid {uid}")
-    try:
-        subprocess.run(
-            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *_KILL_ALL],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            timeout=_KILL_ALL_TIMEOUT, env={"PATH": "/usr/bin:/bin"}, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise SandboxBroken(f"cannot signal the processes of uid {uid}: {exc}") from exc
-
-
-@attrs.frozen(kw_only=True)
-class Identity:
-    """The host user a session's processes run as."""
-
-    uid: int
-    gid: int
-    #: True when the server is root and this uid was taken from ``UIDS``.
-    dropped: bool
-
-    @classmethod
-    def acquire(cls, uid_base: int, uid_count: int) -> Identity:
-        """A uid of the session's own (blocking when the server is root: run it in a thread)."""
-        if os.geteuid() != 0:
-            return cls(uid=os.getuid(), gid=os.getgid(), dropped=False)
-        # One scan for all candidates, in the caller's thread: a uid some
-        # process of the host runs as (another server's session, a container's
-        # mapped user) is never shared, and never killed by kill_all.
-        in_use = uids_in_use()
-
-        def free(n: int) -> bool:
-            if not uid_is_free(n, in_use) or (fd := lock_uid(n)) is None:
-                return False
-            _UID_LOCK_FDS[n] = fd
-            return True
-
-        uid = UIDS.take(uid_base, uid_count, free)
-        return cls(uid=uid, gid=uid, dropped=True)
-
-    def release(self) -> None:
-        """Give the uid back, here and host-wide; a second call does nothing."""
-        if not self.dropped:
-            return
-        fd = _UID_LOCK_FDS.pop(self.uid, None)
-        if fd is not None:
-            os.close(fd)
-            UIDS.give(self.uid)
-
-    def kill_all(self) -> None:
-        """SIGKILL every process of this session's own uid (blocking).
-
-        Only for a dropped identity: without one the uid is the server's.
-        """
-        if not self.dropped:
-            raise ValueError("the session has no uid of its own")
-        kill_uid(self.uid)
-
-    def popen_kwargs(self) -> dict[str, Any]:
-        """``Popen`` arguments that switch to this user before exec."""
-        if not self.dropped:
-            return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
 
 @attrs.frozen
@@ -242,6 +94,19 @@ class Jail:
     #: The session's cgroup, which every process joins before it runs; ``None``
     #: where the host has none we can use.
     cgroup: SessionCgroup | None = None
+    #: The session's folder; with a uid of its own, its jails reach it through
+    #: ``portal`` (so no folder above it needs a right for the session's uid).
+    base: Path | None = None
+
+    @property
+    def portal_base(self) -> Path | None:
+        return self.base if self.identity.dropped else None
+
+    def start_argv(self) -> tuple[list[str], dict[str, Any]]:
+        """What runs before ``argv``, and ``Popen``'s arguments: root through the portal, or the uid."""
+        if self.portal_base is None:
+            return [], self.identity.popen_kwargs()
+        return portal.prefix(self.portal_base, self.identity.uid, self.identity.gid), {}
 
     def env(self, display: int | None = None) -> dict[str, str]:
         env = {
@@ -256,6 +121,7 @@ class Jail:
         }
         if display is not None:
             env["DISPLAY"] = f":{display}"
+            env["XAUTHORITY"] = XAUTHORITY
         return env
 
     def _identity_files(self) -> tuple[str, str]:
@@ -320,9 +186,13 @@ class Jail:
                 args += ["--ro-bind-data", keep(_data_fd(data)), dest]
             chdir = "/"
             for m in mounts:
-                flags = os.O_PATH | (os.O_DIRECTORY if m.host.is_dir() else 0)
-                fd = keep(_open(m.host, flags))
-                args += ["--bind-fd" if m.writable else "--ro-bind-fd", fd, m.dest]
+                fd = _open(m.host)  # refused if a link, whichever way it is bound
+                via = portal.source(self.portal_base, m.host) if self.portal_base is not None else None
+                if via is None:
+                    args += ["--bind-fd" if m.writable else "--ro-bind-fd", keep(fd), m.dest]
+                else:
+                    os.close(fd)
+                    args += ["--bind" if m.writable else "--ro-bind", via, m.dest]
                 chdir = HOME if m.dest == HOME else chdir
             args += ["--chdir", chdir, "--", *command]
             yield args, fds
@@ -346,9 +216,12 @@ def _chromium_without_its_sandbox(keep: Callable[[int], str]) -> list[str]:
     return [*args, "--ro-bind-data", keep(_data_fd(flags)), f"{CHROMIUM_D}/zz-deskhive-no-sandbox"]
 
 
-def _open(path: Path, flags: int) -> int:
+def _open(path: Path) -> int:
+    """A descriptor of a bind source: a folder, socket or file, never through a link (see ``hostpaths``)."""
     try:
-        return os.open(path, flags)
+        st = os.lstat(path)
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "file"
+        return open_nofollow(path, kind)
     except OSError as exc:
         raise SandboxBroken(f"cannot open sandbox folder {path}: {exc.strerror}") from exc
 
@@ -375,7 +248,7 @@ def _prlimit(limits: Limits | None) -> list[str]:
         ("nproc", limits.processes),
         ("fsize", limits.file_bytes),
     )
-    return ["prlimit", *(f"--{name}={value}" for name, value in pairs if value > 0), "--"]
+    return [PRLIMIT, *(f"--{name}={value}" for name, value in pairs if value > 0), "--"]
 
 
 async def spawn(
@@ -402,6 +275,9 @@ async def spawn(
     network is up (see ``network``).
     """
     env = jail.env(display) | dict(extra_env or {})
+    # bwrap would look the program up on the session's PATH (its ~/.local/bin first).
+    command = [program(command[0]), *command[1:]]
+    start, popen_kwargs = jail.start_argv()
     with uplink_for(network) as uplink:
         confined = jail.argv(
             command, mounts=mounts, uplink=uplink, limits=limits, files=files, as_pid_1=as_pid_1
@@ -411,6 +287,7 @@ async def spawn(
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *prefix,
+                    *start,
                     *argv,
                     stdin=gate[0] if gate is not None else asyncio.subprocess.DEVNULL,
                     stdout=stdout,
@@ -418,7 +295,7 @@ async def spawn(
                     env=env,
                     pass_fds=[*fds, *pass_fds],
                     start_new_session=True,
-                    **jail.identity.popen_kwargs(),
+                    **popen_kwargs,
                 )
             except OSError as exc:
                 raise SandboxBroken(f"cannot start sandboxed {command[0]!r}: {exc}") from exc
@@ -469,28 +346,6 @@ def _join(proc: asyncio.subprocess.Process, cgroup: SessionCgroup, go: int, name
         raise SandboxBroken(f"cannot put sandboxed {name!r} in the session's cgroup: {exc.strerror}") from exc
 
 
-def _pids() -> Iterator[int]:
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if entry.name.isdigit():
-                yield int(entry.name)
-
-
-def _real_uid(pid: int) -> int | None:
-    """The real uid of a live process; ``None`` for zombies and the gone."""
-    uid = None
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"State:") and line.split()[1] in (b"Z", b"X"):
-                    return None
-                if line.startswith(b"Uid:"):
-                    uid = int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return uid
-
-
 def session_pids(jail: Jail) -> list[int]:
     """Host pids of every live process of the session: its uid or its marker.
 
@@ -501,10 +356,10 @@ def session_pids(jail: Jail) -> list[int]:
     me, needle = os.getpid(), f"\0{MARKER_VAR}={jail.marker}\0".encode()
     own_uid = jail.identity.uid if jail.identity.dropped else None
     found = []
-    for pid in _pids():
+    for pid in host_pids():
         if pid == me:
             continue
-        uid = _real_uid(pid)
+        uid = real_uid(pid)
         if uid is None:
             continue
         if uid == own_uid:

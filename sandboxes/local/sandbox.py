@@ -40,13 +40,14 @@ import structlog
 from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.files import FileReader, Listing
-from sandboxes.local import cgroups, tools
+from sandboxes.local import cgroups, portal, quota, tools, uids
 from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
 from sandboxes.local.files import LocalHome
-from sandboxes.local.folders import check_enterable, remove_logged, sweep_orphans
-from sandboxes.local.jail import HOME, UIDS, Identity, Jail, Mount, session_pids, spawn
+from sandboxes.local.folders import make_session_folder, remove_logged, sweep_orphans
+from sandboxes.local.identity import Identity, kill_uid, wait_uid_gone
+from sandboxes.local.jail import HOME, Jail, Mount, session_pids, spawn
 from sandboxes.local.procs import exit_code, kill_now, reap, terminate
 
 logger = structlog.get_logger()
@@ -68,13 +69,15 @@ class LocalSandbox:
         base = config.root / spec.session_id if config.root is not None else spec.data_dir
         self._base = base.absolute()
         self._id = _previous_id(spec) or f"local-{secrets.token_hex(6)}"
-        #: The uid a restored session's home belongs to, taken back from the pool.
-        self._claimed = self._claim_home_uid() if spec.previous_id is not None else None
+        #: A restored session: its home, and the uid that owns it, are taken back.
+        self._restored = spec.previous_id is not None
         self._jail: Jail | None = None
         self._desktop: Desktop | None = None
         self._apps: list[asyncio.subprocess.Process] = []
         self._commands = Commands(self._id, config, self._base)
         self._ensure_lock = asyncio.Lock()
+        #: True while the session's uid is given back (see ``_park``).
+        self._parked = False
         self._closed = False
 
     # -- Sandbox protocol: state -------------------------------------------
@@ -124,12 +127,38 @@ class LocalSandbox:
         """The session's jail, creating its folders and identity on first use."""
         if self._closed:
             raise SandboxBroken(f"sandbox {self._id} is closed")
-        if self._jail is not None:
+        if self._jail is not None and not self._parked:
             return self._jail
         async with self._ensure_lock:
             if self._jail is None:
                 self._jail = await self._create_jail()
+            elif self._parked:
+                self._jail = await self._unpark(self._jail)
         return self._jail
+
+    def _park(self) -> None:
+        """Give the uid back: nothing runs under it (the desktop stopped, its uid swept)."""
+        if self._jail is not None and self._jail.identity.dropped and not self._closed:
+            self._jail.identity.release()
+            self._parked = True
+
+    async def _unpark(self, jail: Jail) -> Jail:
+        """The jail with its uid taken back (or a new one, the home handed over), off the loop."""
+        config = self._config
+        again = functools.partial(
+            uids.retake, jail.identity, self._base, uid_base=config.uid_base, uid_count=config.uid_count,
+            owner=self._spec.username, cap=config.uids_per_user,
+        )  # fmt: skip
+        made = asyncio.get_running_loop().run_in_executor(None, again)
+        try:
+            identity = await asyncio.shield(made)
+        except asyncio.CancelledError:
+            made.add_done_callback(_release_identity)
+            raise
+        self._parked = False
+        if identity.uid != jail.identity.uid:
+            logger.info("sandbox.uid_changed", sandbox_id=self._id, uid=identity.uid, was=jail.identity.uid)
+        return attrs.evolve(jail, identity=identity)
 
     async def _create_jail(self) -> Jail:
         # Finding a free uid starts processes: off the loop. Shielded, so that
@@ -152,11 +181,26 @@ class LocalSandbox:
         logger.info("sandbox.created", sandbox_id=self._id, uid=identity.uid, base=str(self._base))
         return Jail(
             identity=identity, username=self._spec.username, marker=self._id, tmp_bytes=config.tmp_bytes,
-            shm_bytes=config.shm_bytes, root_bytes=config.root_bytes, cgroup=cgroup,
+            shm_bytes=config.shm_bytes, root_bytes=config.root_bytes, cgroup=cgroup, base=self._base,
         )  # fmt: skip
 
-    def _claim_home_uid(self) -> int | None:
-        """The restored home's owner, if it is a sandbox uid: its files stay its own."""
+    def _identity(self) -> Identity:
+        """A uid for the session; a restored one takes back its home's owner (blocking)."""
+        config, owner = self._config, self._spec.username
+        home_owner = self._home_owner() if self._restored else None
+        if home_owner is not None:
+            # The dead server's processes of that uid go first; then it is ours
+            # again, or the home moves to a new one.
+            kill_uid(home_owner)
+            previous = Identity(uid=home_owner, gid=home_owner, dropped=True)
+            return uids.retake(
+                previous, self._base, uid_base=config.uid_base, uid_count=config.uid_count,
+                owner=owner, cap=config.uids_per_user,
+            )  # fmt: skip
+        return Identity.acquire(config.uid_base, config.uid_count, owner=owner, cap=config.uids_per_user)
+
+    def _home_owner(self) -> int | None:
+        """The uid the restored home belongs to, if it is one of this server's sandbox uids."""
         if os.geteuid() != 0:
             return None
         try:
@@ -164,31 +208,22 @@ class LocalSandbox:
         except OSError:
             return None
         first, count = self._config.uid_base, self._config.uid_count
-        if not first <= uid < first + count:
-            return None
-        UIDS.claim(uid)
-        return uid
-
-    def _identity(self) -> Identity:
-        if self._claimed is not None:
-            return Identity(uid=self._claimed, gid=self._claimed, dropped=True)
-        return Identity.acquire(self._config.uid_base, self._config.uid_count)
+        return uid if first <= uid < first + count else None
 
     def _prepare(self) -> Identity:
         """Take a uid and make the session's folders (blocking)."""
+        config = self._config
         identity = self._identity()
         try:
-            # bwrap opens the mounted folders as the server (by descriptor),
-            # but the server reaches the sockets by path: every folder above
-            # must be searchable (o+x); the session's are private to its uid.
-            self._base.mkdir(mode=0o711, parents=True, exist_ok=True)
+            self._base.parent.mkdir(parents=True, exist_ok=True)
+            if self._config.root is not None:
+                # Enterable, not listable: session ids are nobody else's to see.
+                self._config.root.chmod(0o711)
             if identity.dropped:
-                check_enterable(self._base)
-            for name in ("home", "x11", "vnc"):
-                folder = self._base / name
-                folder.mkdir(mode=0o700, exist_ok=True)
-                if identity.dropped:
-                    os.chown(folder, identity.uid, identity.gid)
+                portal.ensure()  # jails reach the session's folder there, not by its path
+            make_session_folder(self._base, identity.uid, identity.gid)
+            if config.home_quota.bytes:
+                quota.mount_home(self._base, identity.uid, identity.gid, config.home_quota)
         except BaseException as exc:
             identity.release()
             if not isinstance(exc, OSError):
@@ -202,7 +237,7 @@ class LocalSandbox:
         if self._desktop is not None:
             await self.stop_desktop()
         jail, started = await self._ensure(), time.monotonic()
-        self._desktop = await Desktop.start(jail, self._config, self._base / "x11", self._base / "vnc")
+        self._desktop = await Desktop.start(jail, self._config, self._base)
         seconds = round(time.monotonic() - started, 3)
         logger.info(
             "sandbox.desktop_started", sandbox_id=self._id, display=self._desktop.display, seconds=seconds
@@ -229,9 +264,14 @@ class LocalSandbox:
                 desktop.release()
         # Anything of the session's left outside the jails walked above (a
         # desktop helper in flight); no new command jail may start meanwhile.
-        if self._jail.identity.dropped:
+        if self._jail.identity.dropped and not self._parked:
             async with self._commands.held():
                 await asyncio.to_thread(self._jail.identity.kill_all)
+                # Once nothing runs under the uid, a session idle after its
+                # desktop stopped holds none (the next command takes it back).
+                uid, grace = self._jail.identity.uid, self._config.kill_grace * 4
+                if await asyncio.to_thread(wait_uid_gone, uid, grace):
+                    self._park()
         logger.info("sandbox.desktop_stopped", sandbox_id=self._id, ignored_sigterm=stubborn)
 
     async def close(self) -> None:
@@ -251,12 +291,11 @@ class LocalSandbox:
         """End what a previous server left running of this session (its uid, its marker)."""
         if not self._base.exists():
             return
-        jail = await self._ensure()
+        jail = await self._ensure()  # a restored session's uid is swept as it is taken back
         if jail.cgroup is not None:
             # Every process of the session joined its cgroup: no need to scan all of /proc.
             await asyncio.to_thread(jail.cgroup.kill)
         if jail.identity.dropped:
-            await asyncio.to_thread(jail.identity.kill_all)
             return
         pids = await asyncio.to_thread(session_pids, jail)
         for pid in pids:
@@ -281,8 +320,6 @@ class LocalSandbox:
             await asyncio.shield(teardown)
         if self._jail is not None and self._jail.cgroup is not None:
             await cgroups.close(self._jail.cgroup)
-        elif self._jail is None and self._claimed is not None:
-            UIDS.give(self._claimed)
         logger.info("sandbox.suspended" if keep else "sandbox.closed", sandbox_id=self._id)
 
     def _abort_processes(self) -> None:
@@ -296,21 +333,24 @@ class LocalSandbox:
     def _teardown(self, *, keep: bool = False) -> None:
         """SIGKILL what is left of the session, remove its folder unless *keep*, free its uid (blocking).
 
-        Never raises.
+        Never raises. A kept folder's home is unmounted: the next server mounts it again.
         """
         jail, gone = self._jail, True
         try:
-            if jail is not None:
+            if jail is not None and not self._parked:  # a parked uid may be another's by now
                 gone = False
                 _kill_session(jail)
                 gone = True
-            if not keep:
+            if keep:
+                quota.unmount_under(self._base)
+            else:
                 remove_logged(self._base, sandbox_id=self._id)
         except Exception:
             logger.exception("sandbox.teardown_failed", sandbox_id=self._id)
         finally:
-            # A uid whose processes may live on is never handed out again.
-            if jail is not None and gone:
+            # A uid whose processes may live on is never handed out again; a
+            # parked one was given back already (and may be another's now).
+            if jail is not None and gone and not self._parked:
                 jail.identity.release()
 
     # -- commands --------------------------------------------------------------
@@ -318,7 +358,7 @@ class LocalSandbox:
     def _mounts(self) -> tuple[list[Mount], int | None]:
         mounts = [Mount(self.home, HOME, writable=True)]
         if self._desktop is not None and self.desktop_running:
-            return [*mounts, self._desktop.x_mount()], self._desktop.display
+            return [*mounts, *self._desktop.x_mounts()], self._desktop.display
         return mounts, None
 
     async def run(self, cmd: str, *, timeout: float, on_output: OutputSink) -> int:
@@ -366,7 +406,7 @@ class LocalSandbox:
         """Run a desktop helper (xdotool, import) in a jail; its stdout."""
         desktop, jail = self._need_desktop(), await self._ensure()
         proc = await spawn(
-            jail, argv, mounts=[desktop.x_mount()], display=desktop.display, stdout=PIPE, stderr=PIPE
+            jail, argv, mounts=desktop.x_mounts(), display=desktop.display, stdout=PIPE, stderr=PIPE
         )
         try:
             async with asyncio.timeout(self._config.tool_timeout):
@@ -439,7 +479,7 @@ class LocalSandbox:
         desktop, jail = self._need_desktop(), await self._ensure()
         self._apps = [p for p in self._apps if p.returncode is None]
         app_limits = attrs.evolve(self._config.limits, cpu_seconds=0, memory_bytes=0)
-        mounts = [Mount(self.home, HOME, writable=True), desktop.x_mount()]
+        mounts = [Mount(self.home, HOME, writable=True), *desktop.x_mounts()]
         proc = await spawn(
             jail,
             argv,
@@ -500,7 +540,9 @@ class LocalFactory:
 
 
 def local_factory(config: LocalConfig) -> LocalFactory:
-    """The local backend's factory; cgroups are probed now, so a host without them is said at start-up."""
+    """The local backend's factory; what the host cannot enforce is said now, at start-up."""
+    if config.home_quota.bytes and (reason := quota.unavailable()) is not None:
+        logger.warning("sandbox.home_quota_unenforced", reason=reason)
     if config.cgroups:
         cgroups.shared()
     return LocalFactory(config)
