@@ -222,7 +222,7 @@ async def test_a_local_session_keeps_its_home_and_loses_its_desktop(data_dir: Pa
                 )
                 assert wrote["exit_code"] == 0
                 seen = conn.last_seq
-            home = next((data_dir / "sandboxes").iterdir()) / "home"
+            home = data_dir / "sandboxes" / login.session_id / "home"
             uid = home.stat().st_uid
             assert await asyncio.to_thread(_processes_of_uid, uid), (
                 "the test must see the session's processes"

@@ -91,7 +91,7 @@ async def test_local_launch_returns_while_the_program_runs_and_dies_with_the_des
 
 
 def _programs(uid: int, cmdline: bytes) -> list[int]:
-    """Host pids of *uid* whose command line is *cmdline*."""
+    """Host pids of *uid* whose command line ends with *cmdline* (programs start by their full path)."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -100,7 +100,7 @@ def _programs(uid: int, cmdline: bytes) -> list[int]:
             if os.stat(f"/proc/{name}").st_uid != uid:
                 continue
             with open(f"/proc/{name}/cmdline", "rb") as f:
-                if f.read() == cmdline:
+                if f.read().endswith(b"/" + cmdline):
                     found.append(int(name))
         except OSError:
             continue  # gone meanwhile
