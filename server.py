@@ -27,6 +27,7 @@ import httpguard
 import sessions_api
 import webpages
 import wiring
+from actors.journal import Journal
 from actors.session import SessionActor
 from actors.shares import OWNER, SHARE_MODES, Grant
 from actors.workflows import Workflow, describe, load_workflows
@@ -45,6 +46,7 @@ from protocol.errors import (
     SessionNotFound,
     TooManySockets,
     Unauthorized,
+    from_code,
 )
 from sandboxes.base import SandboxFactory, StreamedSandbox
 from supervisor import Supervisor
@@ -55,6 +57,8 @@ logger = structlog.get_logger("deskhive.server")
 WEB_DIR: Final = Path(__file__).parent / "web"
 NOVNC_DIR: Final = Path("/usr/share/novnc")
 HELLO_TIMEOUT_S: Final = 10.0
+#: Bound on the actor's acknowledging an HTTP request (it waits for the store to keep it).
+REPLY_TIMEOUT_S: Final = 10.0
 #: Frames over this close the socket (1009); frames over 64 KiB get ``too_large``.
 HARD_FRAME_LIMIT: Final = 1024 * 1024
 #: Shutdown gives the close handshakes of all sockets together this long.
@@ -347,15 +351,56 @@ def seed_endpoint(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]
         actor, grant = _credential(request)
         msg = codec.from_object({**(await _body(request)), "type": kind})
         assert not isinstance(msg, m.Hello)
+        reply = _Reply()
         # A view share's token is refused here (403) as on the socket.
         try:
-            return _json({"request_id": actor.tell(msg, grant=grant)}, status=202)
+            rid = actor.tell(msg, reply, grant=grant)
         except MailboxFull:
             request.app[LIMITS]["mailbox_size"].refused += 1
             raise
+        # 202 once the actor acknowledged it: then the store keeps the request,
+        # and its result is owed even across a restart.
+        await reply.acknowledged()
+        return _json({"request_id": rid}, status=202)
 
     handler.__name__ = kind
     return handler
+
+
+class _Reply:
+    """The actor's answer to one HTTP request, taken as a socket takes it: an ``ack`` or an ``error``."""
+
+    __slots__ = ("_frame", "_got")
+
+    def __init__(self) -> None:
+        self._frame: bytes | None = None
+        self._got = asyncio.Event()
+
+    def deliver(self, frame: bytes) -> bool:
+        if self._frame is None:
+            self._frame = frame
+            self._got.set()
+        return True
+
+    def follow(self, journal: Journal, last_seq: int) -> None:
+        raise NotImplementedError("an HTTP request watches no journal")
+
+    def notify(self, seq: int, frame: bytes) -> bool:
+        return False
+
+    async def close(self, code: int, reason: str) -> None:
+        return None
+
+    async def acknowledged(self) -> None:
+        """Return on the ack; raise the error the actor answered instead."""
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT_S):
+                await self._got.wait()
+        except TimeoutError:
+            raise GatewayError(f"the session did not take the request within {REPLY_TIMEOUT_S:g} s") from None
+        answer = codec.loads(self._frame or b"{}")
+        if answer.get("type") == "error":
+            raise from_code(answer.get("code"), str(answer.get("message", "")))
 
 
 # ----------------------------------------------------------------------------

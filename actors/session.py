@@ -19,6 +19,7 @@ dropped), so ten thousand logouts leave nothing for the cyclic GC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import weakref
@@ -61,6 +62,8 @@ SEQ_BLOCK: Final = 10_000
 TOUCH_EVERY_S: Final = 5.0
 RESTARTED: Final = "the server restarted before this request finished"
 #: What a job cut off by a stop is told, by the stop's reason.
+#: Bound on waiting for the store to keep a job before it starts anyway.
+_KEPT_TIMEOUT_S: Final = 5.0
 _ENDING: Final = {"shutdown": "the server is shutting down; the job was cancelled"}
 
 
@@ -133,6 +136,8 @@ class _Job:
     #: Set when a request, not the actor's end, cancelled the job.
     cancelled_by: str | None = None
     settled: bool = False
+    #: Done once the store keeps the job as pending (its ack goes out then).
+    kept: asyncio.Future[None] | None = None
 
 
 class _JournalSink:
@@ -514,7 +519,7 @@ class SessionActor:
         if isinstance(msg, m.Cancel):
             self._cancel(rid, msg.target, origin)
             return
-        if origin is not None:
+        if origin is not None and isinstance(msg, m.GetState | m.ClearLogs):
             origin.deliver(codec.encode(m.Ack(id=rid)))
         match msg:
             case m.GetState():
@@ -526,9 +531,26 @@ class SessionActor:
                 self.emit(m.Result(id=rid, ok=True, data={}))
             case m.KillDesktop():
                 self._cancel_all(f"cancelled by kill_desktop {rid}")
-                self._enqueue(_Job(msg=msg, rid=rid), first=True)
+                self._ack_when_kept(self._enqueue(_Job(msg=msg, rid=rid), first=True), origin)
             case _:
-                self._enqueue(_Job(msg=msg, rid=rid))
+                self._ack_when_kept(self._enqueue(_Job(msg=msg, rid=rid)), origin)
+
+    def _ack_when_kept(self, job: _Job, origin: Peer | None) -> None:
+        """Acknowledge *job* once the store keeps it as pending.
+
+        An ack promises a result, also across a SIGKILL: the restarted server
+        answers every pending request it finds. The job starts no earlier
+        either (``_run_jobs``), so its ack still comes before its events.
+        """
+        store = self.store
+        kept = store.committed() if store is not None and store.durable else None
+        if kept is None or kept.done():
+            if origin is not None:
+                origin.deliver(codec.encode(m.Ack(id=job.rid)))
+            return
+        job.kept = kept
+        if origin is not None:
+            kept.add_done_callback(functools.partial(_deliver, origin, codec.encode(m.Ack(id=job.rid))))
 
     def _cancel(self, rid: str, target: str, origin: Peer | None) -> None:
         job = self._current if self._current and self._current.rid == target else None
@@ -559,7 +581,7 @@ class SessionActor:
     # ------------------------------------------------------------------
     # Jobs
 
-    def _enqueue(self, job: _Job, *, first: bool = False) -> None:
+    def _enqueue(self, job: _Job, *, first: bool = False) -> _Job:
         if self.store is not None:
             self.store.add_pending(self.info.session_id, job.rid)
         if first:
@@ -569,10 +591,17 @@ class SessionActor:
         if self._runner is None or self._runner.done():
             assert self._tg is not None
             self._runner = self._tg.create_task(self._run_jobs(), name=f"jobs:{self.info.session_id}")
+        return job
 
     async def _run_jobs(self) -> None:
         assert self._tg is not None
         while self._pending:
+            head = self._pending[0]
+            if head.kept is not None and not head.kept.done():
+                # Still waiting, so still cancellable as a waiting job; then
+                # look again: it may have been cancelled or overtaken.
+                await _kept(head.kept)
+                continue
             job = self._current = self._pending.popleft()
             job.started_at = time.monotonic()
             self._touch_store()
@@ -770,3 +799,14 @@ async def _close_peer(peer: Closable, reason: str, code: CloseCode) -> None:
     except Exception:
         # A socket that broke while closing is closed enough; the others go on.
         logger.warning("actor.close_failed", peer=repr(peer), exc_info=True)
+
+
+def _deliver(peer: Peer, frame: bytes, _kept: asyncio.Future[None]) -> None:
+    peer.deliver(frame)
+
+
+async def _kept(kept: asyncio.Future[None]) -> None:
+    """Wait, within a bound, for the store to keep a job; a store that fails must not stall the session."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_KEPT_TIMEOUT_S):
+            await asyncio.shield(kept)

@@ -143,3 +143,13 @@ class ModelFailed(GatewayError):
 
     code = "internal"
     status = 502
+
+
+def from_code(code: object, message: str) -> GatewayError:
+    """The error a protocol *code* names (an ``error`` frame read back), with *message*."""
+
+    def classes(root: type[GatewayError]) -> list[type[GatewayError]]:
+        return [root, *(c for sub in root.__subclasses__() for c in classes(sub))]
+
+    found = next((c for c in classes(GatewayError) if c.code == code), GatewayError)
+    return found(message)

@@ -18,6 +18,7 @@ encoded events. Two kinds of call:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -88,6 +89,14 @@ class Store(Protocol):
 
     async def flush(self) -> None:
         """Return once every write submitted before the call is committed."""
+        ...
+
+    def committed(self) -> asyncio.Future[None]:
+        """A future done once every write submitted before the call is committed (done at once in memory).
+
+        For callers that cannot wait themselves: the actor acknowledges a job
+        once the store keeps it as pending.
+        """
         ...
 
     # -- sessions ----------------------------------------------------------

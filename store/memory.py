@@ -6,6 +6,7 @@ so ``flush`` has nothing to wait for.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -43,6 +44,11 @@ class MemoryStore:
 
     async def flush(self) -> None:
         return None
+
+    def committed(self) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def create_session(self, record: SessionRecord) -> None:
         self._sessions[record.session_id] = record

@@ -157,6 +157,9 @@ class SqliteStore:
     async def flush(self) -> None:
         await self._call(lambda _c: None)
 
+    def committed(self) -> asyncio.Future[None]:
+        return self._submit(lambda _c: None)
+
     # -- sessions ----------------------------------------------------------
 
     async def create_session(self, record: SessionRecord) -> None:
@@ -287,11 +290,14 @@ class SqliteStore:
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run *fn* in the writer thread's next transaction; its result once committed."""
+        return await self._submit(fn)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._loop is None or self._thread is None:
             raise RuntimeError(f"store {self.path} is not open")
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.put(("call", fn, future))
-        return await future
+        return future
 
     def _run(self, ready: asyncio.Future[int]) -> None:
         try:

@@ -319,3 +319,27 @@ async def test_shares_come_back_with_their_session_and_revoked_ones_stay_revoked
     with pytest.raises(ClientError) as refused:
         await client.call("POST", "/start-desktop", token=gone["token"])
     assert refused.value.status in (403, 404)
+
+
+async def test_an_ack_comes_once_the_store_keeps_the_request(boot: Any, tmp_path: Path) -> None:
+    """When a job's ack or 202 arrives, the store keeps it as pending: a crash still answers it."""
+    start, _ = boot
+    client = await start()
+    login = await client.login("ada")
+    sandbox = FakeSandbox.instances[-1]
+    sandbox.hold_commands = True
+    db = sqlite3.connect(tmp_path / "deskhive.db")
+    try:
+
+        def pending() -> set[str]:
+            return {rid for (rid,) in db.execute("SELECT request_id FROM pending")}
+
+        async with client.connect(login) as conn:
+            rid = await conn.send("run_command", cmd="sleep 100", id="held")
+            await conn.wait_for(lambda e: e["type"] == "ack" and e.get("id") == rid)
+            assert rid in pending()
+            answer = await client.call("POST", "/run-task", token=login.token, body={"query": "q"})
+            assert answer["request_id"] in pending()
+            sandbox.released.set()
+    finally:
+        db.close()
