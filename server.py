@@ -65,6 +65,7 @@ HARD_FRAME_LIMIT: Final = 1024 * 1024
 SHUTDOWN_CLOSE_S: Final = 3.0
 
 SUPERVISOR: Final = web.AppKey("supervisor", Supervisor)
+SUPERVISOR_TASK: Final = web.AppKey[asyncio.Task[None]]("supervisor_task")
 SETTINGS: Final = web.AppKey("settings", Settings)
 SOCKETS: Final = web.AppKey[weakref.WeakSet[WsPeer]]("sockets")
 USERS: Final = web.AppKey[auth.UsersFile | None]("users")
@@ -184,11 +185,18 @@ async def _forward(actor: SessionActor, peer: WsPeer, grant: Grant, data: str, m
 
 
 async def close_sockets(app: web.Application) -> None:
-    """``on_shutdown``: tell every client the server is going away, all at once.
+    """``on_shutdown``: stop the sessions, then tell every client the server is going away, all at once.
 
-    Each close is bounded and cut when it overruns, so a hundred clients that
-    never answer cost one deadline, not a hundred.
+    The sessions stop first, while their sockets are open: each cancelled
+    job's result reaches the clients watching it before their socket
+    closes. Each close is bounded and cut when it overruns, so a hundred
+    clients that never answer cost one deadline, not a hundred.
     """
+    try:
+        await _stop_supervisor(app)
+    except Exception:
+        # Raised again where the supervisor's life ends (cleanup); the sockets still go.
+        logger.exception("server.supervisor_stop_failed")
     sockets = app[SOCKETS]
     async with asyncio.TaskGroup() as tg:
         for peer in list(sockets):
@@ -587,11 +595,19 @@ async def _run_supervisor(app: web.Application) -> AsyncIterator[None]:
             metrics=app[METRICS],
         )
         app[SUPERVISOR] = supervisor
-        task = asyncio.create_task(supervisor.run(), name="supervisor")
+        app[SUPERVISOR_TASK] = asyncio.create_task(supervisor.run(), name="supervisor")
         await supervisor.wait_running()
         yield
-        await supervisor.aclose()
-        await task
+        await _stop_supervisor(app)
+
+
+async def _stop_supervisor(app: web.Application) -> None:
+    """Stop every session and wait for the supervisor's end (idempotent; its own stops are bounded)."""
+    task = app.get(SUPERVISOR_TASK)
+    if task is None:
+        return
+    await app[SUPERVISOR].aclose()
+    await task
 
 
 def _add_limits(app: web.Application, settings: Settings) -> None:

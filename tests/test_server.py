@@ -663,3 +663,27 @@ async def test_settings_reach_the_supervisor_the_actors_and_the_jobs(tmp_path: P
     assert (config.actor.jobs.command_timeout, config.actor.jobs.output_limit) == (17.0, 19)
     assert config.actor.jobs.model is not None and config.actor.jobs.model.url == "http://127.0.0.1:9/v1"
     assert wiring.model_config(Settings(data_dir=tmp_path)) is None
+
+
+@pytest.mark.parametrize("store", ["memory", "durable"])
+async def test_shutdown_answers_every_acknowledged_job_before_the_socket_closes(
+    start_server: StartServer, fakes: list[FakeSandbox], store: str
+) -> None:
+    """A running and a waiting job each get their cancelled result on the socket, then it closes."""
+    options = {"store": "memory"} if store == "memory" else {}
+    test_server, client = await start_server(**options)
+    login = await client.login("wes")
+    async with client.connect(login) as conn:
+        fakes[0].hold_commands = True
+        running = await conn.send("run_command", cmd="sleep 100")
+        waiting = await conn.send("run_command", cmd="true")
+        await conn.wait_for(lambda e: e["type"] == "ack" and e.get("id") == waiting)
+        closing = asyncio.create_task(test_server.close())
+        results = {}
+        while len(results) < 2:
+            event = await conn.recv(timeout=10)
+            if event["type"] == "result":
+                results[event["id"]] = event
+        await closing
+    assert set(results) == {running, waiting}
+    assert all(r["ok"] is False and r["error"]["code"] == "cancelled" for r in results.values())
