@@ -205,7 +205,9 @@ class UsersFile:
 
     async def check(self, username: str, password: object) -> None:
         """Raise ``Unauthorized`` unless *password* is *username*'s."""
-        if not isinstance(password, str) or not password:
+        if password is not None and not isinstance(password, str):
+            raise ProtocolError("field 'password' must be a string")
+        if not password:
             raise Unauthorized("a password is required")
         encoded = self._hashes.get(username, self._decoy)
         if self._executor is None:

@@ -158,7 +158,11 @@ def _banner(app: web.Application, url: str, out: TextIO) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.command == "hash-password":
-        print(auth.hash_password(sys.stdin.readline().rstrip("\n")))
+        password = sys.stdin.readline().rstrip("\n")
+        if not password:
+            # A login needs a password: a hash of none could never be used.
+            raise SystemExit("deskhive: hash-password: the password read on stdin is empty")
+        print(auth.hash_password(password))
         return
     settings = from_args(args)
     configure_logging(settings.log_level, settings.log_format)

@@ -33,6 +33,13 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, not {text}")
+    return value
+
+
 def _at_least(kind: Callable[[str], Any], least: int, why: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
@@ -168,7 +175,7 @@ class Settings:
 #: (option, parser, help); the default comes from ``Settings``.
 _OPTIONS: Final[Sequence[tuple[str, Callable[[str], Any], str]]] = (
     ("host", str, "address to listen on"),
-    ("port", int, "port to listen on (0: any free port)"),
+    ("port", _port, "port to listen on (0: any free port)"),
     ("sandbox", _choice(SANDBOX_KINDS), "sandbox backend: local, e2b or null"),
     ("idle_timeout", _positive(float), "seconds without a client frame or job before a session is reaped"),
     ("sweep_interval", _positive(float), "seconds between sweeps for idle sessions"),

@@ -47,10 +47,7 @@ class _Files:
         share's is refused with ``Forbidden`` (403).
         """
         token = auth.bearer(request.headers.get("Authorization"))
-        actor, grant = request.app[self.supervisor].resolve(token)
-        sid = request.match_info["session_id"]
-        if actor.info.session_id != sid:
-            raise Forbidden(f"this token does not belong to session {sid}")
+        actor, grant = request.app[self.supervisor].resolve_for(token, request.match_info["session_id"])
         if grant.role == "view":
             raise Forbidden("a view share may not reach the session's files")
         # Work on the files counts as use of the session: no reaping mid-upload.

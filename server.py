@@ -285,12 +285,10 @@ def _credential(request: web.Request) -> tuple[SessionActor, Grant]:
 
 def _owner(request: web.Request) -> SessionActor:
     """The session of the path, for its owner's token only (a share's gets 403)."""
-    actor, grant = _credential(request)
-    sid = request.match_info["session_id"]
+    token = auth.bearer(request.headers.get("Authorization"))
+    actor, grant = request.app[SUPERVISOR].resolve_for(token, request.match_info["session_id"])
     if grant.share_id is not None:
         raise Forbidden("a share token cannot manage shares or end the session")
-    if actor.info.session_id != sid:
-        raise Forbidden(f"this token does not belong to session {sid}")
     return actor
 
 
@@ -513,10 +511,9 @@ async def stream_token(request: web.Request) -> web.Response:
     It opens this desktop run only (a new desktop needs a new token) and,
     for a guest, only while the share lives; a view share's stream drops input.
     """
-    actor, grant = _credential(request)
+    token = auth.bearer(request.headers.get("Authorization"))
     sid = request.match_info["session_id"]
-    if actor.info.session_id != sid:
-        raise Forbidden(f"this token does not belong to session {sid}")
+    actor, grant = request.app[SUPERVISOR].resolve_for(token, sid)
     run = actor.desktop_run
     if not isinstance(actor.sandbox, StreamedSandbox) or run == 0:
         raise web.HTTPConflict(reason="the desktop is not running")

@@ -429,6 +429,15 @@ class Supervisor:
             raise Forbidden("this share was revoked")
         return self.by_token(token), OWNER
 
+    def resolve_for(self, token: str, session_id: str) -> tuple[SessionActor, Grant]:
+        """As ``resolve``, for a request about *session_id*: 404 if no such live session, 403 if another's."""
+        actor, grant = self.resolve(token)
+        if actor.info.session_id != session_id:
+            if session_id not in self._actors:
+                raise SessionNotFound(f"no session {session_id!r}")
+            raise Forbidden(f"this token does not belong to session {session_id}")
+        return actor, grant
+
     async def create_share(
         self, actor: SessionActor, mode: str, label: str | None
     ) -> tuple[ShareRecord, str]:

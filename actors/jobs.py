@@ -282,6 +282,9 @@ async def run_workflow(ctx: JobContext, name: str, query: str | None) -> int:
     if workflow is None:
         known = ", ".join(sorted(ctx.config.workflows)) or "none"
         raise ProtocolError(f"unknown workflow {name!r} (known: {known})")
+    if workflow.needs_query and not (query and query.strip()):
+        # Said before any step runs, not after the desktop was started for nothing.
+        raise ProtocolError(f"workflow {name!r} needs a 'query'")
     for number, step in enumerate(workflow.steps, 1):
         ctx.log.info("workflow.step", id=ctx.request_id, workflow=name, step=number, kind=step.kind)
         await run_step(ctx, step, query)

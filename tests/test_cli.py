@@ -208,6 +208,9 @@ async def test_users_file_requires_the_right_password(tmp_path: Path) -> None:
                 with pytest.raises(ClientError) as caught:
                     await client.login("ada", **({"password": password} if password else {}))
                 assert caught.value.status == 401
+            with pytest.raises(ClientError) as malformed:
+                await client.call("POST", "/api/sessions", body={"username": "ada", "password": 5})
+            assert malformed.value.status == 400
             with pytest.raises(ClientError):
                 await client.login("bob", password="s3cret")
             await client.login("ada", password="s3cret")
@@ -260,3 +263,22 @@ def test_a_log_line_to_a_closed_stream_is_dropped_not_raised(monkeypatch: pytest
     cli.configure_logging("info", "json", cache=False)
     stream.close()
     structlog.get_logger("deskhive.test").error("actor.crashed", session_id="s")  # must not raise
+
+
+def test_a_port_outside_0_to_65535_is_refused_at_parse_time(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--port 99999`` stops with a clear message (exit 2), not a traceback."""
+    with pytest.raises(SystemExit) as stopped:
+        config.parser().parse_args(["serve", "--port", "99999"])
+    assert stopped.value.code == 2
+    assert "port number from 0 to 65535" in capsys.readouterr().err
+
+
+async def test_hash_password_refuses_an_empty_password() -> None:
+    """An empty password is refused with a message: a hash of none could never log in."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "hash-password", cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(b"\n"), 20)
+    assert proc.returncode != 0 and not out
+    assert b"empty" in err

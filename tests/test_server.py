@@ -687,3 +687,32 @@ async def test_shutdown_answers_every_acknowledged_job_before_the_socket_closes(
         await closing
     assert set(results) == {running, waiting}
     assert all(r["ok"] is False and r["error"]["code"] == "cancelled" for r in results.values())
+
+
+async def test_a_session_id_that_names_no_session_is_404_and_another_sessions_is_403(
+    start_server: StartServer,
+) -> None:
+    """With a valid token, an unknown session id in the path is 404; a live session of someone else is 403."""
+    _, client = await start_server()
+    mine, theirs = await client.login("ann"), await client.login("bob")
+    for path in ("/api/sessions/{}", "/api/sessions/{}/shares", "/api/sessions/{}/files"):
+        method = "DELETE" if path == "/api/sessions/{}" else "GET"
+        with pytest.raises(ClientError) as unknown:
+            await client.call(method, path.format("nobody_1_0000000000000000"), token=mine.token)
+        assert (unknown.value.status, unknown.value.code) == (404, "not_found")
+        with pytest.raises(ClientError) as other:
+            await client.call(method, path.format(theirs.session_id), token=mine.token)
+        assert (other.value.status, other.value.code) == (403, "forbidden")
+
+
+async def test_a_workflow_that_needs_a_query_says_so_before_any_step(
+    served: tuple, fakes: list[FakeSandbox]
+) -> None:
+    """The default workflow without a query fails at once with bad_message, its desktop never started."""
+    _, client = served
+    login = await client.login("wfq")
+    async with client.connect(login) as conn:
+        flow = await conn.result(await conn.send("run_workflow"))
+    assert flow["ok"] is False and flow["error"]["code"] == "bad_message"
+    assert "query" in flow["error"]["message"]
+    assert not fakes[0].running
