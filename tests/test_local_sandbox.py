@@ -224,3 +224,12 @@ async def test_chromium_renders_a_local_page_under_the_default_limits(make: Make
     code, out = await run(sandbox, "chromium --headless --dump-dom file://$HOME/page.html", timeout=60)
     assert code == 0, out.text("stderr")[-2000:]
     assert '<p id="x">rendered by chromium</p>' in out.text("stdout")
+
+
+async def test_opening_a_web_page_without_a_network_fails_saying_why(make: Make) -> None:
+    """Without --sandbox-network, open of an outside URL fails naming the cause instead of a browser error page."""
+    sandbox = make("ada")
+    async with asyncio.timeout(10):
+        await sandbox.start_desktop()
+    with pytest.raises(SandboxBroken, match="no network"):
+        await sandbox.open("https://example.com/")

@@ -31,6 +31,7 @@ import secrets
 import shlex
 import signal
 import time
+import urllib.parse
 from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -459,6 +460,11 @@ class LocalSandbox:
     async def open(self, url_or_file: str) -> None:
         if not url_or_file or url_or_file.startswith("-"):
             raise ProtocolError(f"cannot open {url_or_file!r}")
+        if not self._config.network_on and _needs_network(url_or_file):
+            # The browser would show its own error page and the step would pass.
+            raise SandboxBroken(
+                f"{url_or_file} cannot load: this server gives sandboxes no network (see --sandbox-network)"
+            )
         await self._launch([*tools.browser_argv(self._config.browser), url_or_file])
 
     async def launch(self, app: str) -> None:
@@ -546,6 +552,14 @@ def local_factory(config: LocalConfig) -> LocalFactory:
     if config.cgroups:
         cgroups.shared()
     return LocalFactory(config)
+
+
+def _needs_network(url: str) -> bool:
+    """Whether opening *url* needs a network: a web address of another host than the sandbox itself."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return False
+    return (parts.hostname or "") not in ("localhost", "127.0.0.1", "::1")
 
 
 def _previous_id(spec: SandboxSpec) -> str | None:
