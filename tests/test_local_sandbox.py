@@ -227,7 +227,7 @@ async def test_chromium_renders_a_local_page_under_the_default_limits(make: Make
 
 
 async def test_opening_a_web_page_without_a_network_fails_saying_why(make: Make) -> None:
-    """Without --sandbox-network, open of an outside URL fails naming the cause instead of a browser error page."""
+    """Without --sandbox-network, opening an outside URL fails naming the cause, not a browser error page."""
     sandbox = make("ada")
     async with asyncio.timeout(10):
         await sandbox.start_desktop()
