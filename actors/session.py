@@ -399,7 +399,8 @@ class SessionActor:
         """Await the running desktop's end in the incarnation (one watcher per desktop)."""
         self._unwatch()
         sandbox = self.sandbox
-        if self._tg is not None and isinstance(sandbox, WatchedDesktop) and sandbox.desktop_running:
+        # No read of desktop_running here: desktop_ended returns at once without one.
+        if self._tg is not None and isinstance(sandbox, WatchedDesktop):
             name = f"desktop-watch:{self.info.session_id}"
             self._watcher = self._tg.create_task(self._watch(sandbox), name=name)
 
@@ -526,8 +527,11 @@ class SessionActor:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self.started.set()
-                # A desktop that outlived the last incarnation is watched again.
-                self._watch_desktop()
+                if self._desktop_seen:
+                    # A desktop that outlived the last incarnation is watched
+                    # again; one that died in between is reported now.
+                    self._observe_desktop()
+                    self._watch_desktop()
                 try:
                     await self._loop()
                 finally:

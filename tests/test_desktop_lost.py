@@ -101,6 +101,26 @@ async def test_a_command_goes_on_when_the_desktop_dies(
         assert results[cancel]["ok"]
 
 
+async def test_a_desktop_dying_after_a_crash_of_the_actor_is_still_noticed(
+    served: tuple[TestServer, Client], fakes: list[FakeSandbox]
+) -> None:
+    """The restarted incarnation watches the desktop that outlived the crash, and reports its death."""
+    _, client = served
+    login = await client.login("lost")
+    async with client.connect(login) as conn:
+        assert (await conn.result(await conn.send("start_desktop")))["ok"]
+        fakes[0].break_stream_url = True
+        await conn.send("get_state", id="boom")
+        await conn.wait_for(lambda e: e.get("event") == "session.restarted")
+        pong = await conn.send("ping")
+        await conn.wait_for(lambda e: e["type"] == "pong" and e["id"] == pong)
+        fakes[0].lose_desktop("Xvfb exited with code 1")
+        lost = await conn.wait_for(lambda e: e.get("event") == "desktop.lost")
+        assert lost["reason"] == "Xvfb exited with code 1"
+        state = await conn.wait_for(lambda e: e["type"] == "state")
+        assert state["state"] == "idle"
+
+
 async def test_a_workflow_with_a_desktop_step_fails_when_the_desktop_dies(
     start_server: StartServer, fakes: list[FakeSandbox], tmp_path: Path
 ) -> None:
