@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from client import Client, Connection
 from sandboxes.base import SandboxSpec
 from sandboxes.e2b import E2BSandbox
+from sandboxes.e2b_sdk import SandboxLost
 from sandboxes.local import LocalConfig, LocalSandbox
 from tests.conftest import StartServer
 from tests.e2b_service import E2BService, e2b_service, make_config
@@ -169,6 +170,32 @@ async def test_an_expired_e2b_sandbox_is_reported_lost_once(
         again = await conn.result(await conn.send("start_desktop"), timeout=20)
         assert again["ok"], again
     assert first not in {b.sandbox_id for b in e2b_service.live()}
+
+
+async def test_an_e2b_sandbox_found_gone_outside_any_job_is_reported_at_once(
+    start_server: StartServer, e2b_service: E2BService
+) -> None:
+    """A keep-alive that finds the sandbox expired: desktop.lost and idle come without any request."""
+    # A short first lifetime, so that the keep-alive below must ask E2B.
+    config = make_config(e2b_service, sandbox_timeout=60)
+    made: list[E2BSandbox] = []
+
+    def factory(spec: SandboxSpec) -> E2BSandbox:
+        made.append(E2BSandbox(spec, config))
+        return made[-1]
+
+    _, client = await start_server(sandbox_factory=factory)
+    login = await client.login("lost")
+    async with client.connect(login) as conn:
+        assert (await conn.result(await conn.send("start_desktop"), timeout=20))["ok"]
+        first = e2b_service.only().sandbox_id
+        e2b_service.expire(first)
+        with pytest.raises(SandboxLost):
+            await made[0].keep_alive(config.max_sandbox_timeout)
+        lost = await conn.wait_for(lambda e: e.get("event") == "desktop.lost")
+        assert first in lost["reason"]
+        state = await conn.wait_for(lambda e: e["type"] == "state")
+        assert state["state"] == "idle" and state["stream_url"] is None
 
 
 def _descendant(pid: int, name: str) -> int | None:
