@@ -393,7 +393,14 @@ class SessionActor:
         self.log.warning("desktop.lost", reason=reason)
         if self.store is not None and self._tg is not None:
             # The store forgets the desktop, or a restart would report it lost again.
-            self._tg.create_task(self._store_desktop(), name=f"desktop-store:{self.info.session_id}")
+            self._tg.create_task(self._forget_desktop(), name=f"desktop-store:{self.info.session_id}")
+
+    async def _forget_desktop(self) -> None:
+        try:
+            await self._store_desktop()
+        except Exception:
+            # Outside any job: a failed write must not end the incarnation.
+            logger.exception("actor.store_failed", session_id=self.info.session_id)
 
     def _watch_desktop(self) -> None:
         """Await the running desktop's end in the incarnation (one watcher per desktop)."""
@@ -410,7 +417,12 @@ class SessionActor:
             watcher.cancel("the desktop watch is over")
 
     async def _watch(self, sandbox: WatchedDesktop) -> None:
-        reason = await sandbox.desktop_ended()
+        try:
+            reason = await sandbox.desktop_ended()
+        except Exception:
+            # A watch that broke is no loss of the desktop; the next call says how it is.
+            logger.exception("actor.desktop_watch_failed", session_id=self.info.session_id)
+            return
         if reason is not None:
             self._desktop_died(reason)
 
