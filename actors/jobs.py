@@ -33,6 +33,7 @@ from protocol.errors import (
     GatewayError,
     NotConfigured,
     ProtocolError,
+    SandboxBroken,
     StepFailed,
 )
 from sandboxes.base import Sandbox, Stream, png_size
@@ -146,6 +147,28 @@ def cancelled(request_id: str, reason: str) -> m.Result:
     return m.Result(id=request_id, ok=False, error_code=Cancelled.code, error_message=reason)
 
 
+def desktop_lost(request_id: str, reason: str) -> m.Result:
+    """The result of a job that needed the desktop when it died."""
+    message = f"the desktop was lost: {reason}"
+    return m.Result(id=request_id, ok=False, error_code=SandboxBroken.code, error_message=message)
+
+
+#: Workflow steps that work on the desktop.
+_DESKTOP_STEPS: Final = frozenset({"desktop", "open", "task"})
+
+
+def needs_desktop(job: m.Job | m.KillDesktop, workflows: Mapping[str, Workflow]) -> bool:
+    """Whether *job* cannot go on once the desktop died (a command can: it runs without one)."""
+    match job:
+        case m.StartDesktop() | m.Screenshot() | m.Launch() | m.RunTask():
+            return True
+        case m.RunWorkflow(workflow=name):
+            workflow = workflows.get(name or "default")
+            return workflow is not None and any(s.kind in _DESKTOP_STEPS for s in workflow.steps)
+        case _:
+            return False
+
+
 def failed(request_id: str, kind: str, exc: BaseException) -> m.Result:
     """The result of a job that raised *exc* (logged with its traceback unless it was ours)."""
     if isinstance(exc, GatewayError):
@@ -166,14 +189,17 @@ async def run_to_result(job: m.Job | m.KillDesktop, ctx: JobContext) -> m.Result
         return failed(ctx.request_id, type(job).__name__, exc)
 
 
-def outcome(request_id: str, task: asyncio.Task[m.Result] | None, reason: str) -> m.Result:
+def outcome(
+    request_id: str, task: asyncio.Task[m.Result] | None, reason: str, lost: str | None = None
+) -> m.Result:
     """The one result of a job, from how its *task* ended.
 
     ``None`` (it never got a task) and a task that was cancelled or is not
-    done (the session's end cut it off) give ``cancelled`` with *reason*.
+    done (the session's end cut it off) give ``cancelled`` with *reason*, or
+    ``sandbox_failed`` when the job was stopped because its desktop was *lost*.
     """
     if task is None or not task.done() or task.cancelled():
-        return cancelled(request_id, reason)
+        return cancelled(request_id, reason) if lost is None else desktop_lost(request_id, lost)
     exc = task.exception()
     if exc is not None:  # only a BaseException run_to_result let through
         return failed(request_id, "job", exc)

@@ -46,7 +46,7 @@ from protocol.errors import (
     SessionClosed,
     TooManySockets,
 )
-from sandboxes.base import Resumable, Sandbox
+from sandboxes.base import LosesDesktop, Resumable, Sandbox, WatchedDesktop
 from store.base import SessionRecord, ShareRecord, Store, StoredJournal
 
 logger = structlog.get_logger("deskhive.actor")
@@ -135,6 +135,8 @@ class _Job:
     started_at: float = 0.0
     #: Set when a request, not the actor's end, cancelled the job.
     cancelled_by: str | None = None
+    #: Why the desktop it needed died while it ran (its result is then sandbox_failed).
+    lost: str | None = None
     settled: bool = False
     #: Done once the store keeps the job as pending (its ack goes out then).
     kept: asyncio.Future[None] | None = None
@@ -210,6 +212,8 @@ class SessionActor:
         self._pending: deque[_Job] = deque()
         self._current: _Job | None = None
         self._runner: asyncio.Task[None] | None = None
+        #: Awaits the running desktop's end (backends that can tell at once).
+        self._watcher: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         #: A workflow's desktop step is starting the desktop.
         self._starting = False
@@ -381,7 +385,62 @@ class SessionActor:
         running = self.sandbox.desktop_running
         if running and not self._desktop_seen:
             self._desktop_run += 1
+        elif self._desktop_seen and not running:
+            self._report_lost()
         self._desktop_seen = running
+
+    def _report_lost(self) -> None:
+        """A desktop stopped running: say so once, with why, unless it was stopped on purpose."""
+        sandbox = self.sandbox
+        reason = sandbox.lost_reason if isinstance(sandbox, LosesDesktop) else None
+        if reason is None:
+            return
+        self.log.warning("desktop.lost", reason=reason)
+        if self.store is not None and self._tg is not None:
+            # The store forgets the desktop, or a restart would report it lost again.
+            self._tg.create_task(self._forget_desktop(), name=f"desktop-store:{self.info.session_id}")
+
+    async def _forget_desktop(self) -> None:
+        try:
+            await self._store_desktop()
+        except Exception:
+            # Outside any job: a failed write must not end the incarnation.
+            logger.exception("actor.store_failed", session_id=self.info.session_id)
+
+    def _watch_desktop(self) -> None:
+        """Await the running desktop's end in the incarnation (one watcher per desktop)."""
+        self._unwatch()
+        sandbox = self.sandbox
+        # No read of desktop_running here: desktop_ended returns at once without one.
+        if self._tg is not None and isinstance(sandbox, WatchedDesktop):
+            name = f"desktop-watch:{self.info.session_id}"
+            self._watcher = self._tg.create_task(self._watch(sandbox), name=name)
+
+    def _unwatch(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel("the desktop watch is over")
+
+    async def _watch(self, sandbox: WatchedDesktop) -> None:
+        try:
+            reason = await sandbox.desktop_ended()
+        except Exception:
+            # A watch that broke is no loss of the desktop; the next call says how it is.
+            logger.exception("actor.desktop_watch_failed", session_id=self.info.session_id)
+            return
+        if reason is not None:
+            self._desktop_died(reason)
+
+    def _desktop_died(self, reason: str) -> None:
+        """The desktop died by itself: a job that needs it fails, the state follows."""
+        job = self._current
+        workflows = self.config.jobs.workflows
+        if job and job.task and job.lost is None and jobs.needs_desktop(job.msg, workflows):
+            job.lost = reason
+            if job.cancelled_by is None:
+                job.cancelled_by = f"the desktop was lost: {reason}"
+                job.task.cancel(job.cancelled_by)
+        self._publish_state()
 
     def join_stream(self, stream: Closable, grant: Grant) -> None:
         """A desktop stream opened with *grant*: a revocation of its share closes it."""
@@ -485,13 +544,19 @@ class SessionActor:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self.started.set()
+                if self._desktop_seen:
+                    # A desktop that outlived the last incarnation is watched
+                    # again; one that died in between is reported now.
+                    self._observe_desktop()
+                    self._watch_desktop()
                 try:
                     await self._loop()
                 finally:
+                    self._unwatch()
                     self._cancel_all(_ENDING.get(self.stop_reason or "", "the session is ending"))
         finally:
             # Finished tasks hold tracebacks whose frames hold this actor.
-            self._tg, self._runner = None, None
+            self._tg, self._runner, self._watcher = None, None, None
 
     async def _loop(self) -> None:
         mailbox = self._mailbox
@@ -632,7 +697,7 @@ class SessionActor:
             set_starting=self._set_starting,
             session_id=self.info.session_id,
             username=self.info.username,
-            desktop_changed=self._store_desktop,
+            desktop_changed=self._desktop_changed,
         )
         return await jobs.run_to_result(job.msg, ctx)
 
@@ -643,7 +708,7 @@ class SessionActor:
         job.settled = True
         # Dropping the task breaks task -> traceback -> frame -> job -> task.
         task, job.task = job.task, None
-        result = jobs.outcome(job.rid, task, job.cancelled_by or reason)
+        result = jobs.outcome(job.rid, task, job.cancelled_by or reason, job.lost)
         if task is not None:
             seconds = round(time.monotonic() - job.started_at, 3)
             self.log.info("job.finished", id=job.rid, ok=result.ok, seconds=seconds)
@@ -652,6 +717,11 @@ class SessionActor:
         if self.store is not None:
             self.store.remove_pending(self.info.session_id, job.rid)
             self._touch_store()
+
+    async def _desktop_changed(self) -> None:
+        """A job started or killed the desktop: watch the new one, and store it."""
+        self._watch_desktop()
+        await self._store_desktop()
 
     async def _store_desktop(self) -> None:
         """Keep the sandbox's id while its desktop runs (before ``start_desktop``'s result)."""

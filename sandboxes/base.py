@@ -172,6 +172,33 @@ class Resumable(Protocol):
         ...
 
 
+@runtime_checkable
+class LosesDesktop(Protocol):
+    """A sandbox that can tell why its desktop died without ``stop_desktop``.
+
+    ``lost_reason`` is set from the moment the backend knows (E2B: a call
+    found the sandbox expired; local: a desktop program exited) until the
+    next ``start_desktop``; a stop on purpose never sets it. The session
+    reports a desktop that stopped running with a reason as ``desktop.lost``.
+    """
+
+    @property
+    def lost_reason(self) -> str | None: ...
+
+
+@runtime_checkable
+class WatchedDesktop(LosesDesktop, Protocol):
+    """A sandbox that notices at once when its desktop dies (the local one, by its processes)."""
+
+    async def desktop_ended(self) -> str | None:
+        """Wait for the running desktop's end: why it died, or ``None`` when stopped on purpose.
+
+        Returns at once without a running desktop. A desktop that died is
+        stopped whole (its other programs too) before this returns.
+        """
+        ...
+
+
 SandboxFactory = Callable[[SandboxSpec], Sandbox]
 
 

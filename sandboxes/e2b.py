@@ -117,6 +117,8 @@ class E2BSandbox:
         self._sdk: AsyncSandbox | None = None
         self._display_up = False
         self._stream_url: str | None = None
+        #: Set when the running desktop's stream ends, on purpose or lost.
+        self._desktop_over = asyncio.Event()
         self._lost: str | None = None
         self._closed = False
         self._create_lock = asyncio.Lock()
@@ -141,6 +143,17 @@ class E2BSandbox:
         """Why the last sandbox was lost (E2B expired or killed it), until the next one starts."""
         return self._lost
 
+    async def desktop_ended(self) -> str | None:
+        """Wait for the running desktop's end: why it was lost, ``None`` when stopped on purpose.
+
+        A loss is known when a call finds the sandbox gone, also one outside
+        any job (``keep_alive``); the session then hears of it at once.
+        """
+        if self._stream_url is None:
+            return None
+        await self._desktop_over.wait()
+        return self._lost
+
     # ----------------------------------------------------------------------
     # Lifecycle
 
@@ -154,7 +167,7 @@ class E2BSandbox:
                 await self._call("display boot", desktop.boot_display(sdk, self._config.resolution))
             self._display_up = True
         url = await self._call("stream.start", desktop.start_stream(sdk, secrets.token_urlsafe(12)))
-        self._stream_url = url
+        self._stream_url, self._desktop_over = url, asyncio.Event()
         log.info("e2b.desktop_started", sandbox_id=sdk.sandbox_id)
 
     async def stop_desktop(self) -> None:
@@ -166,6 +179,7 @@ class E2BSandbox:
         """
         sdk = self._sdk
         self._stream_url = None
+        self._desktop_over.set()
         if sdk is None:
             return
         with map_sdk_errors("kill", sdk.sandbox_id):
@@ -212,6 +226,7 @@ class E2BSandbox:
         server reattaches it by id, or E2B's timeout ends it.
         """
         sdk, self._closed, self._stream_url = self._sdk, True, None
+        self._desktop_over.set()
         self._sdk = None
         if sdk is not None:
             with map_sdk_errors("set_timeout", sdk.sandbox_id):
@@ -225,6 +240,7 @@ class E2BSandbox:
             return
         self._closed = True
         self._stream_url = None
+        self._desktop_over.set()
         sdk, self._sdk = self._sdk, None
         if sdk is not None:
             await self._reaper.run(kill_logged(self._conn, sdk.sandbox_id, "close"), "kill")
@@ -235,6 +251,7 @@ class E2BSandbox:
     def _forget(self, sdk: AsyncSandbox) -> None:
         if self._sdk is sdk:
             self._sdk, self._display_up, self._stream_url = None, False, None
+            self._desktop_over.set()
 
     async def _ready(self, busy_for: float = 0.0) -> AsyncSandbox:
         """The session's sandbox, created on first need, alive for *busy_for* more seconds."""

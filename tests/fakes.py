@@ -30,6 +30,10 @@ class FakeSandbox:
       ``close_seconds = s`` makes it take *s* seconds first.
     - ``stubborn = True`` makes a held command outlive its first cancellation
       (it ends at the second), as a backend busy killing a process tree does.
+    - ``hold = {"screenshot", "launch"}`` makes those calls wait until
+      cancelled (``call_started`` is set when one waits).
+    - ``lose_desktop(reason)`` makes the running desktop die by itself, as
+      an Xvfb that exited: ``lost_reason`` says *reason*, ``desktop_ended`` returns it.
     """
 
     kind = "fake"
@@ -46,6 +50,10 @@ class FakeSandbox:
         self.close_seconds = 0.0
         self.stubborn = False
         self.running = False
+        self.hold: set[str] = set()
+        self.call_started = asyncio.Event()
+        self.lost: str | None = None
+        self._desktop_over = asyncio.Event()
         self.closed = 0
         self.released = asyncio.Event()
         self.command_started = asyncio.Event()
@@ -75,13 +83,35 @@ class FakeSandbox:
             raise RuntimeError("desktop_running broke")
         return self.running
 
+    @property
+    def lost_reason(self) -> str | None:
+        return self.lost
+
+    async def desktop_ended(self) -> str | None:
+        if not self.running:
+            return None
+        await self._desktop_over.wait()
+        return self.lost
+
+    def lose_desktop(self, reason: str) -> None:
+        """The desktop dies by itself (not through ``stop_desktop``)."""
+        self.running, self.lost = False, reason
+        self._desktop_over.set()
+
+    async def _held(self, name: str) -> None:
+        if name in self.hold:
+            self.call_started.set()
+            await asyncio.Event().wait()  # until cancelled
+
     async def start_desktop(self) -> None:
         self._call("start_desktop")
-        self.running = True
+        self.running, self.lost = True, None
+        self._desktop_over = asyncio.Event()
 
     async def stop_desktop(self) -> None:
         self._call("stop_desktop")
         self.running = False
+        self._desktop_over.set()
 
     async def setup(self, packages: Sequence[str], report: StepReporter) -> None:
         self._call("setup", tuple(packages))
@@ -110,6 +140,7 @@ class FakeSandbox:
 
     async def screenshot(self) -> bytes:
         self._call("screenshot")
+        await self._held("screenshot")
         return blank_png(32, 16)
 
     async def left_click(self, x: int, y: int) -> None:
@@ -138,6 +169,7 @@ class FakeSandbox:
 
     async def launch(self, app: str) -> None:
         self._call("launch", app)
+        await self._held("launch")
 
     async def list_files(self, path: str) -> Listing:
         self._call("list_files", path)
@@ -155,6 +187,7 @@ class FakeSandbox:
         self.calls.append(("close", ()))
         self.closed += 1
         self.running = False
+        self._desktop_over.set()
         if self.close_seconds:
             await asyncio.sleep(self.close_seconds)  # a slow backend, not a test's wait
         if self.close_error is not None:

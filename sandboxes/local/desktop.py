@@ -25,13 +25,15 @@ from protocol.errors import SandboxBroken
 from sandboxes.local import xauth
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.jail import DISPLAYS, X11_DIR, Jail, Mount, spawn
-from sandboxes.local.procs import reap
+from sandboxes.local.procs import exit_code, reap
 from sandboxes.local.sockets import connectable
 
 logger = structlog.get_logger()
 
 VNC_DIR = "/run/vnc"
 POLL = 0.005
+#: How long Xvfb may take to be seen dead once one of its clients exited (seconds).
+CAUSE_GRACE = 0.5
 OWN_HOME = {"HOME": "/tmp"}
 
 
@@ -168,6 +170,35 @@ class Desktop:
 
     def alive(self) -> bool:
         return all(p.returncode is None for p in self.procs)
+
+    def exited(self) -> str | None:
+        """Which desktop program exited and with what code, or ``None`` while all run."""
+        for proc in self.procs:
+            if proc.returncode is not None:
+                name = self.names.get(proc.pid, "a desktop program")
+                return f"{name} exited with code {exit_code(proc.returncode)}"
+        return None
+
+    async def first_exit(self) -> str:
+        """Wait, without polling, until one of the desktop's programs exits; which one, and its code.
+
+        When a client (the window manager, x11vnc) goes first, Xvfb is given
+        :data:`CAUSE_GRACE` to show whether it is the cause: its clients die of
+        a dead display, often before its own jail is reaped.
+        """
+        procs = list(self.procs)
+        async with asyncio.TaskGroup() as tg:
+            waits = [tg.create_task(p.wait(), name=f"desktop-wait:{p.pid}") for p in procs]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if not waits[0].done():
+                    await asyncio.wait(waits[:1], timeout=CAUSE_GRACE)
+            finally:
+                # The others keep running, or are being stopped by whoever
+                # stopped the desktop: their waits are not needed any more.
+                for wait in waits:
+                    wait.cancel()
+        return self.exited() or "the desktop ended"
 
 
 def _connect_error(path: Path) -> str | None:

@@ -74,6 +74,8 @@ class LocalSandbox:
         self._restored = spec.previous_id is not None
         self._jail: Jail | None = None
         self._desktop: Desktop | None = None
+        #: Why the last desktop died by itself (until the next start).
+        self._lost: str | None = None
         self._apps: list[asyncio.subprocess.Process] = []
         self._commands = Commands(self._id, config, self._base)
         self._ensure_lock = asyncio.Lock()
@@ -94,6 +96,14 @@ class LocalSandbox:
     @property
     def stream_url(self) -> str | None:
         return self._spec.stream_url if self.desktop_running else None
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Which desktop program exited by itself, with its code, until the next start."""
+        if self._lost is None and self._desktop is not None:
+            # Exited, and the watcher has not run yet.
+            return self._desktop.exited()
+        return self._lost
 
     @property
     def vnc_endpoint(self) -> str | None:
@@ -117,6 +127,11 @@ class LocalSandbox:
     @property
     def jail(self) -> Jail | None:
         return self._jail
+
+    def desktop_programs(self) -> dict[str, int]:
+        """Host pid of each desktop program's jail (``{"Xvfb": pid, ...}``), for tests and operators."""
+        desktop = self._desktop
+        return {} if desktop is None else {desktop.names[p.pid]: p.pid for p in desktop.procs}
 
     def command_jail_pids(self) -> set[int]:
         """Host pids of the command jail itself (bwrap, spawner), for tests and operators."""
@@ -237,12 +252,41 @@ class LocalSandbox:
             return
         if self._desktop is not None:
             await self.stop_desktop()
+        self._lost = None
         jail, started = await self._ensure(), time.monotonic()
         self._desktop = await Desktop.start(jail, self._config, self._base)
         seconds = round(time.monotonic() - started, 3)
         logger.info(
             "sandbox.desktop_started", sandbox_id=self._id, display=self._desktop.display, seconds=seconds
         )
+
+    async def desktop_ended(self) -> str | None:
+        """Wait for one of the desktop's programs to exit; stop the rest and say which, if not on purpose."""
+        desktop = self._desktop
+        if desktop is None or not desktop.procs:
+            return None
+        reason = await desktop.first_exit()
+        if self._desktop is not desktop:
+            return None  # stop_desktop took it: stopped on purpose
+        await self._lose_desktop(desktop, reason)
+        return reason
+
+    async def _lose_desktop(self, desktop: Desktop, reason: str) -> None:
+        """Stop what is left of a desktop that died, and its apps; commands go on."""
+        self._lost, self._desktop = reason, None
+        apps, self._apps = self._apps, []
+        logger.warning("sandbox.desktop_lost", sandbox_id=self._id, display=desktop.display, reason=reason)
+        procs = [*apps, *desktop.procs]
+        for proc in procs:
+            # At once, so that a cancelled wait below still leaves nothing running.
+            kill_now(proc)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for proc in procs:
+                    tg.create_task(reap(proc), name=f"desktop-reap:{proc.pid}")
+        finally:
+            desktop.procs.clear()
+            desktop.release()
 
     async def stop_desktop(self) -> None:
         """End the desktop, its apps and any running command of the session."""
