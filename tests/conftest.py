@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import pytest
 import structlog
 from aiohttp.test_utils import TestServer
@@ -19,6 +20,7 @@ from client import Client
 from config import Settings
 from sandboxes.base import SandboxFactory, SandboxSpec
 from tests.fakes import FakeSandbox
+from tests.fakes_agent import ModelServer
 
 if TYPE_CHECKING:
     from sandboxes.local import LocalSandbox
@@ -108,3 +110,20 @@ async def make(root: Path) -> AsyncIterator[MakeLocal]:
     async with asyncio.timeout(20):
         for sandbox in made:
             await sandbox.close()
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[ModelServer]:
+    """A scripted model endpoint (OpenAI-compatible) on 127.0.0.1; it must have seen no malformed request."""
+    server = ModelServer()
+    await server.start()
+    yield server
+    await server.close()
+    assert not server.problems, server.problems
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client session for the agent's model requests."""
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -26,23 +25,8 @@ from tests.fakes_agent import (
 
 
 @pytest.fixture
-async def endpoint() -> AsyncIterator[ModelServer]:
-    server = ModelServer()
-    await server.start()
-    yield server
-    await server.close()
-    assert not server.problems, server.problems
-
-
-@pytest.fixture
 def model(endpoint: ModelServer) -> ModelConfig:
     return ModelConfig(url=endpoint.url + "/", model="tiny-vision", api_key="sk-test", max_steps=5)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

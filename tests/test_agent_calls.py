@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -15,23 +15,8 @@ from tests.fakes_agent import ModelServer, RecordingDesktop, RecordingLog, compl
 
 
 @pytest.fixture
-async def endpoint() -> AsyncIterator[ModelServer]:
-    server = ModelServer()
-    await server.start()
-    yield server
-    await server.close()
-    assert not server.problems, server.problems
-
-
-@pytest.fixture
 def model(endpoint: ModelServer) -> ModelConfig:
     return ModelConfig(url=endpoint.url, model="m", max_steps=4, retry_delay=0.01)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def _run(model: ModelConfig, http: aiohttp.ClientSession, desktop: RecordingDesktop) -> AgentResult:

@@ -7,7 +7,6 @@ import base64
 import io
 import re
 import shutil
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -25,15 +24,6 @@ pytestmark = [
         reason="the local sandbox's system packages are not installed",
     ),
 ]
-
-
-@pytest.fixture
-async def endpoint() -> AsyncIterator[ModelServer]:
-    server = ModelServer()
-    await server.start()
-    yield server
-    await server.close()
-    assert not server.problems, server.problems
 
 
 def _images(body: dict[str, Any]) -> list[Image.Image]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -17,23 +16,8 @@ KEY = "sk-live-0123456789abcdef"
 
 
 @pytest.fixture
-async def endpoint() -> AsyncIterator[ModelServer]:
-    server = ModelServer()
-    await server.start()
-    yield server
-    await server.close()
-    assert not server.problems, server.problems
-
-
-@pytest.fixture
 def model(endpoint: ModelServer) -> ModelConfig:
     return ModelConfig(url=endpoint.url, model="m", api_key=KEY, max_steps=3, retry_delay=0.01)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def _run(model: ModelConfig, http: aiohttp.ClientSession, log: RecordingLog | None = None) -> str:

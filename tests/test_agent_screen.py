@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -18,23 +17,8 @@ from tests.fakes_agent import ModelServer, RecordingDesktop, RecordingLog, compl
 
 
 @pytest.fixture
-async def endpoint() -> AsyncIterator[ModelServer]:
-    server = ModelServer()
-    await server.start()
-    yield server
-    await server.close()
-    assert not server.problems, server.problems
-
-
-@pytest.fixture
 def model(endpoint: ModelServer) -> ModelConfig:
     return ModelConfig(url=endpoint.url, model="m", max_steps=5, retry_delay=0.01)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def _run(

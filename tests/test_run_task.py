@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,15 +12,6 @@ from client import Connection
 from tests.conftest import StartServer
 from tests.fakes import FakeSandbox
 from tests.fakes_agent import Answer, ModelServer, completion, finish, tool_call
-
-
-@pytest.fixture
-async def endpoint() -> AsyncIterator[ModelServer]:
-    server = ModelServer()
-    await server.start()
-    yield server
-    await server.close()
-    assert not server.problems, server.problems
 
 
 async def _until_result(conn: Connection, rid: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
