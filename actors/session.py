@@ -188,8 +188,8 @@ class SessionActor:
         self.store = store
         self._reserved = SEQ_BLOCK
         self._stored_active = time.monotonic()
-        #: A restored session whose desktop died with the old server.
-        self._lost_desktop = False
+        #: A restored session's stored sandbox id, while its desktop may come back (``recover``).
+        self._lost_desktop: str | None = None
         self._log: Any = None
         self.started = asyncio.Event()
         self.stop_requested_at: float | None = None
@@ -686,17 +686,21 @@ class SessionActor:
             if rid not in answered:
                 self.emit(jobs.cancelled(rid, RESTARTED))
             self.store.remove_pending(sid, rid)
-        if record.sandbox_id is not None and not self.sandbox.desktop_running:
-            self._lost_desktop = True
-            self.log.warning("desktop.lost", reason="the server restarted", sandbox_id=record.sandbox_id)
-            self._publish_state()
+        # Whether the desktop survived is known once the sandbox recovered (E2B's may).
+        self._lost_desktop = record.sandbox_id
 
     async def recover(self) -> None:
         """End what the previous server left of the sandbox; forget a desktop that died."""
-        if isinstance(self.sandbox, Resumable):
-            await self.sandbox.recover()
-        if self._lost_desktop and self.store is not None:
-            self._lost_desktop = False
+        try:
+            if isinstance(self.sandbox, Resumable):
+                await self.sandbox.recover()
+        finally:
+            lost, self._lost_desktop = self._lost_desktop, None
+            if lost is not None:
+                if not self.sandbox.desktop_running:
+                    self.log.warning("desktop.lost", reason="the server restarted", sandbox_id=lost)
+                self._publish_state()
+        if lost is not None and not self.sandbox.desktop_running and self.store is not None:
             await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, None)
 
     async def suspend(self, reason: str) -> None:
