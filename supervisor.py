@@ -369,7 +369,9 @@ class Supervisor:
             return
         # A restored session may not have reattached its sandbox yet (that runs
         # in its own task): the id its record kept counts as live all the same.
-        live = {sid: actor.sandbox.sandbox_id or self._stored_sandbox(sid) for sid, actor in self._actors.items()}
+        live = {
+            sid: actor.sandbox.sandbox_id or self._stored_sandbox(sid) for sid, actor in self._actors.items()
+        }
         try:
             async with asyncio.timeout(_SWEEP_ORPHANS_TIMEOUT_S):
                 await factory.sweep_orphans(live)
