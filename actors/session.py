@@ -669,8 +669,8 @@ class SessionActor:
 
         After a crash (*clean* false) new events are numbered above the
         reservation, the skipped numbers kept as a hole; requests that were
-        acknowledged get their ``cancelled`` result, and a desktop that ran
-        is reported lost. Runs before the first incarnation, without suspending.
+        acknowledged get their ``cancelled`` result, and a desktop that ran is
+        checked by ``recover``. Runs before the first incarnation, without suspending.
         """
         base = stored.last_seq if clean else max(stored.last_seq, record.seq_reserved)
         self.journal.restore(stored.events, base)
@@ -690,7 +690,7 @@ class SessionActor:
         self._lost_desktop = record.sandbox_id
 
     async def recover(self) -> None:
-        """End what the previous server left of the sandbox; forget a desktop that died."""
+        """End or take back what the previous server left of the sandbox; report a desktop that died."""
         try:
             if isinstance(self.sandbox, Resumable):
                 await self.sandbox.recover()
