@@ -22,7 +22,10 @@ WATCH_FILE = "/tmp/deskhive-last-input"
 #: Seconds between two of the watcher's readings.
 WATCH_EVERY_S = 5
 
-_WATCHER = f"""
+
+def watcher_source(path: str = WATCH_FILE, every: float = WATCH_EVERY_S) -> str:
+    """The watcher's Python program: writes (and prints) the time of the last input to *path*."""
+    return f"""
 import ctypes, ctypes.util, os, time
 class Info(ctypes.Structure):
     _fields_ = [("window", ctypes.c_ulong), ("state", ctypes.c_int), ("kind", ctypes.c_int),
@@ -39,11 +42,14 @@ display = x11.XOpenDisplay(None)
 info = xss.XScreenSaverAllocInfo()
 root = x11.XDefaultRootWindow(display) if display else 0
 while display and xss.XScreenSaverQueryInfo(display, root, info):
-    with open("{WATCH_FILE}.new", "w") as out:
-        out.write("%.3f" % (time.time() - info.contents.idle / 1000))
-    os.replace("{WATCH_FILE}.new", "{WATCH_FILE}")
-    time.sleep({WATCH_EVERY_S})
+    last = "%.3f" % (time.time() - info.contents.idle / 1000)
+    with open("{path}.new", "w") as out:
+        out.write(last)
+    os.replace("{path}.new", "{path}")
+    print(last, flush=True)
+    time.sleep({every})
 """
+
 
 #: Starts the watcher afresh. Its marker argument is quoted in the shell's own
 #: text, so that ``pkill -f`` matches the old watcher and never this shell.
@@ -61,7 +67,7 @@ async def start_watch(sdk: AsyncSandbox) -> None:
         WATCH_COMMAND,
         background=True,
         timeout=0,
-        envs={"DISPLAY": DISPLAY, "DESKHIVE_WATCHER": _WATCHER},
+        envs={"DISPLAY": DISPLAY, "DESKHIVE_WATCHER": watcher_source()},
     )
     await handle.disconnect()
 

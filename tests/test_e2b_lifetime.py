@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import server
 from client import Client, Connection, Login
 from config import Settings
 from sandboxes.e2b import e2b_factory
-from sandboxes.e2b_input import PROBE_COMMAND
+from sandboxes.e2b_input import PROBE_COMMAND, idle_from, watcher_source
 from supervisor import Supervisor
 from tests.e2b_envd import Script
 from tests.e2b_service import E2BService, e2b_service, make_config
@@ -168,3 +171,49 @@ async def test_input_in_e2b_s_own_stream_keeps_the_session_from_being_reaped(
         ended = await conn.wait_for(lambda e: e.get("event") == "session.ended")
         assert ended["reason"] == "idle"
     assert e2b_service.only().kills == 1
+
+
+@pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in ("Xvfb", "xdotool", "xdpyinfo", "python3")),
+    reason="needs Xvfb, xdotool, xdpyinfo and python3",
+)
+async def test_the_input_watcher_sees_input_and_not_a_new_x_client(tmp_path: Path) -> None:
+    """The watcher's reading moves on pointer input (as x11vnc gives), not when a new X client connects."""
+    xvfb = await asyncio.create_subprocess_exec(
+        "Xvfb", "-displayfd", "1", "-screen", "0", "640x480x24", "-nolisten", "tcp",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    watcher: asyncio.subprocess.Process | None = None
+    try:
+        assert xvfb.stdout is not None
+        async with asyncio.timeout(10):
+            env = {**os.environ, "DISPLAY": f":{(await xvfb.stdout.readline()).decode().strip()}"}
+        path = tmp_path / "last-input"
+        source = watcher_source(str(path), every=0.05)
+        watcher = await asyncio.create_subprocess_exec(
+            "python3", "-c", source, env=env, stdout=asyncio.subprocess.PIPE
+        )
+        assert watcher.stdout is not None
+        readings = watcher.stdout
+
+        async def reading() -> float:
+            async with asyncio.timeout(10):
+                return float(await readings.readline())
+
+        first = await reading()
+        client = await asyncio.create_subprocess_exec("xdpyinfo", env=env, stdout=asyncio.subprocess.DEVNULL)
+        async with asyncio.timeout(10):
+            await client.wait()
+        for _ in range(3):  # readings taken after the new client came and went
+            assert abs(await reading() - first) < 0.05
+        pointer = await asyncio.create_subprocess_exec("xdotool", "mousemove", "5", "5", env=env)
+        async with asyncio.timeout(10):
+            await pointer.wait()
+            while (last := await reading()) < first + 0.05:
+                pass
+        assert idle_from(f"{time.time()} {path.read_text()}") == pytest.approx(time.time() - last, abs=0.5)
+    finally:
+        for process in (watcher, xvfb):
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()
