@@ -21,7 +21,7 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import attrs
 import structlog
@@ -47,8 +47,11 @@ logger = structlog.get_logger("deskhive.supervisor")
 _SPAWN_TIMEOUT_S: Final = 5.0
 #: Bound on start-up: opening the store and restoring its sessions.
 _START_TIMEOUT_S: Final = 120.0
-#: Bound on a restored session's recovery (what the old server left running).
-_RECOVER_TIMEOUT_S: Final = 15.0
+#: Bound on a restored session's recovery (what the old server left running, or
+#: reattaching its E2B sandbox and restarting the stream: a few calls to E2B).
+_RECOVER_TIMEOUT_S: Final = 60.0
+#: Bound on one sweep's keep-alive round (E2B sandboxes asked to live on).
+_KEEP_ALIVE_TIMEOUT_S: Final = 30.0
 #: Bound on finding and ending what an earlier server left behind, at start-up.
 _SWEEP_ORPHANS_TIMEOUT_S: Final = 60.0
 #: Sessions restored between two yields to the loop.
@@ -58,6 +61,21 @@ _STORE_TIMEOUT_S: Final = 10.0
 #: How many ended sessions' token hashes are remembered, so that a client of
 #: an ended session is told "ended" (404, 4404) rather than "wrong token".
 _TOMBSTONES: Final = 10_000
+
+
+@runtime_checkable
+class KeptAlive(Protocol):
+    """A sandbox that a remote service ends at its own deadline (E2B), unless kept alive.
+
+    Its own calls extend that deadline; a session can be active without any
+    (client frames, a user working in the service's own desktop stream), so
+    each sweep keeps it past the session's idle deadline, and asks it about
+    input on its desktop that never went through this server.
+    """
+
+    async def keep_alive(self, seconds: float) -> None: ...
+
+    async def input_idle(self) -> float | None: ...
 
 
 class ShareStore(Protocol):
@@ -197,6 +215,7 @@ class Supervisor:
                         async with asyncio.timeout(self.config.sweep_interval):
                             await self._stop.wait()
                     except TimeoutError:
+                        await self._keep_alive()
                         self.sweep()
                 await self._stop_all()
         except BaseException as exc:
@@ -348,13 +367,21 @@ class Supervisor:
         factory: object = self._sandbox_factory
         if not isinstance(factory, OrphanSweeper):
             return
-        live = {sid: actor.sandbox.sandbox_id for sid, actor in self._actors.items()}
+        # A restored session may not have reattached its sandbox yet (that runs
+        # in its own task): the id its record kept counts as live all the same.
+        live = {
+            sid: actor.sandbox.sandbox_id or self._stored_sandbox(sid) for sid, actor in self._actors.items()
+        }
         try:
             async with asyncio.timeout(_SWEEP_ORPHANS_TIMEOUT_S):
                 await factory.sweep_orphans(live)
         except Exception:
             # Leftovers cost space or money, but must not keep the server from serving.
             logger.exception("supervisor.orphan_sweep_failed")
+
+    def _stored_sandbox(self, session_id: str) -> str | None:
+        record = self.restored.get(session_id)
+        return None if record is None else record.sandbox_id
 
     def _restore_one(self, record: SessionRecord, stored: StoredJournal) -> None:
         info = SessionInfo(
@@ -547,6 +574,42 @@ class Supervisor:
         if reaped:
             logger.info("supervisor.swept", reaped=reaped, sessions=len(self._actors))
         return reaped
+
+    async def _keep_alive(self) -> None:
+        """Before the sweep: keep each remote sandbox alive past its session's idle deadline.
+
+        Input on the sandbox's own desktop stream counts as activity.
+        """
+        kept = [
+            (actor, actor.sandbox)
+            for actor in self._actors.values()
+            if isinstance(actor.sandbox, KeptAlive) and actor.stop_requested_at is None
+        ]
+        if not kept:
+            return
+        try:
+            async with asyncio.timeout(_KEEP_ALIVE_TIMEOUT_S), asyncio.TaskGroup() as tg:
+                for actor, sandbox in kept:
+                    tg.create_task(self._keep_one(actor, sandbox), name=f"keep-alive:{actor.info.session_id}")
+        except TimeoutError:
+            logger.warning("supervisor.keep_alive_timeout", sandboxes=len(kept))
+
+    async def _keep_one(self, actor: SessionActor, sandbox: KeptAlive) -> None:
+        """E2B's deadline at or past the session's, until the next sweep; never raises."""
+        interval = self.config.sweep_interval
+        try:
+            idle = actor.idle_seconds(time.monotonic())
+            if idle >= interval / 2:
+                # Only worth asking when nothing reached us since about the last sweep.
+                seen = await sandbox.input_idle()
+                if seen is not None and seen < idle:
+                    actor.touch()
+                    idle = 0.0
+            # Activity before the next sweep moves the session's deadline by at
+            # most one interval: E2B's is set past that.
+            await sandbox.keep_alive(max(0.0, self.config.idle_timeout - idle) + interval)
+        except Exception:
+            logger.exception("sandbox.keep_alive_failed", session_id=actor.info.session_id)
 
     # ------------------------------------------------------------------
     # One child

@@ -6,6 +6,7 @@ one place, and so that a test can build the same objects without a server.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -83,9 +84,11 @@ def sandbox_factory(settings: Settings) -> SandboxFactory:
 
         return NullSandbox
     if settings.sandbox == "e2b":
-        from sandboxes.e2b import e2b_factory
+        from sandboxes.e2b import E2BConfig, e2b_factory
 
-        return e2b_factory()
+        # E2B's own timeout, renewed by every call and each sweep, follows the
+        # session's idle timeout: the sandbox outlives the session, never the other way.
+        return e2b_factory(E2BConfig.from_env(sandbox_timeout=max(1, math.ceil(settings.idle_timeout))))
     from sandboxes.local import LocalConfig, local_factory, uids
     from sandboxes.local.quota import HomeQuota
 

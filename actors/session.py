@@ -195,8 +195,8 @@ class SessionActor:
         self.store = store
         self._reserved = SEQ_BLOCK
         self._stored_active = time.monotonic()
-        #: A restored session whose desktop died with the old server.
-        self._lost_desktop = False
+        #: A restored session's stored sandbox id, while its desktop may come back (``recover``).
+        self._lost_desktop: str | None = None
         self._log: Any = None
         self.started = asyncio.Event()
         self.stop_requested_at: float | None = None
@@ -768,8 +768,8 @@ class SessionActor:
 
         After a crash (*clean* false) new events are numbered above the
         reservation, the skipped numbers kept as a hole; requests that were
-        acknowledged get their ``cancelled`` result, and a desktop that ran
-        is reported lost. Runs before the first incarnation, without suspending.
+        acknowledged get their ``cancelled`` result, and a desktop that ran is
+        checked by ``recover``. Runs before the first incarnation, without suspending.
         """
         base = stored.last_seq if clean else max(stored.last_seq, record.seq_reserved)
         self.journal.restore(stored.events, base)
@@ -785,17 +785,21 @@ class SessionActor:
             if rid not in answered:
                 self.emit(jobs.cancelled(rid, RESTARTED))
             self.store.remove_pending(sid, rid)
-        if record.sandbox_id is not None and not self.sandbox.desktop_running:
-            self._lost_desktop = True
-            self.log.warning("desktop.lost", reason="the server restarted", sandbox_id=record.sandbox_id)
-            self._publish_state()
+        # Whether the desktop survived is known once the sandbox recovered (E2B's may).
+        self._lost_desktop = record.sandbox_id
 
     async def recover(self) -> None:
-        """End what the previous server left of the sandbox; forget a desktop that died."""
-        if isinstance(self.sandbox, Resumable):
-            await self.sandbox.recover()
-        if self._lost_desktop and self.store is not None:
-            self._lost_desktop = False
+        """End or take back what the previous server left of the sandbox; report a desktop that died."""
+        try:
+            if isinstance(self.sandbox, Resumable):
+                await self.sandbox.recover()
+        finally:
+            lost, self._lost_desktop = self._lost_desktop, None
+            if lost is not None:
+                if not self.sandbox.desktop_running:
+                    self.log.warning("desktop.lost", reason="the server restarted", sandbox_id=lost)
+                self._publish_state()
+        if lost is not None and not self.sandbox.desktop_running and self.store is not None:
             await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, None)
 
     async def suspend(self, reason: str) -> None:

@@ -42,7 +42,7 @@ from protocol.errors import (
     SessionClosed,
 )
 from sandboxes import e2b_desktop as desktop
-from sandboxes import e2b_files
+from sandboxes import e2b_files, e2b_input
 from sandboxes.base import OutputSink, SandboxFactory, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.e2b_commands import Sink, install
 from sandboxes.e2b_config import E2BConfig
@@ -167,6 +167,8 @@ class E2BSandbox:
                 await self._call("display boot", desktop.boot_display(sdk, self._config.resolution))
             self._display_up = True
         url = await self._call("stream.start", desktop.start_stream(sdk, secrets.token_urlsafe(12)))
+        # Input in E2B's own stream never reaches us: the sandbox notes it (see input_idle).
+        await self._call("input watch", e2b_input.start_watch(sdk))
         self._stream_url, self._desktop_over = url, asyncio.Event()
         log.info("e2b.desktop_started", sandbox_id=sdk.sandbox_id)
 
@@ -232,6 +234,60 @@ class E2BSandbox:
             with map_sdk_errors("set_timeout", sdk.sandbox_id):
                 async with asyncio.timeout(self._config.call_timeout):
                     await sdk.set_timeout(self._config.lifetime(keep_for))
+
+    async def input_idle(self) -> float | None:
+        """Seconds since the desktop last had keyboard or pointer input, E2B's own stream's included.
+
+        ``None`` when unknown (no desktop, no reading yet, E2B not answering):
+        unknown never counts as activity.
+        """
+        sdk = self._sdk
+        if sdk is None or self._stream_url is None or self._closed:
+            return None
+        try:
+            result = await self._call("input idle", sdk.commands.run(e2b_input.PROBE_COMMAND), sdk=sdk)
+        except GatewayError as exc:
+            log.info("e2b.input_idle_failed", sandbox_id=sdk.sandbox_id, error=exc.message)
+            return None
+        return e2b_input.idle_from(result.stdout or "")
+
+    # ----------------------------------------------------------------------
+    # Across a restart (sandboxes.base.Resumable)
+
+    async def suspend(self) -> None:
+        """A durable shutdown: keep a sandbox whose desktop runs for the restarted server; never raises.
+
+        The store keeps a sandbox's id only while its desktop runs, so only
+        such a sandbox can be found again: it is released with E2B's timeout
+        cut to ``sandbox_timeout`` (the session's idle timeout), after which
+        E2B ends it if no server reattached it. Any other sandbox is killed.
+        """
+        sdk = self._sdk
+        if sdk is None or not self.desktop_running:
+            await self.close()
+            return
+        try:
+            await self.release(keep_for=self._config.sandbox_timeout)
+        except GatewayError as exc:
+            # Its old, longer timeout stands; the next start's sweep kills it if nobody takes it.
+            log.warning("e2b.release_failed", sandbox_id=sdk.sandbox_id, error=exc.message)
+        else:
+            log.info("e2b.released", sandbox_id=sdk.sandbox_id, seconds=self._config.sandbox_timeout)
+
+    async def recover(self) -> None:
+        """At restore: reattach the stored sandbox and restart its stream; a gone one is noted lost.
+
+        Never raises: a sandbox that cannot be reattached leaves the desktop
+        stopped (``desktop_running`` False), which the session reports.
+        """
+        previous = self._spec.previous_id
+        if not previous or self._sdk is not None or self._closed:
+            return
+        try:
+            if await self.reattach(previous):
+                await self.start_desktop()  # the old stream's password went with the old server
+        except GatewayError as exc:
+            log.warning("e2b.recover_failed", sandbox_id=previous, error=exc.message)
 
     async def close(self) -> None:
         """Kill the sandbox. Idempotent; never raises; the kill survives cancellation."""
