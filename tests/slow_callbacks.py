@@ -10,14 +10,21 @@ asyncio times callbacks by the wall clock. On a shared machine a callback
 may wait for a CPU through no fault of its own, so the time this thread
 spent runnable but not running in that turn of the loop (Linux schedstat)
 is taken off: the guard fails code that computes or blocks, not a busy box.
-And since the callback named is often just the test's own task, a watchdog
-thread takes the stack of a turn still running past the bound: the failure
-shows where the loop was held.
+So is the time the cyclic garbage collector ran: after hundreds of tests in
+one process, in debug mode (which keeps a stack with every future), a full
+collection of the test process's heap takes a few hundred milliseconds,
+which says nothing of the code under test (the server itself freezes its
+start-up heap and collects rarely, see ``cli.freeze_startup_heap``; its
+memory over time is the soak's figure in ``make bench``). And since the
+callback named is often just the test's own task, a watchdog thread takes
+the stack of a turn still running past the bound: the failure shows where
+the loop was held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -34,6 +41,24 @@ import pytest
 SLOW_CALLBACK_VAR = "DESKHIVE_SLOW_CALLBACK"
 #: Frames of the held stack shown, innermost last.
 STACK_FRAMES = 12
+
+
+class Collections:
+    """Seconds the cyclic garbage collector has run, per thread (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self._started: dict[int, float] = {}
+        self.spent: dict[int, float] = {}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        thread = threading.get_ident()
+        if phase == "start":
+            self._started[thread] = time.perf_counter()
+        elif (began := self._started.pop(thread, None)) is not None:
+            self.spent[thread] = self.spent.get(thread, 0.0) + time.perf_counter() - began
+
+
+COLLECTIONS = Collections()
 
 
 def cpu_wait() -> float:
@@ -69,6 +94,7 @@ class SlowCallbackLoop(asyncio.SelectorEventLoop):
         super().__init__()
         self._selector = TimedSelector(self._selector, self)  # type: ignore[has-type]
         self.waited = 0.0
+        self.collected = 0.0
         self.busy_since: float | None = None
         self.thread = 0
         self.stack = ""
@@ -76,6 +102,7 @@ class SlowCallbackLoop(asyncio.SelectorEventLoop):
 
     def _run_once(self) -> None:
         self.waited, self.stack = cpu_wait(), ""
+        self.collected = COLLECTIONS.spent.get(threading.get_ident(), 0.0)
         try:
             super()._run_once()  # type: ignore[misc]
         finally:
@@ -119,10 +146,14 @@ class SlowCallbacks(logging.Handler):
         running = asyncio.get_running_loop()
         loop = running if isinstance(running, SlowCallbackLoop) else None
         waited = cpu_wait() - loop.waited if loop else 0.0
+        collected = COLLECTIONS.spent.get(threading.get_ident(), 0.0) - loop.collected if loop else 0.0
         took = record.args[1] if isinstance(record.args, tuple) else None
-        if isinstance(took, float) and took - waited < self.seconds:
-            return  # the machine was busy, not the loop
-        text = f"{record.getMessage()} ({waited:.3f} s of it waiting for a CPU)"
+        if isinstance(took, float) and took - waited - collected < self.seconds:
+            return  # the machine was busy, or the test process collected its own heap
+        text = (
+            f"{record.getMessage()} ({waited:.3f} s of it waiting for a CPU, "
+            f"{collected:.3f} s collecting garbage)"
+        )
         if loop and loop.stack:
             text += "\nwhere the loop was held:\n" + loop.stack
         self.seen.append(text)
@@ -154,6 +185,7 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     handler = SlowCallbacks(seconds)
     logging.getLogger("asyncio").addHandler(handler)
+    gc.callbacks.append(COLLECTIONS)
     config.stash[SLOW_CALLBACKS] = handler
     asyncio.set_event_loop_policy(SlowCallbackPolicy(seconds))
     stop = threading.Event()
