@@ -22,18 +22,19 @@ import asyncio
 import contextlib
 import functools
 import time
-import weakref
 from collections import deque
-from collections.abc import Collection, MutableMapping
+from collections.abc import Collection
 from typing import Any, Final
 
 import attrs
 import structlog
 
 from actors import jobs
+from actors.basics import ActorConfig, ActorStats, QueuedJob, SessionInfo, Stop
 from actors.journal import Journal
 from actors.peer import Peer
-from actors.shares import OWNER, Closable, Grant, Shares, ShareStats, check_allowed
+from actors.sessionlog import journal_logger
+from actors.shares import OWNER, Closable, Grant, Shares, check_allowed
 from protocol import codec
 from protocol import messages as m
 from protocol.closecodes import CloseCode
@@ -48,6 +49,18 @@ from protocol.errors import (
 )
 from sandboxes.base import LosesDesktop, Resumable, Sandbox, WatchedDesktop
 from store.base import SessionRecord, ShareRecord, Store, StoredJournal
+
+__all__ = [
+    "RESTARTED",
+    "SEQ_BLOCK",
+    "SOCKETS_PER_SESSION",
+    "TOUCH_EVERY_S",
+    "ActorConfig",
+    "ActorStats",
+    "SessionActor",
+    "SessionInfo",
+    "Stop",
+]
 
 logger = structlog.get_logger("deskhive.actor")
 
@@ -67,116 +80,11 @@ _KEPT_TIMEOUT_S: Final = 5.0
 _ENDING: Final = {"shutdown": "the server is shutting down; the job was cancelled"}
 
 
-@attrs.frozen(kw_only=True)
-class ActorConfig:
-    """Bounds of one session actor."""
-
-    mailbox_size: int = 1000
-    journal_size: int = 1000
-    journal_bytes: int = 16 * 1024 * 1024
-    #: One deadline for closing all of an ended session's sockets together.
-    close_timeout: float = 2.0
-    #: The supervisor's idle timeout, told to clients so they can show the time left.
-    idle_timeout: float = 3600.0
-    jobs: jobs.JobConfig = attrs.field(factory=jobs.JobConfig)
-
-
-@attrs.frozen(kw_only=True)
-class SessionInfo:
-    """Who the session belongs to; fixed for its whole life."""
-
-    session_id: str
-    username: str
-    token_hash: bytes
-    created_at: float
-    aws_login: str | None = None
-    customer_name: str | None = None
-
-
-@attrs.frozen(kw_only=True)
-class ActorStats:
-    """A snapshot of one actor, for the status endpoint."""
-
-    session_id: str
-    username: str
-    state: str
-    #: Requests received and not yet answered (waiting jobs included, the
-    #: running one not): what ``mailbox_size`` bounds.
-    mailbox_depth: int
-    jobs_waiting: int
-    journal_size: int
-    sockets: int
-    idle_seconds: float
-    running_job: str | None
-    sandbox_kind: str
-    sandbox_id: str | None
-    #: Each live share (never its token) and what is joined through it.
-    shares: tuple[ShareStats, ...] = ()
-
-
-@attrs.frozen
-class Stop:
-    """Poison pill: finish what came before, cancel jobs, end the incarnation."""
-
-    reason: str
-
-
 @functools.lru_cache(maxsize=64)
 def _stop_envelope(reason: str) -> tuple[Stop, None]:
     # One per reason: a sweep may stop ten thousand sessions at once.
     return Stop(reason), None
 
-
-@attrs.define(slots=True, eq=False)
-class _Job:
-    msg: m.Job | m.KillDesktop
-    rid: str
-    task: asyncio.Task[m.Result] | None = None
-    started_at: float = 0.0
-    #: Set when a request, not the actor's end, cancelled the job.
-    cancelled_by: str | None = None
-    #: Why the desktop it needed died while it ran (its result is then sandbox_failed).
-    lost: str | None = None
-    settled: bool = False
-    #: Done once the store keeps the job as pending (its ack goes out then).
-    kept: asyncio.Future[None] | None = None
-
-
-class _JournalSink:
-    """The end of the session logger's chain: log events enter the journal.
-
-    It holds its actor weakly: actor -> logger -> sink -> actor would be a
-    cycle that only the cyclic GC frees, once per ended session.
-    """
-
-    __slots__ = ("_actor",)
-
-    def __init__(self, actor: SessionActor) -> None:
-        self._actor = weakref.ref(actor)
-
-    def _log(self, event: m.Log) -> None:
-        actor = self._actor()
-        if actor is not None:
-            actor.emit(event)
-
-    debug = info = warning = error = critical = msg = _log
-
-
-def _to_log_event(
-    _: Any, __: str, event_dict: MutableMapping[str, Any]
-) -> tuple[tuple[m.Log], dict[str, Any]]:
-    ts = event_dict.pop("ts")
-    level = event_dict.pop("level")
-    name = event_dict.pop("event")
-    return (m.Log(ts=ts, level=level, event=str(name), fields=dict(event_dict)),), {}
-
-
-_SessionLogger = structlog.make_filtering_bound_logger(0)
-_SESSION_PROCESSORS: Final[list[structlog.typing.Processor]] = [
-    structlog.processors.add_log_level,
-    structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-    _to_log_event,
-]
 
 _Envelope = tuple[m.Request | Stop, Peer | None]
 
@@ -209,8 +117,8 @@ class SessionActor:
         #: Numbers each desktop this session has seen start: stream tokens name one.
         self._desktop_run = 0
         self._desktop_seen = False
-        self._pending: deque[_Job] = deque()
-        self._current: _Job | None = None
+        self._pending: deque[QueuedJob] = deque()
+        self._current: QueuedJob | None = None
         self._runner: asyncio.Task[None] | None = None
         #: Awaits the running desktop's end (backends that can tell at once).
         self._watcher: asyncio.Task[None] | None = None
@@ -229,7 +137,7 @@ class SessionActor:
         """Logger whose events land in this session's journal and sockets."""
         # Made on first use: most idle sessions never log, and logins are hot.
         if self._log is None:
-            self._log = _SessionLogger(_JournalSink(self), _SESSION_PROCESSORS, {})  # type: ignore[call-arg]
+            self._log = journal_logger(self)
         return self._log
 
     # ------------------------------------------------------------------
@@ -596,11 +504,11 @@ class SessionActor:
                 self.emit(m.Result(id=rid, ok=True, data={}))
             case m.KillDesktop():
                 self._cancel_all(f"cancelled by kill_desktop {rid}")
-                self._ack_when_kept(self._enqueue(_Job(msg=msg, rid=rid), first=True), origin)
+                self._ack_when_kept(self._enqueue(QueuedJob(msg=msg, rid=rid), first=True), origin)
             case _:
-                self._ack_when_kept(self._enqueue(_Job(msg=msg, rid=rid)), origin)
+                self._ack_when_kept(self._enqueue(QueuedJob(msg=msg, rid=rid)), origin)
 
-    def _ack_when_kept(self, job: _Job, origin: Peer | None) -> None:
+    def _ack_when_kept(self, job: QueuedJob, origin: Peer | None) -> None:
         """Acknowledge *job* once the store keeps it as pending.
 
         An ack promises a result, also across a SIGKILL: the restarted server
@@ -646,7 +554,7 @@ class SessionActor:
     # ------------------------------------------------------------------
     # Jobs
 
-    def _enqueue(self, job: _Job, *, first: bool = False) -> _Job:
+    def _enqueue(self, job: QueuedJob, *, first: bool = False) -> QueuedJob:
         if self.store is not None:
             self.store.add_pending(self.info.session_id, job.rid)
         if first:
@@ -685,7 +593,7 @@ class SessionActor:
                 self._settle(job, "cancelled")
             self._publish_state()
 
-    async def _execute(self, job: _Job) -> m.Result:
+    async def _execute(self, job: QueuedJob) -> m.Result:
         self.jobs_run += 1
         self.log.info("job.started", id=job.rid, kind=type(job.msg).__name__)
         ctx = jobs.JobContext(
@@ -701,7 +609,7 @@ class SessionActor:
         )
         return await jobs.run_to_result(job.msg, ctx)
 
-    def _settle(self, job: _Job, reason: str) -> None:
+    def _settle(self, job: QueuedJob, reason: str) -> None:
         """Emit *job*'s one result, from how its task ended (or that it never ran)."""
         if job.settled:
             return
@@ -730,7 +638,7 @@ class SessionActor:
             sandbox_id = self.sandbox.sandbox_id if running else None
             await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, sandbox_id)
 
-    def _measure(self, job: _Job, result: m.Result, seconds: float) -> None:
+    def _measure(self, job: QueuedJob, result: m.Result, seconds: float) -> None:
         """The job's duration by kind, and a sandbox failure by backend, for ``/metrics``."""
         metrics = self.config.jobs.metrics
         if metrics is not None:
