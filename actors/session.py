@@ -19,7 +19,6 @@ dropped), so ten thousand logouts leave nothing for the cyclic GC.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections import deque
@@ -31,6 +30,7 @@ import structlog
 
 from actors import jobs
 from actors.basics import ActorConfig, ActorStats, QueuedJob, SessionInfo, Stop
+from actors.durable import RESTARTED, SEQ_BLOCK, TOUCH_EVERY_S, DurableSession, until_kept
 from actors.journal import Journal
 from actors.peer import Peer
 from actors.sessionlog import journal_logger
@@ -47,8 +47,8 @@ from protocol.errors import (
     SessionClosed,
     TooManySockets,
 )
-from sandboxes.base import LosesDesktop, Resumable, Sandbox, WatchedDesktop
-from store.base import SessionRecord, ShareRecord, Store, StoredJournal
+from sandboxes.base import LosesDesktop, Sandbox, WatchedDesktop
+from store.base import ShareRecord, Store
 
 __all__ = [
     "RESTARTED",
@@ -66,17 +66,7 @@ logger = structlog.get_logger("deskhive.actor")
 
 #: Sockets watching one session at once (owner's and guests' together).
 SOCKETS_PER_SESSION: Final = 16
-#: Seqs reserved in the store ahead of use, topped up when half is left: a
-#: restarted server numbers above the reservation, which must therefore be
-#: committed before any seq it covers is sent (half a block is thousands of
-#: events, far more than a batch's few milliseconds let through).
-SEQ_BLOCK: Final = 10_000
-#: The store hears of a session's activity at most this often (seconds).
-TOUCH_EVERY_S: Final = 5.0
-RESTARTED: Final = "the server restarted before this request finished"
 #: What a job cut off by a stop is told, by the stop's reason.
-#: Bound on waiting for the store to keep a job before it starts anyway.
-_KEPT_TIMEOUT_S: Final = 5.0
 _ENDING: Final = {"shutdown": "the server is shutting down; the job was cancelled"}
 
 
@@ -89,7 +79,7 @@ def _stop_envelope(reason: str) -> tuple[Stop, None]:
 _Envelope = tuple[m.Request | Stop, Peer | None]
 
 
-class SessionActor:
+class SessionActor(DurableSession):
     """A session's mailbox, journal, sockets, sandbox and job queue."""
 
     def __init__(
@@ -188,17 +178,6 @@ class SessionActor:
     def _active(self) -> None:
         now = self._last_active = time.monotonic()
         self._touch_store(now)
-
-    def _touch_store(self, now: float | None = None) -> None:
-        """Tell the store the session is in use (a client frame, a job's start or end); throttled.
-
-        A running job keeps a session from being idle: after a crash, the
-        activity stored is what decides whether it is reaped at once.
-        """
-        now = time.monotonic() if now is None else now
-        if self.store is not None and now - self._stored_active >= TOUCH_EVERY_S:
-            self._stored_active = now
-            self.store.touch(self.info.session_id, time.time())
 
     def request_stop(self, reason: str, now: float | None = None) -> None:
         """Ask the actor to end the session once earlier messages are handled.
@@ -412,10 +391,7 @@ class SessionActor:
         frame = self.journal.append(event)
         seq = self.journal.last_seq
         if self.store is not None:
-            self.store.append(self.info.session_id, seq, frame)
-            if seq > self._reserved - SEQ_BLOCK // 2:
-                self._reserved = seq + SEQ_BLOCK
-                self.store.reserve_seq(self.info.session_id, self._reserved)
+            self._keep_event(seq, frame)
         for peer in tuple(self._peers):
             if not peer.notify(seq, frame):
                 self._peers.discard(peer)
@@ -508,23 +484,6 @@ class SessionActor:
             case _:
                 self._ack_when_kept(self._enqueue(QueuedJob(msg=msg, rid=rid)), origin)
 
-    def _ack_when_kept(self, job: QueuedJob, origin: Peer | None) -> None:
-        """Acknowledge *job* once the store keeps it as pending.
-
-        An ack promises a result, also across a SIGKILL: the restarted server
-        answers every pending request it finds. The job starts no earlier
-        either (``_run_jobs``), so its ack still comes before its events.
-        """
-        store = self.store
-        kept = store.committed() if store is not None and store.durable else None
-        if kept is None or kept.done():
-            if origin is not None:
-                origin.deliver(codec.encode(m.Ack(id=job.rid)))
-            return
-        job.kept = kept
-        if origin is not None:
-            kept.add_done_callback(functools.partial(_deliver, origin, codec.encode(m.Ack(id=job.rid))))
-
     def _cancel(self, rid: str, target: str, origin: Peer | None) -> None:
         job = self._current if self._current and self._current.rid == target else None
         waiting = next((j for j in self._pending if j.rid == target), None)
@@ -573,7 +532,7 @@ class SessionActor:
             if head.kept is not None and not head.kept.done():
                 # Still waiting, so still cancellable as a waiting job; then
                 # look again: it may have been cancelled or overtaken.
-                await _kept(head.kept)
+                await until_kept(head.kept)
                 continue
             job = self._current = self._pending.popleft()
             job.started_at = time.monotonic()
@@ -631,13 +590,6 @@ class SessionActor:
         self._watch_desktop()
         await self._store_desktop()
 
-    async def _store_desktop(self) -> None:
-        """Keep the sandbox's id while its desktop runs (before ``start_desktop``'s result)."""
-        if self.store is not None:
-            running = self.sandbox.desktop_running
-            sandbox_id = self.sandbox.sandbox_id if running else None
-            await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, sandbox_id)
-
     def _measure(self, job: QueuedJob, result: m.Result, seconds: float) -> None:
         """The job's duration by kind, and a sandbox failure by backend, for ``/metrics``."""
         metrics = self.config.jobs.metrics
@@ -667,64 +619,6 @@ class SessionActor:
         # Ending the session voids its shares (the supervisor forgot their tokens).
         self.shares.clear()
         await self._close_peers(peers, f"session ended: {reason}")
-
-    # ------------------------------------------------------------------
-    # Across a restart (durable store)
-
-    def restore(self, record: SessionRecord, stored: StoredJournal, *, clean: bool) -> None:
-        """Take back a stored session's journal, activity and unanswered requests.
-
-        After a crash (*clean* false) new events are numbered above the
-        reservation, the skipped numbers kept as a hole; requests that were
-        acknowledged get their ``cancelled`` result, and a desktop that ran is
-        checked by ``recover``. Runs before the first incarnation, without suspending.
-        """
-        base = stored.last_seq if clean else max(stored.last_seq, record.seq_reserved)
-        self.journal.restore(stored.events, base)
-        self._reserved = base + SEQ_BLOCK
-        assert self.store is not None
-        sid = self.info.session_id
-        self.store.reserve_seq(sid, self._reserved)
-        self.store.sent_seq(sid, base)
-        idle = max(0.0, time.time() - record.last_active)
-        self._last_active = self._stored_active = time.monotonic() - idle
-        answered = _answered(stored, record.pending)
-        for rid in record.pending:
-            if rid not in answered:
-                self.emit(jobs.cancelled(rid, RESTARTED))
-            self.store.remove_pending(sid, rid)
-        # Whether the desktop survived is known once the sandbox recovered (E2B's may).
-        self._lost_desktop = record.sandbox_id
-
-    async def recover(self) -> None:
-        """End or take back what the previous server left of the sandbox; report a desktop that died."""
-        try:
-            if isinstance(self.sandbox, Resumable):
-                await self.sandbox.recover()
-        finally:
-            lost, self._lost_desktop = self._lost_desktop, None
-            if lost is not None:
-                if not self.sandbox.desktop_running:
-                    self.log.warning("desktop.lost", reason="the server restarted", sandbox_id=lost)
-                self._publish_state()
-        if lost is not None and not self.sandbox.desktop_running and self.store is not None:
-            await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, None)
-
-    async def suspend(self, reason: str) -> None:
-        """The server stops but the session does not end: keep everything for the next start.
-
-        Jobs were cancelled by the incarnation's end (their results stored);
-        what the mailbox still holds is answered, the activity and the last
-        seq are stored, and the sockets are told the server is going away.
-        """
-        self._refuse_leftovers(reason, "the server stopped before this request was handled")
-        if self.store is not None:
-            sid = self.info.session_id
-            last = max(self._last_active, self._stored_active)
-            self.store.touch(sid, time.time() - (time.monotonic() - last))
-            self.store.sent_seq(sid, self.journal.last_seq)
-        peers, self._peers = self._peers, set()
-        await self._close_peers(peers, reason, CloseCode.GOING_AWAY)
 
     def _refuse_leftovers(
         self, reason: str, why: str = "the session ended before this request was handled"
@@ -758,37 +652,9 @@ class SessionActor:
             logger.warning("actor.close_timeout", session_id=self.info.session_id, sockets=len(peers))
 
 
-def _answered(stored: StoredJournal, pending: tuple[str, ...]) -> set[str]:
-    """Which of the *pending* requests already have a stored result.
-
-    The result and the pending entry's removal are two writes; a crash can
-    fall between their commits, and the request must not get a second result.
-    """
-    if not pending:
-        return set()
-    wanted, found = set(pending), set()
-    for _, frame in stored.events:
-        if b'"result"' in frame:
-            event = codec.loads(frame)
-            if event.get("type") == "result" and event.get("id") in wanted:
-                found.add(event["id"])
-    return found
-
-
 async def _close_peer(peer: Closable, reason: str, code: CloseCode) -> None:
     try:
         await peer.close(code, reason)
     except Exception:
         # A socket that broke while closing is closed enough; the others go on.
         logger.warning("actor.close_failed", peer=repr(peer), exc_info=True)
-
-
-def _deliver(peer: Peer, frame: bytes, _kept: asyncio.Future[None]) -> None:
-    peer.deliver(frame)
-
-
-async def _kept(kept: asyncio.Future[None]) -> None:
-    """Wait, within a bound, for the store to keep a job; a store that fails must not stall the session."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(_KEPT_TIMEOUT_S):
-            await asyncio.shield(kept)
