@@ -20,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
 import attrs
 import structlog
 
 import auth
-from actors.session import SEQ_BLOCK, SOCKETS_PER_SESSION, ActorConfig, SessionActor, SessionInfo
+from actors.session import SEQ_BLOCK, SOCKETS_PER_SESSION, SessionActor, SessionInfo
 from actors.shares import OWNER, Grant
 from limits import DesktopGate, Limits
 from metrics import Metrics, ended_reason
@@ -38,29 +37,23 @@ from protocol.errors import (
     SessionNotFound,
     Unauthorized,
 )
-from sandboxes.base import OrphanSweeper, Resumable, Sandbox, SandboxFactory, SandboxSpec
-from store import SessionRecord, Store, StoredJournal, open_store
+from sandboxes.base import Resumable, Sandbox, SandboxFactory, SandboxSpec
+from store import SessionRecord, Store, open_store
 from store.base import ShareRecord
+from supervisor_config import SupervisorConfig, Totals
+from supervisor_restore import TOMBSTONES, Restoring
+
+__all__ = ["KeptAlive", "Login", "ShareStore", "Supervisor", "SupervisorConfig", "Totals"]
 
 logger = structlog.get_logger("deskhive.supervisor")
 
 _SPAWN_TIMEOUT_S: Final = 5.0
 #: Bound on start-up: opening the store and restoring its sessions.
 _START_TIMEOUT_S: Final = 120.0
-#: Bound on a restored session's recovery (what the old server left running, or
-#: reattaching its E2B sandbox and restarting the stream: a few calls to E2B).
-_RECOVER_TIMEOUT_S: Final = 60.0
 #: Bound on one sweep's keep-alive round (E2B sandboxes asked to live on).
 _KEEP_ALIVE_TIMEOUT_S: Final = 30.0
-#: Bound on finding and ending what an earlier server left behind, at start-up.
-_SWEEP_ORPHANS_TIMEOUT_S: Final = 60.0
-#: Sessions restored between two yields to the loop.
-_RESTORE_STEP: Final = 200
 #: Bound on the store's answer when a session ends.
 _STORE_TIMEOUT_S: Final = 10.0
-#: How many ended sessions' token hashes are remembered, so that a client of
-#: an ended session is told "ended" (404, 4404) rather than "wrong token".
-_TOMBSTONES: Final = 10_000
 
 
 @runtime_checkable
@@ -84,37 +77,6 @@ class ShareStore(Protocol):
     async def create_share(self, share: ShareRecord) -> None: ...
 
     async def revoke_share(self, share_id: str) -> None: ...
-
-
-@attrs.frozen(kw_only=True)
-class SupervisorConfig:
-    idle_timeout: float = 3600.0
-    sweep_interval: float = 300.0
-    sessions_per_user: int = 3
-    #: Sessions on this server, desktops on it and per username (0: no limit).
-    max_sessions: int = 50_000
-    max_desktops: int = 16
-    desktops_per_user: int = 3
-    restart_limit: int = 3
-    restart_window: float = 60.0
-    stop_grace: float = 10.0
-    #: Bound on closing one session's sandbox at its end.
-    close_timeout: float = 15.0
-    data_dir: Path = Path("var")
-    #: Where sessions are kept (``store.open_store``): ``memory`` or ``sqlite://PATH``.
-    store_url: str = "memory"
-    actor: ActorConfig = attrs.field(factory=ActorConfig)
-
-
-@attrs.define
-class Totals:
-    spawned: int = 0
-    reaped: int = 0
-    crashed: int = 0
-    restarted: int = 0
-    ended: int = 0
-    #: Sessions brought back from the store at start-up.
-    restored: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -144,7 +106,7 @@ class _Child:
         return self.killed is not None
 
 
-class Supervisor:
+class Supervisor(Restoring):
     """Spawns, finds, reaps, restarts and stops session actors."""
 
     def __init__(
@@ -333,81 +295,6 @@ class Supervisor:
         child.task = self._tg.create_task(self._supervise(child), name=f"session:{sid}")
         return child
 
-    # ------------------------------------------------------------------
-    # Restore (a durable store's sessions at start-up)
-
-    async def _restore(self) -> None:
-        """Bring back every session the store kept, and the tombstones of ended ones."""
-        started = time.monotonic()
-        for digest, reason in reversed(await self.store.recent_tombstones(_TOMBSTONES)):
-            self._ended[digest] = reason
-        records = await self.store.live_sessions()
-        if not records:
-            return
-        # All at once: the store answers them in a few transactions.
-        journals = await asyncio.gather(*(self.store.load_journal(r.session_id) for r in records))
-        for n, (record, stored) in enumerate(zip(records, journals, strict=True), 1):
-            try:
-                self._restore_one(record, stored)
-            except Exception:
-                logger.exception("session.restore_failed", session_id=record.session_id)
-            if n % _RESTORE_STEP == 0:
-                await asyncio.sleep(0)  # ten thousand sessions must not hold the loop for one call
-        # The new reservations are on disk before any client can see a seq they cover.
-        await self.store.flush()
-        logger.info(
-            "supervisor.restored",
-            sessions=len(self._actors),
-            clean=self.store.was_clean,
-            seconds=round(time.monotonic() - started, 3),
-        )
-
-    async def _sweep_orphans(self) -> None:
-        """End what an earlier server left that no restored session owns (folders, E2B sandboxes)."""
-        factory: object = self._sandbox_factory
-        if not isinstance(factory, OrphanSweeper):
-            return
-        # A restored session may not have reattached its sandbox yet (that runs
-        # in its own task): the id its record kept counts as live all the same.
-        live = {
-            sid: actor.sandbox.sandbox_id or self._stored_sandbox(sid) for sid, actor in self._actors.items()
-        }
-        try:
-            async with asyncio.timeout(_SWEEP_ORPHANS_TIMEOUT_S):
-                await factory.sweep_orphans(live)
-        except Exception:
-            # Leftovers cost space or money, but must not keep the server from serving.
-            logger.exception("supervisor.orphan_sweep_failed")
-
-    def _stored_sandbox(self, session_id: str) -> str | None:
-        record = self.restored.get(session_id)
-        return None if record is None else record.sandbox_id
-
-    def _restore_one(self, record: SessionRecord, stored: StoredJournal) -> None:
-        info = SessionInfo(
-            session_id=record.session_id,
-            username=record.username,
-            token_hash=record.token_hash,
-            created_at=record.created,
-            aws_login=record.aws_login,
-            customer_name=record.customer_name,
-        )
-        spec = self._spec(record.session_id, record.username, record.sandbox_id or "")
-        actor = SessionActor(info, self._sandbox_factory(spec), self.config.actor, self.store)
-        actor.restore(record, stored, clean=self.store.was_clean)
-        self.restored[record.session_id] = record
-        self._register(actor, restored=True)
-        for share in record.shares:
-            self.add_share(actor, share, announce=False)
-        self.totals.restored += 1
-
-    async def _recover(self, actor: SessionActor) -> None:
-        try:
-            async with asyncio.timeout(_RECOVER_TIMEOUT_S):
-                await actor.recover()
-        except Exception:
-            logger.exception("session.recover_failed", session_id=actor.info.session_id)
-
     async def _until_started(self, actor: SessionActor) -> None:
         # The new task's first step runs before we resume, so the timeout is
         # only armed when the actor did not start in that step.
@@ -515,7 +402,7 @@ class Supervisor:
         self._by_share_token.pop(token_hash, None)
         if revoked:
             self._revoked[token_hash] = None
-            while len(self._revoked) > _TOMBSTONES:
+            while len(self._revoked) > TOMBSTONES:
                 self._revoked.popitem(last=False)
 
     def get(self, session_id: str) -> SessionActor:
@@ -688,7 +575,7 @@ class Supervisor:
                 self._ended[share.token_hash] = reason
         if ended:
             self._ended[info.token_hash] = reason
-            while len(self._ended) > _TOMBSTONES:
+            while len(self._ended) > TOMBSTONES:
                 self._ended.popitem(last=False)
             self.totals.ended += 1
         owned = self._by_user.get(info.username)
