@@ -26,9 +26,9 @@ import attrs
 import structlog
 
 import auth
-from actors.session import SEQ_BLOCK, SOCKETS_PER_SESSION, SessionActor, SessionInfo
+from actors.session import SEQ_BLOCK, SessionActor, SessionInfo
 from actors.shares import OWNER, Grant
-from limits import DesktopGate, Limits
+from limits import Limits
 from metrics import Metrics, ended_reason
 from protocol.errors import (
     Forbidden,
@@ -41,7 +41,9 @@ from sandboxes.base import Resumable, Sandbox, SandboxFactory, SandboxSpec
 from store import SessionRecord, Store, open_store
 from store.base import ShareRecord
 from supervisor_config import SupervisorConfig, Totals
+from supervisor_counts import Census, add_limits
 from supervisor_restore import TOMBSTONES, Restoring
+from supervisor_shares import ShareStore, ShareTokens
 
 __all__ = ["KeptAlive", "Login", "ShareStore", "Supervisor", "SupervisorConfig", "Totals"]
 
@@ -69,14 +71,6 @@ class KeptAlive(Protocol):
     async def keep_alive(self, seconds: float) -> None: ...
 
     async def input_idle(self) -> float | None: ...
-
-
-class ShareStore(Protocol):
-    """The part of the store (``store.base.Store``) that keeps shares."""
-
-    async def create_share(self, share: ShareRecord) -> None: ...
-
-    async def revoke_share(self, share_id: str) -> None: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -133,10 +127,7 @@ class Supervisor(Restoring):
         self._actors: dict[str, SessionActor] = {}
         self._children: dict[str, _Child] = {}
         self._by_token: dict[bytes, SessionActor] = {}
-        #: A share token's hash -> its session and share id.
-        self._by_share_token: dict[bytes, tuple[SessionActor, str]] = {}
-        #: Hashes of revoked share tokens, so their guests are told "revoked" (403, 4403).
-        self._revoked: OrderedDict[bytes, None] = OrderedDict()
+        self._share_tokens = ShareTokens(TOMBSTONES)
         self._by_user: dict[str, set[str]] = {}
         self._ended: OrderedDict[bytes, str] = OrderedDict()
         self._tg: asyncio.TaskGroup | None = None
@@ -147,7 +138,8 @@ class Supervisor(Restoring):
         self.started_at = time.monotonic()
         self.limits = limits if limits is not None else Limits()
         self.metrics = metrics if metrics is not None else Metrics()
-        self.desktops = self._add_limits(config)
+        self._census = Census(self._actors, self._by_user)
+        self.desktops = add_limits(self.limits, config, self._census)
         # Every job of every session checks the same desktop limits and
         # reports to the same metrics.
         jobs = attrs.evolve(config.actor.jobs, desktops=self.desktops, metrics=self.metrics)
@@ -332,15 +324,9 @@ class Supervisor(Restoring):
         Raises ``Forbidden`` for a revoked share's token, ``SessionClosed`` for
         an ended session's (its shares' included), ``Unauthorized`` else.
         """
-        digest = auth.token_hash(token)
-        shared = self._by_share_token.get(digest)
-        if shared is not None:
-            actor, share_id = shared
-            share = actor.shares.get(share_id)
-            if share is not None:
-                return actor, Grant.of(share)
-        if digest in self._revoked:
-            raise Forbidden("this share was revoked")
+        guest = self._share_tokens.resolve(auth.token_hash(token))
+        if guest is not None:
+            return guest
         return self.by_token(token), OWNER
 
     def resolve_for(self, token: str, session_id: str) -> tuple[SessionActor, Grant]:
@@ -386,24 +372,17 @@ class Supervisor(Restoring):
     def add_share(self, actor: SessionActor, share: ShareRecord, *, announce: bool = True) -> None:
         """Let *share*'s token open *actor*'s session (``announce=False``: restored, not new)."""
         actor.add_share(share, announce=announce)
-        self._by_share_token[share.token_hash] = (actor, share.share_id)
+        self._share_tokens.add(actor, share)
 
     async def revoke_share(self, actor: SessionActor, share_id: str) -> ShareRecord | None:
         """Void the share's token and close what it opened; ``None`` if there is no such share."""
         share = actor.shares.get(share_id)
         if share is None:
             return None
-        self._forget_share(share.token_hash, revoked=True)
+        self._share_tokens.forget(share.token_hash, revoked=True)
         if (store := self._share_store()) is not None:
             await store.revoke_share(share_id)
         return await actor.revoke_share(share_id)
-
-    def _forget_share(self, token_hash: bytes, *, revoked: bool) -> None:
-        self._by_share_token.pop(token_hash, None)
-        if revoked:
-            self._revoked[token_hash] = None
-            while len(self._revoked) > TOMBSTONES:
-                self._revoked.popitem(last=False)
 
     def get(self, session_id: str) -> SessionActor:
         try:
@@ -570,7 +549,7 @@ class Supervisor(Restoring):
         self._by_token.pop(info.token_hash, None)
         # The session's shares go with it; when it ends, their guests are told so.
         for share in actor.shares:
-            self._forget_share(share.token_hash, revoked=False)
+            self._share_tokens.forget(share.token_hash, revoked=False)
             if ended:
                 self._ended[share.token_hash] = reason
         if ended:
@@ -654,6 +633,10 @@ class Supervisor(Restoring):
     # ------------------------------------------------------------------
     # Status
 
+    def sessions_by_state(self) -> dict[str, int]:
+        """Live sessions counted by state (``deskhive_sessions``)."""
+        return self._census.by_state()
+
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         return {
@@ -666,60 +649,6 @@ class Supervisor(Restoring):
             "sessions": [attrs.asdict(a.statistics(now)) for a in self._actors.values()],
             "limits": self.limits.status(),
         }
-
-    # ------------------------------------------------------------------
-    # Limits and metrics (read at /status and /metrics, not on the hot path)
-
-    def _add_limits(self, config: SupervisorConfig) -> DesktopGate:
-        """The limits the supervisor enforces, with how much of each is in use."""
-        add = self.limits.add
-        add(
-            "sessions_per_user",
-            config.sessions_per_user,
-            "too many sessions for one username",
-            self._most_owned,
-        )
-        add("max_sessions", config.max_sessions, "this server holds as many sessions as it may", self.__len__)
-        add("sockets_per_session", SOCKETS_PER_SESSION, "too many sockets on one session", self._most_sockets)
-        add("mailbox_size", config.actor.mailbox_size, "too many requests waiting", self._deepest_mailbox)
-        total = add("max_desktops", config.max_desktops, "this server runs as many desktops as it may")
-        per_user = add("desktops_per_user", config.desktops_per_user, "too many desktops for one username")
-        return DesktopGate(total, per_user, self._running_desktops)
-
-    def _most_owned(self) -> int:
-        return max(map(len, self._by_user.values()), default=0)
-
-    def _most_sockets(self) -> int:
-        now = time.monotonic()
-        return max((a.statistics(now).sockets for a in self._actors.values()), default=0)
-
-    def _deepest_mailbox(self) -> int:
-        return max((a.mailbox_depth for a in self._actors.values()), default=0)
-
-    def _running_desktops(self, username: str | None) -> list[tuple[str, str]]:
-        if username is None:
-            actors: Any = self._actors.values()
-        else:
-            actors = (self._actors[sid] for sid in self._by_user.get(username, ()) if sid in self._actors)
-        return [(a.info.session_id, a.info.username) for a in actors if _desktop_up(a)]
-
-    def sessions_by_state(self) -> dict[str, int]:
-        """Live sessions counted by state (``deskhive_sessions``)."""
-        counts: dict[str, int] = {}
-        for actor in self._actors.values():
-            try:
-                state = actor.state
-            except Exception:  # noqa: BLE001 - a broken backend must not break the scrape
-                state = "failed"
-            counts[state] = counts.get(state, 0) + 1
-        return counts
-
-
-def _desktop_up(actor: SessionActor) -> bool:
-    try:
-        return actor.sandbox.desktop_running
-    except Exception:  # noqa: BLE001 - a broken backend counts as no desktop, and status still answers
-        return False
 
 
 def _record(info: SessionInfo, sandbox: Sandbox) -> SessionRecord:
