@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final
 
 import attrs
 import structlog
@@ -42,6 +42,7 @@ from store import SessionRecord, Store, open_store
 from store.base import ShareRecord
 from supervisor_config import SupervisorConfig, Totals
 from supervisor_counts import Census, add_limits
+from supervisor_keepalive import KeptAlive, keep_alive
 from supervisor_restore import TOMBSTONES, Restoring
 from supervisor_shares import ShareStore, ShareTokens
 
@@ -52,25 +53,8 @@ logger = structlog.get_logger("deskhive.supervisor")
 _SPAWN_TIMEOUT_S: Final = 5.0
 #: Bound on start-up: opening the store and restoring its sessions.
 _START_TIMEOUT_S: Final = 120.0
-#: Bound on one sweep's keep-alive round (E2B sandboxes asked to live on).
-_KEEP_ALIVE_TIMEOUT_S: Final = 30.0
 #: Bound on the store's answer when a session ends.
 _STORE_TIMEOUT_S: Final = 10.0
-
-
-@runtime_checkable
-class KeptAlive(Protocol):
-    """A sandbox that a remote service ends at its own deadline (E2B), unless kept alive.
-
-    Its own calls extend that deadline; a session can be active without any
-    (client frames, a user working in the service's own desktop stream), so
-    each sweep keeps it past the session's idle deadline, and asks it about
-    input on its desktop that never went through this server.
-    """
-
-    async def keep_alive(self, seconds: float) -> None: ...
-
-    async def input_idle(self) -> float | None: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -424,6 +408,10 @@ class Supervisor(Restoring):
             logger.warning("supervisor.stop_timeout", session_id=child.actor.info.session_id, reason=why)
             child.task.cancel(why)
 
+    async def _keep_alive(self) -> None:
+        """Before the sweep: keep each remote sandbox alive past its session's idle deadline."""
+        await keep_alive(self._actors.values(), self.config)
+
     def sweep(self) -> int:
         """Ask idle sessions to stop, cancel ones that ignored it; return how many."""
         now = time.monotonic()
@@ -440,42 +428,6 @@ class Supervisor(Restoring):
         if reaped:
             logger.info("supervisor.swept", reaped=reaped, sessions=len(self._actors))
         return reaped
-
-    async def _keep_alive(self) -> None:
-        """Before the sweep: keep each remote sandbox alive past its session's idle deadline.
-
-        Input on the sandbox's own desktop stream counts as activity.
-        """
-        kept = [
-            (actor, actor.sandbox)
-            for actor in self._actors.values()
-            if isinstance(actor.sandbox, KeptAlive) and actor.stop_requested_at is None
-        ]
-        if not kept:
-            return
-        try:
-            async with asyncio.timeout(_KEEP_ALIVE_TIMEOUT_S), asyncio.TaskGroup() as tg:
-                for actor, sandbox in kept:
-                    tg.create_task(self._keep_one(actor, sandbox), name=f"keep-alive:{actor.info.session_id}")
-        except TimeoutError:
-            logger.warning("supervisor.keep_alive_timeout", sandboxes=len(kept))
-
-    async def _keep_one(self, actor: SessionActor, sandbox: KeptAlive) -> None:
-        """E2B's deadline at or past the session's, until the next sweep; never raises."""
-        interval = self.config.sweep_interval
-        try:
-            idle = actor.idle_seconds(time.monotonic())
-            if idle >= interval / 2:
-                # Only worth asking when nothing reached us since about the last sweep.
-                seen = await sandbox.input_idle()
-                if seen is not None and seen < idle:
-                    actor.touch()
-                    idle = 0.0
-            # Activity before the next sweep moves the session's deadline by at
-            # most one interval: E2B's is set past that.
-            await sandbox.keep_alive(max(0.0, self.config.idle_timeout - idle) + interval)
-        except Exception:
-            logger.exception("sandbox.keep_alive_failed", session_id=actor.info.session_id)
 
     # ------------------------------------------------------------------
     # One child
