@@ -29,7 +29,7 @@ import auth
 from actors.session import SEQ_BLOCK, SessionActor, SessionInfo
 from actors.shares import OWNER, Grant
 from limits import Limits
-from metrics import Metrics, ended_reason
+from metrics import Metrics
 from protocol.errors import (
     Forbidden,
     GatewayError,
@@ -37,11 +37,12 @@ from protocol.errors import (
     SessionNotFound,
     Unauthorized,
 )
-from sandboxes.base import Resumable, Sandbox, SandboxFactory, SandboxSpec
+from sandboxes.base import Sandbox, SandboxFactory, SandboxSpec
 from store import SessionRecord, Store, open_store
 from store.base import ShareRecord
 from supervisor_config import SupervisorConfig, Totals
 from supervisor_counts import Census, add_limits
+from supervisor_end import Ending
 from supervisor_keepalive import KeptAlive, keep_alive
 from supervisor_restore import TOMBSTONES, Restoring
 from supervisor_shares import ShareStore, ShareTokens
@@ -53,8 +54,6 @@ logger = structlog.get_logger("deskhive.supervisor")
 _SPAWN_TIMEOUT_S: Final = 5.0
 #: Bound on start-up: opening the store and restoring its sessions.
 _START_TIMEOUT_S: Final = 120.0
-#: Bound on the store's answer when a session ends.
-_STORE_TIMEOUT_S: Final = 10.0
 
 
 @attrs.frozen(kw_only=True)
@@ -84,7 +83,7 @@ class _Child:
         return self.killed is not None
 
 
-class Supervisor(Restoring):
+class Supervisor(Restoring, Ending):
     """Spawns, finds, reaps, restarts and stops session actors."""
 
     def __init__(
@@ -514,73 +513,6 @@ class Supervisor(Restoring):
             owned.discard(sid)
             if not owned:
                 del self._by_user[info.username]
-
-    async def _finish(self, actor: SessionActor, state: str, reason: str) -> None:
-        """Free everything the session held; runs once per session, never raises."""
-        if state == "closed":
-            reason = actor.stop_reason or reason
-        # From here on requests are refused at once, not left for nobody.
-        actor.refuse_requests(reason)
-        if self._suspending and state == "closed" and actor.stop_reason == "shutdown":
-            await self._suspend(actor)
-            return
-        self._unregister(actor, reason)
-        self.metrics.sessions_ended[ended_reason(state, reason, shutting_down=not self._accepting)] += 1
-        await self._end_in_store(actor, reason)
-        await self._close_sandbox(actor)
-        try:
-            await actor.end(state, reason)
-        except Exception:
-            logger.exception("actor.end_failed", session_id=actor.info.session_id)
-        self._summary(actor, state, reason)
-
-    async def _suspend(self, actor: SessionActor) -> None:
-        """A durable shutdown: stop the session's processes, keep the session for the next start."""
-        reason = "the server is shutting down; the session will be back when it restarts"
-        self._unregister(actor, reason, ended=False)
-        await self._close_sandbox(actor, keep=True)
-        try:
-            await actor.suspend(reason)
-        except Exception:
-            logger.exception("actor.suspend_failed", session_id=actor.info.session_id)
-        self._summary(actor, "suspended", reason)
-
-    async def _end_in_store(self, actor: SessionActor, reason: str) -> None:
-        """The session's tombstone, so that it stays ended across a restart."""
-        try:
-            async with asyncio.timeout(_STORE_TIMEOUT_S):
-                await self.store.end_session(actor.info.session_id, reason, time.time())
-        except Exception:
-            logger.exception("store.end_failed", session_id=actor.info.session_id)
-
-    async def _close_sandbox(self, actor: SessionActor, *, keep: bool = False) -> None:
-        sid, sandbox = actor.info.session_id, actor.sandbox
-        try:
-            async with asyncio.timeout(self.config.close_timeout):
-                if keep and isinstance(sandbox, Resumable):
-                    await sandbox.suspend()
-                else:
-                    await sandbox.close()
-        except TimeoutError:
-            logger.error("sandbox.close_timeout", session_id=sid, sandbox_id=sandbox.sandbox_id)  # noqa: TRY400 - a timeout, no traceback worth keeping
-        except Exception:
-            # Any error at all (RecursionError included): the session ends anyway.
-            logger.exception("sandbox.close_failed", session_id=sid, sandbox_kind=sandbox.kind)
-            self.metrics.sandbox_failures[sandbox.kind] += 1
-
-    def _summary(self, actor: SessionActor, state: str, reason: str) -> None:
-        info = actor.info
-        logger.info(
-            "session.summary",
-            session_id=info.session_id,
-            username=info.username,
-            state=state,
-            reason=reason,
-            seconds=round(time.time() - info.created_at, 3),
-            frames_in=actor.frames_in,
-            jobs=actor.jobs_run,
-            events=actor.journal.last_seq,
-        )
 
     # ------------------------------------------------------------------
     # Status
