@@ -20,17 +20,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from pathlib import Path
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final
 
 import attrs
 import structlog
 
 import auth
-from actors.session import SEQ_BLOCK, SOCKETS_PER_SESSION, ActorConfig, SessionActor, SessionInfo
+from actors.session import SEQ_BLOCK, SessionActor, SessionInfo
 from actors.shares import OWNER, Grant
-from limits import DesktopGate, Limits
-from metrics import Metrics, ended_reason
+from limits import Limits
+from metrics import Metrics
 from protocol.errors import (
     Forbidden,
     GatewayError,
@@ -38,83 +37,23 @@ from protocol.errors import (
     SessionNotFound,
     Unauthorized,
 )
-from sandboxes.base import OrphanSweeper, Resumable, Sandbox, SandboxFactory, SandboxSpec
-from store import SessionRecord, Store, StoredJournal, open_store
+from sandboxes.base import Sandbox, SandboxFactory, SandboxSpec
+from store import SessionRecord, Store, open_store
 from store.base import ShareRecord
+from supervisor_config import SupervisorConfig, Totals
+from supervisor_counts import Census, add_limits
+from supervisor_end import Ending
+from supervisor_keepalive import KeptAlive, keep_alive
+from supervisor_restore import TOMBSTONES, Restoring
+from supervisor_shares import ShareStore, ShareTokens
+
+__all__ = ["KeptAlive", "Login", "ShareStore", "Supervisor", "SupervisorConfig", "Totals"]
 
 logger = structlog.get_logger("deskhive.supervisor")
 
 _SPAWN_TIMEOUT_S: Final = 5.0
 #: Bound on start-up: opening the store and restoring its sessions.
 _START_TIMEOUT_S: Final = 120.0
-#: Bound on a restored session's recovery (what the old server left running, or
-#: reattaching its E2B sandbox and restarting the stream: a few calls to E2B).
-_RECOVER_TIMEOUT_S: Final = 60.0
-#: Bound on one sweep's keep-alive round (E2B sandboxes asked to live on).
-_KEEP_ALIVE_TIMEOUT_S: Final = 30.0
-#: Bound on finding and ending what an earlier server left behind, at start-up.
-_SWEEP_ORPHANS_TIMEOUT_S: Final = 60.0
-#: Sessions restored between two yields to the loop.
-_RESTORE_STEP: Final = 200
-#: Bound on the store's answer when a session ends.
-_STORE_TIMEOUT_S: Final = 10.0
-#: How many ended sessions' token hashes are remembered, so that a client of
-#: an ended session is told "ended" (404, 4404) rather than "wrong token".
-_TOMBSTONES: Final = 10_000
-
-
-@runtime_checkable
-class KeptAlive(Protocol):
-    """A sandbox that a remote service ends at its own deadline (E2B), unless kept alive.
-
-    Its own calls extend that deadline; a session can be active without any
-    (client frames, a user working in the service's own desktop stream), so
-    each sweep keeps it past the session's idle deadline, and asks it about
-    input on its desktop that never went through this server.
-    """
-
-    async def keep_alive(self, seconds: float) -> None: ...
-
-    async def input_idle(self) -> float | None: ...
-
-
-class ShareStore(Protocol):
-    """The part of the store (``store.base.Store``) that keeps shares."""
-
-    async def create_share(self, share: ShareRecord) -> None: ...
-
-    async def revoke_share(self, share_id: str) -> None: ...
-
-
-@attrs.frozen(kw_only=True)
-class SupervisorConfig:
-    idle_timeout: float = 3600.0
-    sweep_interval: float = 300.0
-    sessions_per_user: int = 3
-    #: Sessions on this server, desktops on it and per username (0: no limit).
-    max_sessions: int = 50_000
-    max_desktops: int = 16
-    desktops_per_user: int = 3
-    restart_limit: int = 3
-    restart_window: float = 60.0
-    stop_grace: float = 10.0
-    #: Bound on closing one session's sandbox at its end.
-    close_timeout: float = 15.0
-    data_dir: Path = Path("var")
-    #: Where sessions are kept (``store.open_store``): ``memory`` or ``sqlite://PATH``.
-    store_url: str = "memory"
-    actor: ActorConfig = attrs.field(factory=ActorConfig)
-
-
-@attrs.define
-class Totals:
-    spawned: int = 0
-    reaped: int = 0
-    crashed: int = 0
-    restarted: int = 0
-    ended: int = 0
-    #: Sessions brought back from the store at start-up.
-    restored: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -144,7 +83,7 @@ class _Child:
         return self.killed is not None
 
 
-class Supervisor:
+class Supervisor(Restoring, Ending):
     """Spawns, finds, reaps, restarts and stops session actors."""
 
     def __init__(
@@ -171,10 +110,7 @@ class Supervisor:
         self._actors: dict[str, SessionActor] = {}
         self._children: dict[str, _Child] = {}
         self._by_token: dict[bytes, SessionActor] = {}
-        #: A share token's hash -> its session and share id.
-        self._by_share_token: dict[bytes, tuple[SessionActor, str]] = {}
-        #: Hashes of revoked share tokens, so their guests are told "revoked" (403, 4403).
-        self._revoked: OrderedDict[bytes, None] = OrderedDict()
+        self._share_tokens = ShareTokens(TOMBSTONES)
         self._by_user: dict[str, set[str]] = {}
         self._ended: OrderedDict[bytes, str] = OrderedDict()
         self._tg: asyncio.TaskGroup | None = None
@@ -185,7 +121,8 @@ class Supervisor:
         self.started_at = time.monotonic()
         self.limits = limits if limits is not None else Limits()
         self.metrics = metrics if metrics is not None else Metrics()
-        self.desktops = self._add_limits(config)
+        self._census = Census(self._actors, self._by_user)
+        self.desktops = add_limits(self.limits, config, self._census)
         # Every job of every session checks the same desktop limits and
         # reports to the same metrics.
         jobs = attrs.evolve(config.actor.jobs, desktops=self.desktops, metrics=self.metrics)
@@ -333,81 +270,6 @@ class Supervisor:
         child.task = self._tg.create_task(self._supervise(child), name=f"session:{sid}")
         return child
 
-    # ------------------------------------------------------------------
-    # Restore (a durable store's sessions at start-up)
-
-    async def _restore(self) -> None:
-        """Bring back every session the store kept, and the tombstones of ended ones."""
-        started = time.monotonic()
-        for digest, reason in reversed(await self.store.recent_tombstones(_TOMBSTONES)):
-            self._ended[digest] = reason
-        records = await self.store.live_sessions()
-        if not records:
-            return
-        # All at once: the store answers them in a few transactions.
-        journals = await asyncio.gather(*(self.store.load_journal(r.session_id) for r in records))
-        for n, (record, stored) in enumerate(zip(records, journals, strict=True), 1):
-            try:
-                self._restore_one(record, stored)
-            except Exception:
-                logger.exception("session.restore_failed", session_id=record.session_id)
-            if n % _RESTORE_STEP == 0:
-                await asyncio.sleep(0)  # ten thousand sessions must not hold the loop for one call
-        # The new reservations are on disk before any client can see a seq they cover.
-        await self.store.flush()
-        logger.info(
-            "supervisor.restored",
-            sessions=len(self._actors),
-            clean=self.store.was_clean,
-            seconds=round(time.monotonic() - started, 3),
-        )
-
-    async def _sweep_orphans(self) -> None:
-        """End what an earlier server left that no restored session owns (folders, E2B sandboxes)."""
-        factory: object = self._sandbox_factory
-        if not isinstance(factory, OrphanSweeper):
-            return
-        # A restored session may not have reattached its sandbox yet (that runs
-        # in its own task): the id its record kept counts as live all the same.
-        live = {
-            sid: actor.sandbox.sandbox_id or self._stored_sandbox(sid) for sid, actor in self._actors.items()
-        }
-        try:
-            async with asyncio.timeout(_SWEEP_ORPHANS_TIMEOUT_S):
-                await factory.sweep_orphans(live)
-        except Exception:
-            # Leftovers cost space or money, but must not keep the server from serving.
-            logger.exception("supervisor.orphan_sweep_failed")
-
-    def _stored_sandbox(self, session_id: str) -> str | None:
-        record = self.restored.get(session_id)
-        return None if record is None else record.sandbox_id
-
-    def _restore_one(self, record: SessionRecord, stored: StoredJournal) -> None:
-        info = SessionInfo(
-            session_id=record.session_id,
-            username=record.username,
-            token_hash=record.token_hash,
-            created_at=record.created,
-            aws_login=record.aws_login,
-            customer_name=record.customer_name,
-        )
-        spec = self._spec(record.session_id, record.username, record.sandbox_id or "")
-        actor = SessionActor(info, self._sandbox_factory(spec), self.config.actor, self.store)
-        actor.restore(record, stored, clean=self.store.was_clean)
-        self.restored[record.session_id] = record
-        self._register(actor, restored=True)
-        for share in record.shares:
-            self.add_share(actor, share, announce=False)
-        self.totals.restored += 1
-
-    async def _recover(self, actor: SessionActor) -> None:
-        try:
-            async with asyncio.timeout(_RECOVER_TIMEOUT_S):
-                await actor.recover()
-        except Exception:
-            logger.exception("session.recover_failed", session_id=actor.info.session_id)
-
     async def _until_started(self, actor: SessionActor) -> None:
         # The new task's first step runs before we resume, so the timeout is
         # only armed when the actor did not start in that step.
@@ -445,15 +307,9 @@ class Supervisor:
         Raises ``Forbidden`` for a revoked share's token, ``SessionClosed`` for
         an ended session's (its shares' included), ``Unauthorized`` else.
         """
-        digest = auth.token_hash(token)
-        shared = self._by_share_token.get(digest)
-        if shared is not None:
-            actor, share_id = shared
-            share = actor.shares.get(share_id)
-            if share is not None:
-                return actor, Grant.of(share)
-        if digest in self._revoked:
-            raise Forbidden("this share was revoked")
+        guest = self._share_tokens.resolve(auth.token_hash(token))
+        if guest is not None:
+            return guest
         return self.by_token(token), OWNER
 
     def resolve_for(self, token: str, session_id: str) -> tuple[SessionActor, Grant]:
@@ -499,24 +355,17 @@ class Supervisor:
     def add_share(self, actor: SessionActor, share: ShareRecord, *, announce: bool = True) -> None:
         """Let *share*'s token open *actor*'s session (``announce=False``: restored, not new)."""
         actor.add_share(share, announce=announce)
-        self._by_share_token[share.token_hash] = (actor, share.share_id)
+        self._share_tokens.add(actor, share)
 
     async def revoke_share(self, actor: SessionActor, share_id: str) -> ShareRecord | None:
         """Void the share's token and close what it opened; ``None`` if there is no such share."""
         share = actor.shares.get(share_id)
         if share is None:
             return None
-        self._forget_share(share.token_hash, revoked=True)
+        self._share_tokens.forget(share.token_hash, revoked=True)
         if (store := self._share_store()) is not None:
             await store.revoke_share(share_id)
         return await actor.revoke_share(share_id)
-
-    def _forget_share(self, token_hash: bytes, *, revoked: bool) -> None:
-        self._by_share_token.pop(token_hash, None)
-        if revoked:
-            self._revoked[token_hash] = None
-            while len(self._revoked) > _TOMBSTONES:
-                self._revoked.popitem(last=False)
 
     def get(self, session_id: str) -> SessionActor:
         try:
@@ -558,6 +407,10 @@ class Supervisor:
             logger.warning("supervisor.stop_timeout", session_id=child.actor.info.session_id, reason=why)
             child.task.cancel(why)
 
+    async def _keep_alive(self) -> None:
+        """Before the sweep: keep each remote sandbox alive past its session's idle deadline."""
+        await keep_alive(self._actors.values(), self.config)
+
     def sweep(self) -> int:
         """Ask idle sessions to stop, cancel ones that ignored it; return how many."""
         now = time.monotonic()
@@ -574,42 +427,6 @@ class Supervisor:
         if reaped:
             logger.info("supervisor.swept", reaped=reaped, sessions=len(self._actors))
         return reaped
-
-    async def _keep_alive(self) -> None:
-        """Before the sweep: keep each remote sandbox alive past its session's idle deadline.
-
-        Input on the sandbox's own desktop stream counts as activity.
-        """
-        kept = [
-            (actor, actor.sandbox)
-            for actor in self._actors.values()
-            if isinstance(actor.sandbox, KeptAlive) and actor.stop_requested_at is None
-        ]
-        if not kept:
-            return
-        try:
-            async with asyncio.timeout(_KEEP_ALIVE_TIMEOUT_S), asyncio.TaskGroup() as tg:
-                for actor, sandbox in kept:
-                    tg.create_task(self._keep_one(actor, sandbox), name=f"keep-alive:{actor.info.session_id}")
-        except TimeoutError:
-            logger.warning("supervisor.keep_alive_timeout", sandboxes=len(kept))
-
-    async def _keep_one(self, actor: SessionActor, sandbox: KeptAlive) -> None:
-        """E2B's deadline at or past the session's, until the next sweep; never raises."""
-        interval = self.config.sweep_interval
-        try:
-            idle = actor.idle_seconds(time.monotonic())
-            if idle >= interval / 2:
-                # Only worth asking when nothing reached us since about the last sweep.
-                seen = await sandbox.input_idle()
-                if seen is not None and seen < idle:
-                    actor.touch()
-                    idle = 0.0
-            # Activity before the next sweep moves the session's deadline by at
-            # most one interval: E2B's is set past that.
-            await sandbox.keep_alive(max(0.0, self.config.idle_timeout - idle) + interval)
-        except Exception:
-            logger.exception("sandbox.keep_alive_failed", session_id=actor.info.session_id)
 
     # ------------------------------------------------------------------
     # One child
@@ -683,12 +500,12 @@ class Supervisor:
         self._by_token.pop(info.token_hash, None)
         # The session's shares go with it; when it ends, their guests are told so.
         for share in actor.shares:
-            self._forget_share(share.token_hash, revoked=False)
+            self._share_tokens.forget(share.token_hash, revoked=False)
             if ended:
                 self._ended[share.token_hash] = reason
         if ended:
             self._ended[info.token_hash] = reason
-            while len(self._ended) > _TOMBSTONES:
+            while len(self._ended) > TOMBSTONES:
                 self._ended.popitem(last=False)
             self.totals.ended += 1
         owned = self._by_user.get(info.username)
@@ -697,75 +514,12 @@ class Supervisor:
             if not owned:
                 del self._by_user[info.username]
 
-    async def _finish(self, actor: SessionActor, state: str, reason: str) -> None:
-        """Free everything the session held; runs once per session, never raises."""
-        if state == "closed":
-            reason = actor.stop_reason or reason
-        # From here on requests are refused at once, not left for nobody.
-        actor.refuse_requests(reason)
-        if self._suspending and state == "closed" and actor.stop_reason == "shutdown":
-            await self._suspend(actor)
-            return
-        self._unregister(actor, reason)
-        self.metrics.sessions_ended[ended_reason(state, reason, shutting_down=not self._accepting)] += 1
-        await self._end_in_store(actor, reason)
-        await self._close_sandbox(actor)
-        try:
-            await actor.end(state, reason)
-        except Exception:
-            logger.exception("actor.end_failed", session_id=actor.info.session_id)
-        self._summary(actor, state, reason)
-
-    async def _suspend(self, actor: SessionActor) -> None:
-        """A durable shutdown: stop the session's processes, keep the session for the next start."""
-        reason = "the server is shutting down; the session will be back when it restarts"
-        self._unregister(actor, reason, ended=False)
-        await self._close_sandbox(actor, keep=True)
-        try:
-            await actor.suspend(reason)
-        except Exception:
-            logger.exception("actor.suspend_failed", session_id=actor.info.session_id)
-        self._summary(actor, "suspended", reason)
-
-    async def _end_in_store(self, actor: SessionActor, reason: str) -> None:
-        """The session's tombstone, so that it stays ended across a restart."""
-        try:
-            async with asyncio.timeout(_STORE_TIMEOUT_S):
-                await self.store.end_session(actor.info.session_id, reason, time.time())
-        except Exception:
-            logger.exception("store.end_failed", session_id=actor.info.session_id)
-
-    async def _close_sandbox(self, actor: SessionActor, *, keep: bool = False) -> None:
-        sid, sandbox = actor.info.session_id, actor.sandbox
-        try:
-            async with asyncio.timeout(self.config.close_timeout):
-                if keep and isinstance(sandbox, Resumable):
-                    await sandbox.suspend()
-                else:
-                    await sandbox.close()
-        except TimeoutError:
-            logger.error("sandbox.close_timeout", session_id=sid, sandbox_id=sandbox.sandbox_id)  # noqa: TRY400 - a timeout, no traceback worth keeping
-        except Exception:
-            # Any error at all (RecursionError included): the session ends anyway.
-            logger.exception("sandbox.close_failed", session_id=sid, sandbox_kind=sandbox.kind)
-            self.metrics.sandbox_failures[sandbox.kind] += 1
-
-    def _summary(self, actor: SessionActor, state: str, reason: str) -> None:
-        info = actor.info
-        logger.info(
-            "session.summary",
-            session_id=info.session_id,
-            username=info.username,
-            state=state,
-            reason=reason,
-            seconds=round(time.time() - info.created_at, 3),
-            frames_in=actor.frames_in,
-            jobs=actor.jobs_run,
-            events=actor.journal.last_seq,
-        )
-
     # ------------------------------------------------------------------
     # Status
+
+    def sessions_by_state(self) -> dict[str, int]:
+        """Live sessions counted by state (``deskhive_sessions``)."""
+        return self._census.by_state()
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -779,60 +533,6 @@ class Supervisor:
             "sessions": [attrs.asdict(a.statistics(now)) for a in self._actors.values()],
             "limits": self.limits.status(),
         }
-
-    # ------------------------------------------------------------------
-    # Limits and metrics (read at /status and /metrics, not on the hot path)
-
-    def _add_limits(self, config: SupervisorConfig) -> DesktopGate:
-        """The limits the supervisor enforces, with how much of each is in use."""
-        add = self.limits.add
-        add(
-            "sessions_per_user",
-            config.sessions_per_user,
-            "too many sessions for one username",
-            self._most_owned,
-        )
-        add("max_sessions", config.max_sessions, "this server holds as many sessions as it may", self.__len__)
-        add("sockets_per_session", SOCKETS_PER_SESSION, "too many sockets on one session", self._most_sockets)
-        add("mailbox_size", config.actor.mailbox_size, "too many requests waiting", self._deepest_mailbox)
-        total = add("max_desktops", config.max_desktops, "this server runs as many desktops as it may")
-        per_user = add("desktops_per_user", config.desktops_per_user, "too many desktops for one username")
-        return DesktopGate(total, per_user, self._running_desktops)
-
-    def _most_owned(self) -> int:
-        return max(map(len, self._by_user.values()), default=0)
-
-    def _most_sockets(self) -> int:
-        now = time.monotonic()
-        return max((a.statistics(now).sockets for a in self._actors.values()), default=0)
-
-    def _deepest_mailbox(self) -> int:
-        return max((a.mailbox_depth for a in self._actors.values()), default=0)
-
-    def _running_desktops(self, username: str | None) -> list[tuple[str, str]]:
-        if username is None:
-            actors: Any = self._actors.values()
-        else:
-            actors = (self._actors[sid] for sid in self._by_user.get(username, ()) if sid in self._actors)
-        return [(a.info.session_id, a.info.username) for a in actors if _desktop_up(a)]
-
-    def sessions_by_state(self) -> dict[str, int]:
-        """Live sessions counted by state (``deskhive_sessions``)."""
-        counts: dict[str, int] = {}
-        for actor in self._actors.values():
-            try:
-                state = actor.state
-            except Exception:  # noqa: BLE001 - a broken backend must not break the scrape
-                state = "failed"
-            counts[state] = counts.get(state, 0) + 1
-        return counts
-
-
-def _desktop_up(actor: SessionActor) -> bool:
-    try:
-        return actor.sandbox.desktop_running
-    except Exception:  # noqa: BLE001 - a broken backend counts as no desktop, and status still answers
-        return False
 
 
 def _record(info: SessionInfo, sandbox: Sandbox) -> SessionRecord:

@@ -19,106 +19,55 @@ dropped), so ten thousand logouts leave nothing for the cyclic GC.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
-import weakref
 from collections import deque
-from collections.abc import Collection, MutableMapping
+from collections.abc import Collection
 from typing import Any, Final
 
 import attrs
 import structlog
 
 from actors import jobs
+from actors.basics import ActorConfig, ActorStats, QueuedJob, SessionInfo, Stop
+from actors.desktop import DesktopWatch
+from actors.durable import RESTARTED, SEQ_BLOCK, TOUCH_EVERY_S, DurableSession
 from actors.journal import Journal
 from actors.peer import Peer
-from actors.shares import OWNER, Closable, Grant, Shares, ShareStats, check_allowed
+from actors.queue import JobQueue
+from actors.sessionlog import journal_logger
+from actors.shares import OWNER, Closable, Grant, Shares, check_allowed
 from protocol import codec
 from protocol import messages as m
 from protocol.closecodes import CloseCode
 from protocol.errors import (
     Forbidden,
-    JobNotFound,
     MailboxFull,
     NotConfigured,
-    SandboxBroken,
     SessionClosed,
     TooManySockets,
 )
-from sandboxes.base import LosesDesktop, Resumable, Sandbox, WatchedDesktop
-from store.base import SessionRecord, ShareRecord, Store, StoredJournal
+from sandboxes.base import Sandbox
+from store.base import ShareRecord, Store
+
+__all__ = [
+    "RESTARTED",
+    "SEQ_BLOCK",
+    "SOCKETS_PER_SESSION",
+    "TOUCH_EVERY_S",
+    "ActorConfig",
+    "ActorStats",
+    "SessionActor",
+    "SessionInfo",
+    "Stop",
+]
 
 logger = structlog.get_logger("deskhive.actor")
 
 #: Sockets watching one session at once (owner's and guests' together).
 SOCKETS_PER_SESSION: Final = 16
-#: Seqs reserved in the store ahead of use, topped up when half is left: a
-#: restarted server numbers above the reservation, which must therefore be
-#: committed before any seq it covers is sent (half a block is thousands of
-#: events, far more than a batch's few milliseconds let through).
-SEQ_BLOCK: Final = 10_000
-#: The store hears of a session's activity at most this often (seconds).
-TOUCH_EVERY_S: Final = 5.0
-RESTARTED: Final = "the server restarted before this request finished"
 #: What a job cut off by a stop is told, by the stop's reason.
-#: Bound on waiting for the store to keep a job before it starts anyway.
-_KEPT_TIMEOUT_S: Final = 5.0
 _ENDING: Final = {"shutdown": "the server is shutting down; the job was cancelled"}
-
-
-@attrs.frozen(kw_only=True)
-class ActorConfig:
-    """Bounds of one session actor."""
-
-    mailbox_size: int = 1000
-    journal_size: int = 1000
-    journal_bytes: int = 16 * 1024 * 1024
-    #: One deadline for closing all of an ended session's sockets together.
-    close_timeout: float = 2.0
-    #: The supervisor's idle timeout, told to clients so they can show the time left.
-    idle_timeout: float = 3600.0
-    jobs: jobs.JobConfig = attrs.field(factory=jobs.JobConfig)
-
-
-@attrs.frozen(kw_only=True)
-class SessionInfo:
-    """Who the session belongs to; fixed for its whole life."""
-
-    session_id: str
-    username: str
-    token_hash: bytes
-    created_at: float
-    aws_login: str | None = None
-    customer_name: str | None = None
-
-
-@attrs.frozen(kw_only=True)
-class ActorStats:
-    """A snapshot of one actor, for the status endpoint."""
-
-    session_id: str
-    username: str
-    state: str
-    #: Requests received and not yet answered (waiting jobs included, the
-    #: running one not): what ``mailbox_size`` bounds.
-    mailbox_depth: int
-    jobs_waiting: int
-    journal_size: int
-    sockets: int
-    idle_seconds: float
-    running_job: str | None
-    sandbox_kind: str
-    sandbox_id: str | None
-    #: Each live share (never its token) and what is joined through it.
-    shares: tuple[ShareStats, ...] = ()
-
-
-@attrs.frozen
-class Stop:
-    """Poison pill: finish what came before, cancel jobs, end the incarnation."""
-
-    reason: str
 
 
 @functools.lru_cache(maxsize=64)
@@ -127,61 +76,10 @@ def _stop_envelope(reason: str) -> tuple[Stop, None]:
     return Stop(reason), None
 
 
-@attrs.define(slots=True, eq=False)
-class _Job:
-    msg: m.Job | m.KillDesktop
-    rid: str
-    task: asyncio.Task[m.Result] | None = None
-    started_at: float = 0.0
-    #: Set when a request, not the actor's end, cancelled the job.
-    cancelled_by: str | None = None
-    #: Why the desktop it needed died while it ran (its result is then sandbox_failed).
-    lost: str | None = None
-    settled: bool = False
-    #: Done once the store keeps the job as pending (its ack goes out then).
-    kept: asyncio.Future[None] | None = None
-
-
-class _JournalSink:
-    """The end of the session logger's chain: log events enter the journal.
-
-    It holds its actor weakly: actor -> logger -> sink -> actor would be a
-    cycle that only the cyclic GC frees, once per ended session.
-    """
-
-    __slots__ = ("_actor",)
-
-    def __init__(self, actor: SessionActor) -> None:
-        self._actor = weakref.ref(actor)
-
-    def _log(self, event: m.Log) -> None:
-        actor = self._actor()
-        if actor is not None:
-            actor.emit(event)
-
-    debug = info = warning = error = critical = msg = _log
-
-
-def _to_log_event(
-    _: Any, __: str, event_dict: MutableMapping[str, Any]
-) -> tuple[tuple[m.Log], dict[str, Any]]:
-    ts = event_dict.pop("ts")
-    level = event_dict.pop("level")
-    name = event_dict.pop("event")
-    return (m.Log(ts=ts, level=level, event=str(name), fields=dict(event_dict)),), {}
-
-
-_SessionLogger = structlog.make_filtering_bound_logger(0)
-_SESSION_PROCESSORS: Final[list[structlog.typing.Processor]] = [
-    structlog.processors.add_log_level,
-    structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-    _to_log_event,
-]
-
 _Envelope = tuple[m.Request | Stop, Peer | None]
 
 
-class SessionActor:
+class SessionActor(JobQueue, DesktopWatch, DurableSession):
     """A session's mailbox, journal, sockets, sandbox and job queue."""
 
     def __init__(
@@ -209,8 +107,8 @@ class SessionActor:
         #: Numbers each desktop this session has seen start: stream tokens name one.
         self._desktop_run = 0
         self._desktop_seen = False
-        self._pending: deque[_Job] = deque()
-        self._current: _Job | None = None
+        self._pending: deque[QueuedJob] = deque()
+        self._current: QueuedJob | None = None
         self._runner: asyncio.Task[None] | None = None
         #: Awaits the running desktop's end (backends that can tell at once).
         self._watcher: asyncio.Task[None] | None = None
@@ -229,7 +127,7 @@ class SessionActor:
         """Logger whose events land in this session's journal and sockets."""
         # Made on first use: most idle sessions never log, and logins are hot.
         if self._log is None:
-            self._log = _SessionLogger(_JournalSink(self), _SESSION_PROCESSORS, {})  # type: ignore[call-arg]
+            self._log = journal_logger(self)
         return self._log
 
     # ------------------------------------------------------------------
@@ -280,17 +178,6 @@ class SessionActor:
     def _active(self) -> None:
         now = self._last_active = time.monotonic()
         self._touch_store(now)
-
-    def _touch_store(self, now: float | None = None) -> None:
-        """Tell the store the session is in use (a client frame, a job's start or end); throttled.
-
-        A running job keeps a session from being idle: after a crash, the
-        activity stored is what decides whether it is reaped at once.
-        """
-        now = time.monotonic() if now is None else now
-        if self.store is not None and now - self._stored_active >= TOUCH_EVERY_S:
-            self._stored_active = now
-            self.store.touch(self.info.session_id, time.time())
 
     def request_stop(self, reason: str, now: float | None = None) -> None:
         """Ask the actor to end the session once earlier messages are handled.
@@ -375,73 +262,6 @@ class SessionActor:
         await self._close_peers(members, "the share was revoked", CloseCode.FORBIDDEN)
         return share
 
-    @property
-    def desktop_run(self) -> int:
-        """The number of the desktop running now (a new one each start), 0 without one."""
-        self._observe_desktop()
-        return self._desktop_run if self._desktop_seen else 0
-
-    def _observe_desktop(self) -> None:
-        running = self.sandbox.desktop_running
-        if running and not self._desktop_seen:
-            self._desktop_run += 1
-        elif self._desktop_seen and not running:
-            self._report_lost()
-        self._desktop_seen = running
-
-    def _report_lost(self) -> None:
-        """A desktop stopped running: say so once, with why, unless it was stopped on purpose."""
-        sandbox = self.sandbox
-        reason = sandbox.lost_reason if isinstance(sandbox, LosesDesktop) else None
-        if reason is None:
-            return
-        self.log.warning("desktop.lost", reason=reason)
-        if self.store is not None and self._tg is not None:
-            # The store forgets the desktop, or a restart would report it lost again.
-            self._tg.create_task(self._forget_desktop(), name=f"desktop-store:{self.info.session_id}")
-
-    async def _forget_desktop(self) -> None:
-        try:
-            await self._store_desktop()
-        except Exception:
-            # Outside any job: a failed write must not end the incarnation.
-            logger.exception("actor.store_failed", session_id=self.info.session_id)
-
-    def _watch_desktop(self) -> None:
-        """Await the running desktop's end in the incarnation (one watcher per desktop)."""
-        self._unwatch()
-        sandbox = self.sandbox
-        # No read of desktop_running here: desktop_ended returns at once without one.
-        if self._tg is not None and isinstance(sandbox, WatchedDesktop):
-            name = f"desktop-watch:{self.info.session_id}"
-            self._watcher = self._tg.create_task(self._watch(sandbox), name=name)
-
-    def _unwatch(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel("the desktop watch is over")
-
-    async def _watch(self, sandbox: WatchedDesktop) -> None:
-        try:
-            reason = await sandbox.desktop_ended()
-        except Exception:
-            # A watch that broke is no loss of the desktop; the next call says how it is.
-            logger.exception("actor.desktop_watch_failed", session_id=self.info.session_id)
-            return
-        if reason is not None:
-            self._desktop_died(reason)
-
-    def _desktop_died(self, reason: str) -> None:
-        """The desktop died by itself: a job that needs it fails, the state follows."""
-        job = self._current
-        workflows = self.config.jobs.workflows
-        if job and job.task and job.lost is None and jobs.needs_desktop(job.msg, workflows):
-            job.lost = reason
-            if job.cancelled_by is None:
-                job.cancelled_by = f"the desktop was lost: {reason}"
-                job.task.cancel(job.cancelled_by)
-        self._publish_state()
-
     def join_stream(self, stream: Closable, grant: Grant) -> None:
         """A desktop stream opened with *grant*: a revocation of its share closes it."""
         if self.shares.role(grant) is None:
@@ -504,10 +324,7 @@ class SessionActor:
         frame = self.journal.append(event)
         seq = self.journal.last_seq
         if self.store is not None:
-            self.store.append(self.info.session_id, seq, frame)
-            if seq > self._reserved - SEQ_BLOCK // 2:
-                self._reserved = seq + SEQ_BLOCK
-                self.store.reserve_seq(self.info.session_id, self._reserved)
+            self._keep_event(seq, frame)
         for peer in tuple(self._peers):
             if not peer.notify(seq, frame):
                 self._peers.discard(peer)
@@ -596,151 +413,9 @@ class SessionActor:
                 self.emit(m.Result(id=rid, ok=True, data={}))
             case m.KillDesktop():
                 self._cancel_all(f"cancelled by kill_desktop {rid}")
-                self._ack_when_kept(self._enqueue(_Job(msg=msg, rid=rid), first=True), origin)
+                self._ack_when_kept(self._enqueue(QueuedJob(msg=msg, rid=rid), first=True), origin)
             case _:
-                self._ack_when_kept(self._enqueue(_Job(msg=msg, rid=rid)), origin)
-
-    def _ack_when_kept(self, job: _Job, origin: Peer | None) -> None:
-        """Acknowledge *job* once the store keeps it as pending.
-
-        An ack promises a result, also across a SIGKILL: the restarted server
-        answers every pending request it finds. The job starts no earlier
-        either (``_run_jobs``), so its ack still comes before its events.
-        """
-        store = self.store
-        kept = store.committed() if store is not None and store.durable else None
-        if kept is None or kept.done():
-            if origin is not None:
-                origin.deliver(codec.encode(m.Ack(id=job.rid)))
-            return
-        job.kept = kept
-        if origin is not None:
-            kept.add_done_callback(functools.partial(_deliver, origin, codec.encode(m.Ack(id=job.rid))))
-
-    def _cancel(self, rid: str, target: str, origin: Peer | None) -> None:
-        job = self._current if self._current and self._current.rid == target else None
-        waiting = next((j for j in self._pending if j.rid == target), None)
-        if job is None and waiting is None:
-            if origin is not None:
-                err = JobNotFound(f"no running or waiting job {target!r}", request_id=rid)
-                origin.deliver(codec.encode(codec.error_for(err)))
-            return
-        if origin is not None:
-            origin.deliver(codec.encode(m.Ack(id=rid)))
-        if job is not None and job.task is not None:
-            job.cancelled_by = f"cancelled by request {rid}"
-            job.task.cancel(job.cancelled_by)
-        if waiting is not None:
-            self._pending.remove(waiting)
-            self._settle(waiting, f"cancelled by request {rid}")
-        self.emit(m.Result(id=rid, ok=True, data={"target": target}))
-
-    def _cancel_all(self, reason: str) -> None:
-        while self._pending:
-            self._settle(self._pending.popleft(), reason)
-        job = self._current
-        if job is not None and job.task is not None and job.cancelled_by is None:
-            job.cancelled_by = reason
-            job.task.cancel(reason)
-
-    # ------------------------------------------------------------------
-    # Jobs
-
-    def _enqueue(self, job: _Job, *, first: bool = False) -> _Job:
-        if self.store is not None:
-            self.store.add_pending(self.info.session_id, job.rid)
-        if first:
-            self._pending.appendleft(job)
-        else:
-            self._pending.append(job)
-        if self._runner is None or self._runner.done():
-            assert self._tg is not None
-            self._runner = self._tg.create_task(self._run_jobs(), name=f"jobs:{self.info.session_id}")
-        return job
-
-    async def _run_jobs(self) -> None:
-        assert self._tg is not None
-        while self._pending:
-            head = self._pending[0]
-            if head.kept is not None and not head.kept.done():
-                # Still waiting, so still cancellable as a waiting job; then
-                # look again: it may have been cancelled or overtaken.
-                await _kept(head.kept)
-                continue
-            job = self._current = self._pending.popleft()
-            job.started_at = time.monotonic()
-            self._touch_store()
-            job.task = self._tg.create_task(self._execute(job), name=f"job:{self.info.session_id}:{job.rid}")
-            self._publish_state()
-            try:
-                # wait() does not raise when the job is cancelled by request.
-                await asyncio.wait([job.task])
-            finally:
-                # Whatever ended the wait, the job's end or the incarnation's
-                # (the job may not even have started), its result is settled.
-                self._current = None
-                # A job is activity: idle time counts from its end, not from
-                # the frame that asked for it (no reaping right after a long job).
-                self._last_active = time.monotonic()
-                self._settle(job, "cancelled")
-            self._publish_state()
-
-    async def _execute(self, job: _Job) -> m.Result:
-        self.jobs_run += 1
-        self.log.info("job.started", id=job.rid, kind=type(job.msg).__name__)
-        ctx = jobs.JobContext(
-            request_id=job.rid,
-            sandbox=self.sandbox,
-            config=self.config.jobs,
-            log=self.log,
-            emit=self.emit,
-            set_starting=self._set_starting,
-            session_id=self.info.session_id,
-            username=self.info.username,
-            desktop_changed=self._desktop_changed,
-        )
-        return await jobs.run_to_result(job.msg, ctx)
-
-    def _settle(self, job: _Job, reason: str) -> None:
-        """Emit *job*'s one result, from how its task ended (or that it never ran)."""
-        if job.settled:
-            return
-        job.settled = True
-        # Dropping the task breaks task -> traceback -> frame -> job -> task.
-        task, job.task = job.task, None
-        result = jobs.outcome(job.rid, task, job.cancelled_by or reason, job.lost)
-        if task is not None:
-            seconds = round(time.monotonic() - job.started_at, 3)
-            self.log.info("job.finished", id=job.rid, ok=result.ok, seconds=seconds)
-            self._measure(job, result, seconds)
-        self.emit(result)
-        if self.store is not None:
-            self.store.remove_pending(self.info.session_id, job.rid)
-            self._touch_store()
-
-    async def _desktop_changed(self) -> None:
-        """A job started or killed the desktop: watch the new one, and store it."""
-        self._watch_desktop()
-        await self._store_desktop()
-
-    async def _store_desktop(self) -> None:
-        """Keep the sandbox's id while its desktop runs (before ``start_desktop``'s result)."""
-        if self.store is not None:
-            running = self.sandbox.desktop_running
-            sandbox_id = self.sandbox.sandbox_id if running else None
-            await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, sandbox_id)
-
-    def _measure(self, job: _Job, result: m.Result, seconds: float) -> None:
-        """The job's duration by kind, and a sandbox failure by backend, for ``/metrics``."""
-        metrics = self.config.jobs.metrics
-        if metrics is not None:
-            metrics.job_duration.labels(jobs.kind_of(job.msg)).observe(seconds)
-            if result.error_code == SandboxBroken.code:
-                metrics.sandbox_failures[self.sandbox.kind] += 1
-
-    def _set_starting(self, starting: bool) -> None:
-        self._starting = starting
-        self._publish_state()
+                self._ack_when_kept(self._enqueue(QueuedJob(msg=msg, rid=rid)), origin)
 
     # ------------------------------------------------------------------
     # The session's end (called by the supervisor, once)
@@ -759,64 +434,6 @@ class SessionActor:
         # Ending the session voids its shares (the supervisor forgot their tokens).
         self.shares.clear()
         await self._close_peers(peers, f"session ended: {reason}")
-
-    # ------------------------------------------------------------------
-    # Across a restart (durable store)
-
-    def restore(self, record: SessionRecord, stored: StoredJournal, *, clean: bool) -> None:
-        """Take back a stored session's journal, activity and unanswered requests.
-
-        After a crash (*clean* false) new events are numbered above the
-        reservation, the skipped numbers kept as a hole; requests that were
-        acknowledged get their ``cancelled`` result, and a desktop that ran is
-        checked by ``recover``. Runs before the first incarnation, without suspending.
-        """
-        base = stored.last_seq if clean else max(stored.last_seq, record.seq_reserved)
-        self.journal.restore(stored.events, base)
-        self._reserved = base + SEQ_BLOCK
-        assert self.store is not None
-        sid = self.info.session_id
-        self.store.reserve_seq(sid, self._reserved)
-        self.store.sent_seq(sid, base)
-        idle = max(0.0, time.time() - record.last_active)
-        self._last_active = self._stored_active = time.monotonic() - idle
-        answered = _answered(stored, record.pending)
-        for rid in record.pending:
-            if rid not in answered:
-                self.emit(jobs.cancelled(rid, RESTARTED))
-            self.store.remove_pending(sid, rid)
-        # Whether the desktop survived is known once the sandbox recovered (E2B's may).
-        self._lost_desktop = record.sandbox_id
-
-    async def recover(self) -> None:
-        """End or take back what the previous server left of the sandbox; report a desktop that died."""
-        try:
-            if isinstance(self.sandbox, Resumable):
-                await self.sandbox.recover()
-        finally:
-            lost, self._lost_desktop = self._lost_desktop, None
-            if lost is not None:
-                if not self.sandbox.desktop_running:
-                    self.log.warning("desktop.lost", reason="the server restarted", sandbox_id=lost)
-                self._publish_state()
-        if lost is not None and not self.sandbox.desktop_running and self.store is not None:
-            await self.store.set_sandbox(self.info.session_id, self.sandbox.kind, None)
-
-    async def suspend(self, reason: str) -> None:
-        """The server stops but the session does not end: keep everything for the next start.
-
-        Jobs were cancelled by the incarnation's end (their results stored);
-        what the mailbox still holds is answered, the activity and the last
-        seq are stored, and the sockets are told the server is going away.
-        """
-        self._refuse_leftovers(reason, "the server stopped before this request was handled")
-        if self.store is not None:
-            sid = self.info.session_id
-            last = max(self._last_active, self._stored_active)
-            self.store.touch(sid, time.time() - (time.monotonic() - last))
-            self.store.sent_seq(sid, self.journal.last_seq)
-        peers, self._peers = self._peers, set()
-        await self._close_peers(peers, reason, CloseCode.GOING_AWAY)
 
     def _refuse_leftovers(
         self, reason: str, why: str = "the session ended before this request was handled"
@@ -850,37 +467,9 @@ class SessionActor:
             logger.warning("actor.close_timeout", session_id=self.info.session_id, sockets=len(peers))
 
 
-def _answered(stored: StoredJournal, pending: tuple[str, ...]) -> set[str]:
-    """Which of the *pending* requests already have a stored result.
-
-    The result and the pending entry's removal are two writes; a crash can
-    fall between their commits, and the request must not get a second result.
-    """
-    if not pending:
-        return set()
-    wanted, found = set(pending), set()
-    for _, frame in stored.events:
-        if b'"result"' in frame:
-            event = codec.loads(frame)
-            if event.get("type") == "result" and event.get("id") in wanted:
-                found.add(event["id"])
-    return found
-
-
 async def _close_peer(peer: Closable, reason: str, code: CloseCode) -> None:
     try:
         await peer.close(code, reason)
     except Exception:
         # A socket that broke while closing is closed enough; the others go on.
         logger.warning("actor.close_failed", peer=repr(peer), exc_info=True)
-
-
-def _deliver(peer: Peer, frame: bytes, _kept: asyncio.Future[None]) -> None:
-    peer.deliver(frame)
-
-
-async def _kept(kept: asyncio.Future[None]) -> None:
-    """Wait, within a bound, for the store to keep a job; a store that fails must not stall the session."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(_KEPT_TIMEOUT_S):
-            await asyncio.shield(kept)
