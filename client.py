@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Self
@@ -111,6 +112,9 @@ class Connection:
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.welcome: Event = {}
         self.last_seq = 0
+        # Request ids of one socket, unlike any other's: a new socket replays
+        # the session's journal, results of earlier sockets' requests included.
+        self._prefix = f"c{secrets.token_hex(3)}-"
         self._ids = itertools.count(1)
 
     async def open(self, last_seq: int | None = None) -> Event:
@@ -138,7 +142,7 @@ class Connection:
         The codec checks and encodes it as the server will read it, so a
         malformed request raises ``ProtocolError`` here, before it is sent.
         """
-        rid = fields.pop("id", None) or f"c{next(self._ids)}"
+        rid = fields.pop("id", None) or f"{self._prefix}{next(self._ids)}"
         msg = codec.from_object({**fields, "type": type, "id": rid})
         if isinstance(msg, m.Hello):
             raise TypeError("hello is sent by open(); send() takes requests")
@@ -148,7 +152,7 @@ class Connection:
         """Send the typed request *msg*; return its ``id`` (made up when it has none)."""
         assert self.ws is not None
         if msg.id is None:
-            msg = attrs.evolve(msg, id=f"c{next(self._ids)}")
+            msg = attrs.evolve(msg, id=f"{self._prefix}{next(self._ids)}")
         await self.ws.send_str(codec.encode_request(msg))
         assert msg.id is not None
         return msg.id

@@ -131,7 +131,8 @@ async def test_a_stream_token_dies_with_its_desktop(start_server: StartServer, r
     url = socket_url(test_server, login)
     assert await handshake_status(client, url, old) == 101
     async with client.connect(login) as conn:
-        await conn.result(await conn.send("kill_desktop"), timeout=30)
+        killed = await conn.result(await conn.send("kill_desktop"), timeout=30)
+        assert killed["ok"], killed
         assert await handshake_status(client, url, old) == 401
         await conn.result(await conn.send("start_desktop"), timeout=30)
     assert await handshake_status(client, url, old) == 401
