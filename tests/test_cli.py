@@ -199,7 +199,7 @@ async def test_users_file_requires_the_right_password(tmp_path: Path) -> None:
     from client import ClientError
 
     users = tmp_path / "users"
-    users.write_text(f"# team\nada:{auth.hash_password('s3cret')}\n")
+    users.write_text(f"# team\nada:{await asyncio.to_thread(auth.hash_password, 's3cret')}\n")
     served = await start("--sandbox", "null", "--users-file", str(users), "--data-dir", str(tmp_path))
     try:
         assert "demo mode" not in served.banner

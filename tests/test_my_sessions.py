@@ -50,7 +50,7 @@ async def test_a_token_lists_every_live_session_of_its_user(served: tuple[TestSe
 async def with_users(start_server: StartServer, tmp_path: Path) -> tuple[TestServer, Client]:
     """A server with a users file: maria's password is 'right'."""
     users = tmp_path / "users"
-    users.write_text(f"maria:{auth.hash_password('right')}\n")
+    users.write_text(f"maria:{await asyncio.to_thread(auth.hash_password, 'right')}\n")
     return await start_server(users_file=users, sessions_per_user=3)
 
 

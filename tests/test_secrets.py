@@ -80,7 +80,7 @@ async def test_no_secret_reaches_logs_events_or_status(
 ) -> None:
     """With every secret set, a failing model, bad tokens and a logout, none of them is in any output."""
     cli.configure_logging("debug", "json", cache=False)
-    hashed = auth.hash_password(PASSWORD)
+    hashed = await asyncio.to_thread(auth.hash_password, PASSWORD)
     users = tmp_path / "users"
     users.write_text(f"ada:{hashed}\n")
     test_server, client = await start_server(

@@ -7,10 +7,11 @@ Servers and the browser as in test_web.py (whose fixtures these share).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -175,6 +176,17 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@contextlib.asynccontextmanager
+async def serving_off_the_loop(*args: str) -> AsyncIterator[str]:
+    """``serving`` (which starts and stops a server process, waiting on it) run in a thread."""
+    started = serving(*args)
+    base = await asyncio.to_thread(started.__enter__)
+    try:
+        yield base
+    finally:
+        await asyncio.to_thread(started.__exit__, None, None, None)
+
+
 async def token_still_works(base: str, token: str) -> bool:
     """Whether the server takes *token* in a hello (a welcome) or has forgotten it (a close)."""
     async with aiohttp.ClientSession() as http, http.ws_connect(f"{base}/ws") as ws:
@@ -187,12 +199,12 @@ async def test_after_a_server_restart_the_page_resumes_or_says_the_session_is_go
     """After a restart the page resumes (durable sessions) or says plainly that the session is gone."""
     page = tab.page
     port = free_port()
-    with serving("null", "--port", str(port)) as base:
+    async with serving_off_the_loop("null", "--port", str(port)) as base:
         await log_in(page, base, unique("restart"))
         await run_command(page, "echo before-the-restart")
         session = await session_of(page)
     await expect(page.locator("#connection")).to_contain_text("reconnecting")
-    with serving("null", "--port", str(port)) as base:
+    async with serving_off_the_loop("null", "--port", str(port)) as base:
         if await token_still_works(base, session["token"]):
             await wait_connected(page)
             await expect(page.locator("#log .output", has_text="before-the-restart")).to_have_count(1)
