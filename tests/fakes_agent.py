@@ -87,7 +87,8 @@ class RecordingDesktop:
 
     async def screenshot(self) -> bytes:
         self.calls.append(("screenshot", ()))
-        return png(*self.size, shade=len(self.calls) * 37)
+        # A large screen's PNG takes a while to make: off the loop, as a real sandbox's is.
+        return await asyncio.to_thread(png, *self.size, shade=len(self.calls) * 37)
 
     async def left_click(self, x: int, y: int) -> None:
         self.calls.append(("left_click", (x, y)))
