@@ -93,6 +93,23 @@ def root() -> Iterator[Path]:
 MakeLocal = Callable[..., "LocalSandbox"]
 
 
+async def serve_local(
+    start_server: StartServer, root: Path, **options: Any
+) -> tuple[TestServer, Client, list[LocalSandbox]]:
+    """A server on local sandboxes under *root*, and the list of the sandboxes it makes."""
+    from sandboxes.local import LocalConfig, LocalSandbox
+
+    made: list[LocalSandbox] = []
+    config = LocalConfig(root=root / "sandboxes")
+
+    def factory(spec: SandboxSpec) -> LocalSandbox:
+        made.append(LocalSandbox(spec, config))
+        return made[-1]
+
+    test_server, client = await start_server(sandbox_factory=factory, **options)
+    return test_server, client, made
+
+
 @pytest.fixture
 async def make(root: Path) -> AsyncIterator[MakeLocal]:
     """Make local sandboxes under *root* (config fields as keywords); all closed after the test."""

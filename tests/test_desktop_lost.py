@@ -15,8 +15,7 @@ from client import Client, Connection
 from sandboxes.base import SandboxSpec
 from sandboxes.e2b import E2BSandbox
 from sandboxes.e2b_sdk import SandboxLost
-from sandboxes.local import LocalConfig, LocalSandbox
-from tests.conftest import StartServer
+from tests.conftest import StartServer, serve_local
 from tests.e2b_service import E2BService, e2b_service, make_config
 from tests.fakes import FakeSandbox
 
@@ -221,14 +220,7 @@ async def test_a_killed_xvfb_is_noticed_at_once_and_the_desktop_comes_back(
     start_server: StartServer, root: Path
 ) -> None:
     """SIGKILL of Xvfb from the host: desktop.lost names it and its code, the rest stops, a new one starts."""
-    made: list[LocalSandbox] = []
-    config = LocalConfig(root=root / "sandboxes")
-
-    def factory(spec: SandboxSpec) -> LocalSandbox:
-        made.append(LocalSandbox(spec, config))
-        return made[-1]
-
-    _, client = await start_server(sandbox_factory=factory)
+    _, client, made = await serve_local(start_server, root)
     login = await client.login("lost")
     async with client.connect(login) as conn:
         started = await conn.result(await conn.send("start_desktop"), timeout=30)

@@ -11,9 +11,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from client import Client, Connection, Login
-from sandboxes.base import SandboxSpec
-from sandboxes.local import LocalConfig, LocalSandbox
-from tests.conftest import StartServer
+from sandboxes.local import LocalSandbox
+from tests.conftest import StartServer, serve_local
 from tests.test_files import _auth, _url
 
 pytestmark = [
@@ -25,14 +24,7 @@ pytestmark = [
 @pytest.fixture
 async def local(start_server: StartServer, root: Path) -> tuple[TestServer, Client, list[LocalSandbox]]:
     """A server on local sandboxes, with the sandboxes it made."""
-    made: list[LocalSandbox] = []
-    config = LocalConfig(root=root / "sandboxes")
-
-    def factory(spec: SandboxSpec) -> LocalSandbox:
-        made.append(LocalSandbox(spec, config))
-        return made[-1]
-
-    test_server, client = await start_server(sandbox_factory=factory)
+    test_server, client, made = await serve_local(start_server, root)
     return test_server, client, made
 
 
@@ -133,14 +125,7 @@ async def test_big_upload_is_streamed_not_held(
 
 async def test_upload_cut_at_the_limit_leaves_no_file(start_server: StartServer, root: Path) -> None:
     """An upload streamed past --upload-limit is 413 and leaves neither the file nor a partial one."""
-    made: list[LocalSandbox] = []
-    config = LocalConfig(root=root / "sandboxes")
-
-    def factory(spec: SandboxSpec) -> LocalSandbox:
-        made.append(LocalSandbox(spec, config))
-        return made[-1]
-
-    _, client = await start_server(sandbox_factory=factory, upload_limit=3 * 1024 * 1024)
+    _, client, made = await serve_local(start_server, root, upload_limit=3 * 1024 * 1024)
 
     async def body() -> AsyncIterator[bytes]:
         for _ in range(80):

@@ -10,9 +10,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from client import Client
-from sandboxes.base import SandboxSpec
-from sandboxes.local import LocalConfig, LocalSandbox
-from tests.conftest import StartServer
+from tests.conftest import StartServer, serve_local
 from tests.fakes import FakeSandbox
 
 
@@ -64,14 +62,7 @@ async def test_local_launch_returns_while_the_program_runs_and_dies_with_the_des
     start_server: StartServer, root: Path
 ) -> None:
     """A launched program keeps running after its ok result, a job after it runs, and kill_desktop ends it."""
-    made: list[LocalSandbox] = []
-    config = LocalConfig(root=root / "sandboxes")
-
-    def factory(spec: SandboxSpec) -> LocalSandbox:
-        made.append(LocalSandbox(spec, config))
-        return made[-1]
-
-    _, client = await start_server(sandbox_factory=factory)
+    _, client, made = await serve_local(start_server, root)
     login = await client.login("launcher")
     async with client.connect(login) as conn:
         started = await conn.result(await conn.send("start_desktop"), timeout=30)
