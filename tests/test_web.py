@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, WebSocketRoute, async_playwright, expect
 
 from tests.datadirs import fresh_data_dir, remove_data_dir
 
@@ -231,8 +231,14 @@ async def screenshot(page: Page, name: str) -> None:
     await page.screenshot(path=SCREENS / f"{name}.png")
 
 
-async def log_in(page: Page, base: str, username: str) -> None:
+async def open_login(page: Page, base: str) -> None:
+    """Opens the login page and waits until it is wired (its button enabled)."""
     await page.goto(base)
+    await expect(page.get_by_role("button", name="Log in")).to_be_enabled()
+
+
+async def log_in(page: Page, base: str, username: str) -> None:
+    await open_login(page, base)
     await page.get_by_label("Username").fill(username)
     await page.get_by_label("AWS login").fill(f"{username}@example.com")
     await page.get_by_label("Customer name").fill("Example Corp")
@@ -283,7 +289,7 @@ async def log_seqs(page: Page) -> list[int]:
 async def test_bad_username_shows_the_server_error_next_to_the_field(null_server: str, tab: Tab) -> None:
     """A username the server refuses shows its 400 message under the username field."""
     page = tab.page
-    await page.goto(null_server)
+    await open_login(page, null_server)
     await screenshot(page, "login")
     await page.get_by_label("Username").fill("not a valid name!")
     await page.get_by_role("button", name="Log in").click()
@@ -296,10 +302,36 @@ async def test_bad_username_shows_the_server_error_next_to_the_field(null_server
     await screenshot(page, "login-error")
 
 
+async def test_enter_before_the_page_is_ready_sends_nothing(null_server: str, tab: Tab) -> None:
+    """Enter pressed while the page still loads neither leaves the page nor puts the password in its address."""
+    page = tab.page
+    ready = asyncio.Event()
+
+    async def slow_info(route: Route) -> None:
+        await asyncio.wait_for(ready.wait(), timeout=30)
+        await route.continue_()
+
+    await page.route("**/api/info", slow_info)
+    await page.goto(null_server)
+    await page.get_by_label("Username").fill(unique("early"))
+    await page.get_by_label("Password").fill("not-for-the-address")
+    await page.get_by_label("Password").press("Enter")
+    await expect(page.get_by_role("button", name="Log in")).to_be_disabled()
+    assert "not-for-the-address" not in page.url
+    assert "?" not in page.url
+
+    ready.set()
+    await expect(page.get_by_role("button", name="Log in")).to_be_enabled()
+    await page.get_by_label("Password").press("Enter")
+    await wait_connected(page)
+    assert "not-for-the-address" not in page.url
+    await page.unroute("**/api/info")
+
+
 async def test_wrong_password_shows_the_error_next_to_the_password(password_server: str, tab: Tab) -> None:
     """With a users file, a missing password is told under the password field; the right one logs in."""
     page = tab.page
-    await page.goto(password_server)
+    await open_login(page, password_server)
     await page.get_by_label("Username").fill("carol")
     await page.get_by_label("Username").press("Enter")
 
@@ -322,7 +354,7 @@ async def test_quota_error_is_shown_on_the_form(null_server: str, tab: Tab) -> N
         for _ in range(3):
             async with http.post(f"{null_server}/api/sessions", json={"username": username}) as answer:
                 assert answer.status == 201
-    await page.goto(null_server)
+    await open_login(page, null_server)
     await page.get_by_label("Username").fill(username)
     await page.get_by_label("Username").press("Enter")
 

@@ -27,6 +27,7 @@ from tests.test_web import (
     log_in,
     new_tab,
     null_server,
+    open_login,
     run_command,
     run_elsewhere,
     screenshot,
@@ -89,7 +90,7 @@ async def test_forgotten_sessions_are_listed_and_ended_from_the_login_page(
         await log_in(closed, null_server, username)
         await closed.close()  # without logging out
     page = tab.page
-    await page.goto(null_server)
+    await open_login(page, null_server)
     await page.get_by_label("Username").fill(username)
     await page.get_by_label("Username").press("Enter")
     await expect(page.locator("#login-form-error")).to_contain_text("listed here")

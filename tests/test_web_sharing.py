@@ -26,6 +26,7 @@ from tests.test_web import (
     log_in,
     new_tab,
     null_server,
+    open_login,
     password_server,
     run_command,
     screenshot,
@@ -230,7 +231,7 @@ async def test_password_lists_and_ends_sessions_from_any_browser(password_server
         await route.fulfill(status=200, json={"sessions": live})
 
     await page.route("**/api/sessions/mine", mine)
-    await page.goto(password_server)
+    await open_login(page, password_server)
     await page.get_by_label("Username").fill("carol")
     await page.get_by_label("Password").fill("correct horse")
     await page.get_by_role("button", name=re.compile("List and end my sessions")).click()

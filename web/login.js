@@ -101,6 +101,9 @@ export function initLogin(onLoggedIn, { passwords = false } = {}) {
       $("login-submit").disabled = false;
     }
   });
+  // The button is disabled until here: a form sent before the page is wired
+  // would go out as a plain GET, the password in its address.
+  $("login-submit").disabled = false;
 }
 
 /** Shows the form, with *message* (why we are back here) above the button. */
