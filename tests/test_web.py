@@ -303,7 +303,7 @@ async def test_bad_username_shows_the_server_error_next_to_the_field(null_server
 
 
 async def test_enter_before_the_page_is_ready_sends_nothing(null_server: str, tab: Tab) -> None:
-    """Enter pressed while the page still loads neither leaves the page nor puts the password in its address."""
+    """Enter pressed while the page loads neither leaves it nor puts the password in its address."""
     page = tab.page
     ready = asyncio.Event()
 
