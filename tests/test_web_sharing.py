@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-import aiohttp
 import pytest
 from playwright.async_api import Page, Route, expect
 
@@ -52,18 +51,6 @@ def local_files_server() -> Iterator[str]:
         yield url
 
 
-async def skip_unless(base: str, method: str, path: str, token: str | None, what: str, **kw: object) -> None:
-    """Skips the test when the server answers *path* with 404 or 405 (no such route)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.request(method, f"{base}{path}", headers=headers, **kw) as answer,
-    ):
-        body = await answer.text()
-        if answer.status == 405 or (answer.status == 404 and "no session" not in body.lower()):
-            pytest.skip(f"this server has no {what} yet")
-
-
 async def open_panel(page: Page, name: str) -> None:
     await page.locator(f"#{name}-panel > summary").click()
 
@@ -75,8 +62,12 @@ async def open_panel(page: Page, name: str) -> None:
 class FakeHome:
     """A session's home answered per SPEC 1.1's files endpoints (the page's side alone)."""
 
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {"notes.txt": b"hello from the home\n"}
+    def __init__(
+        self, files: dict[str, bytes] | None = None, *, first_listing_waits: asyncio.Event | None = None
+    ) -> None:
+        self.files = {"notes.txt": b"hello from the home\n"} if files is None else files
+        # The first listing is answered as the home was when asked, but only once this is set.
+        self.first_listing_waits = first_listing_waits
 
     async def handle(self, route: Route) -> None:
         request = route.request
@@ -92,6 +83,9 @@ class FakeHome:
             folder = parse_qs(urlparse(request.url).query).get("path", ["."])[0]
             assert folder == "."
             entries = [{"name": n, "size": len(b), "dir": False, "mtime": 0} for n, b in self.files.items()]
+            if (waits := self.first_listing_waits) is not None:
+                self.first_listing_waits = None
+                await asyncio.wait_for(waits.wait(), timeout=30)
             await route.fulfill(status=200, json={"entries": entries})
 
 
@@ -129,19 +123,32 @@ async def test_files_panel_lists_uploads_by_drop_and_downloads(null_server: str,
     await screenshot(page, "files")
 
 
+async def test_a_slow_listing_answered_after_an_upload_does_not_undo_it(null_server: str, tab: Tab) -> None:
+    """A listing asked before an upload, answered after it, neither empties the list nor hides "Uploaded"."""
+    page = tab.page
+    released = asyncio.Event()
+    home = FakeHome({}, first_listing_waits=released)
+    await page.route(re.compile(r"/api/sessions/[^/]+/files"), home.handle)
+    await log_in(page, null_server, unique("overtaken"))
+    await open_panel(page, "files")  # its listing (of an empty home) is held
+    await drop_file(page, "late.txt", "uploaded while the listing was out")
+    feedback, listed = page.locator("#files-feedback"), page.locator("#files-list")
+    await expect(feedback).to_contain_text("Uploaded late.txt")
+    await expect(listed).to_contain_text("late.txt")
+
+    async with page.expect_event("requestfinished", lambda request: request.method == "GET"):
+        released.set()
+    await page.evaluate("() => new Promise((done) => setTimeout(done, 200))")
+    await expect(listed).to_contain_text("late.txt")
+    await expect(listed).not_to_contain_text("is empty")
+    await expect(feedback).to_contain_text("Uploaded late.txt")
+
+
 @pytest.mark.local
 async def test_upload_lands_in_the_home_and_downloads_back(local_files_server: str, tab: Tab) -> None:
     """On the real endpoints a file uploaded from the page is seen by commands and downloads back."""
     page = tab.page
     await log_in(page, local_files_server, unique("homefiles"))
-    session = await session_of(page)
-    await skip_unless(
-        local_files_server,
-        "GET",
-        f"/api/sessions/{session['session_id']}/files",
-        session["token"],
-        "files endpoints",
-    )
     await open_panel(page, "files")
     await page.locator("#files-input").set_input_files(
         files=[{"name": "up.txt", "mimeType": "text/plain", "buffer": b"uploaded-through-the-page\n"}]
@@ -166,13 +173,6 @@ async def test_view_share_guest_sees_the_session_and_revoke_closes_it(
     owner = (await new_tab()).page
     await log_in(owner, null_server, unique("sharer"))
     session = await session_of(owner)
-    await skip_unless(
-        null_server,
-        "GET",
-        f"/api/sessions/{session['session_id']}/shares",
-        session["token"],
-        "share endpoints",
-    )
     await run_command(owner, "echo shared-marker")
     await open_panel(owner, "share")
     await owner.get_by_role("button", name="Copy view-only link").click()

@@ -35,6 +35,7 @@ export class FilesPanel {
   constructor(getSession) {
     this.getSession = getSession;
     this.path = "";
+    this.listings = 0; // listings asked for; only the newest is shown
     const panel = $("files-panel");
     panel.addEventListener("toggle", () => {
       if (panel.open) this.refresh();
@@ -68,16 +69,18 @@ export class FilesPanel {
     $("files-feedback").className = `feedback${tone ? ` feedback-${tone}` : ""}`;
   }
 
+  /** Lists the folder; an answer overtaken by a later listing is dropped. */
   async refresh() {
     const session = this.getSession();
     if (!session?.session_id) return;
+    const listing = ++this.listings;
     try {
       const url = `${filesUrl(session)}?path=${encodeURIComponent(this.path || ".")}`;
       const { entries } = await (await call(session, "GET", url)).json();
-      this.render(entries || []);
+      if (listing === this.listings) this.render(entries || []);
     } catch (error) {
       if (!(error instanceof ApiError)) throw error;
-      this.say(`Could not list ${this.path || "the home folder"}: ${error.message}`, "error");
+      if (listing === this.listings) this.say(`Could not list ${this.path || "the home folder"}: ${error.message}`, "error");
     }
   }
 
@@ -106,8 +109,14 @@ export class FilesPanel {
       }
       return row;
     });
+    if (!rows.length) {
+      // Said in the list, not the feedback line, which tells of the last action.
+      const empty = document.createElement("li");
+      empty.className = "hint";
+      empty.textContent = `${this.path || "The home folder"} is empty.`;
+      rows.push(empty);
+    }
     $("files-list").replaceChildren(...rows);
-    if (!rows.length) this.say(`${this.path || "The home folder"} is empty.`);
   }
 
   renderPath() {
