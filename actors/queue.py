@@ -69,6 +69,16 @@ class JobQueue:
             self._settle(waiting, f"cancelled by request {rid}")
         self.emit(m.Result(id=rid, ok=True, data={"target": target}))
 
+    async def _acks_first(self) -> None:
+        """Wait (bounded) until the store keeps every waiting job, before any of them is cancelled.
+
+        A job is acknowledged once kept (``_ack_when_kept``); a cancel, a
+        ``kill_desktop`` or the session's end settles waiting jobs at once, and
+        without this wait a job's ``cancelled`` result could overtake its ack.
+        """
+        for kept in {job.kept for job in self._pending if job.kept is not None and not job.kept.done()}:
+            await until_kept(kept)
+
     def _cancel_all(self, reason: str) -> None:
         while self._pending:
             self._settle(self._pending.popleft(), reason)

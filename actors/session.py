@@ -384,7 +384,10 @@ class SessionActor(JobQueue, DesktopWatch, DurableSession):
             while True:
                 if isinstance(msg, Stop):
                     logger.debug("actor.stopping", reason=msg.reason)
+                    await self._acks_first()
                     return
+                if isinstance(msg, m.Cancel | m.KillDesktop):
+                    await self._acks_first()
                 self._handle(msg, origin)
                 try:
                     msg, origin = mailbox.get_nowait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,7 @@ from aiohttp.test_utils import TestServer
 import config
 import server
 from actors.journal import Journal
-from client import Client, ClientError, Login
+from client import Client, ClientError, Login, SessionEnded
 from config import Settings
 from protocol import messages as m
 from store import SqliteStore
@@ -343,3 +344,57 @@ async def test_an_ack_comes_once_the_store_keeps_the_request(boot: Any, tmp_path
             sandbox.released.set()
     finally:
         db.close()
+
+
+async def acks_and_results(conn: Any, *rids: str) -> list[tuple[str, str]]:
+    """The acks and results of *rids*, in the order they arrive, until each has its result."""
+    order: list[tuple[str, str]] = []
+    async with asyncio.timeout(10):
+        while not all(("result", rid) in order for rid in rids):
+            frame = await conn.recv()
+            if frame["type"] in {"ack", "result"} and frame.get("id") in rids:
+                order.append((frame["type"], frame["id"]))
+    return order
+
+
+async def test_a_job_cancelled_as_the_store_keeps_it_gets_its_ack_before_its_result(boot: Any) -> None:
+    """A job cancelled (by cancel or kill_desktop) right after it is sent is still acked before its result."""
+    start, _ = boot
+    client = await start()
+    login = await client.login("ada")
+    async with client.connect(login) as conn:
+        for n in range(10):
+            job = await conn.send("run_command", cmd="echo hi", id=f"job-{n}")
+            stop = await conn.send("cancel", target=job, id=f"cancel-{n}")
+            order = await acks_and_results(conn, job, stop)
+            assert order.index(("ack", job)) < order.index(("result", job)), order
+            job = await conn.send("run_command", cmd="echo hi", id=f"killed-{n}")
+            stop = await conn.send("kill_desktop", id=f"kill-{n}")
+            order = await acks_and_results(conn, job, stop)
+            assert order.index(("ack", job)) < order.index(("result", job)), order
+
+
+async def acks_and_results_until_the_end(conn: Any, rid: str) -> list[tuple[str, str]]:
+    """The ack and result of *rid*, in the order they arrive, until the session's end closes the socket."""
+    order: list[tuple[str, str]] = []
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                frame = await conn.recv()
+                if frame["type"] in {"ack", "result"} and frame.get("id") == rid:
+                    order.append((frame["type"], rid))
+    except SessionEnded:
+        return order
+
+
+async def test_a_job_sent_just_before_a_logout_is_acked_before_its_result(boot: Any) -> None:
+    """The session's end settles waiting jobs only once they are acked."""
+    start, _ = boot
+    client = await start()
+    for n in range(5):
+        login = await client.login(f"leaver{n}")
+        async with client.connect(login) as conn:
+            job = await conn.send("run_command", cmd="echo hi", id="last-words")
+            await client.logout(login)
+            order = await acks_and_results_until_the_end(conn, job)
+            assert order == [("ack", job), ("result", job)]
