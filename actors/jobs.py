@@ -93,22 +93,24 @@ class JobContext:
     _truncated: bool = False
 
     async def output(self, stream: Stream, data: str) -> None:
-        """Forward a chunk of output, within the job's output cap."""
+        """Forward a chunk of output, within the job's output cap (in UTF-8 bytes)."""
         if self._truncated:
             return
-        self._output_bytes += len(data)
-        if self._output_bytes > self.config.output_limit:
-            self._truncated = True
-            self.log.warning("job.output_truncated", id=self.request_id, limit_bytes=self.config.output_limit)
-            self.emit(
-                m.Output(
-                    id=self.request_id,
-                    stream="stderr",
-                    data=f"\n[deskhive: output over {self.config.output_limit} bytes; the rest is dropped]\n",
-                )
-            )
+        size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        room = self.config.output_limit - self._output_bytes
+        self._output_bytes += size
+        if size <= room:
+            self.emit(m.Output(id=self.request_id, stream=stream, data=data))
             return
-        self.emit(m.Output(id=self.request_id, stream=stream, data=data))
+        # The cap is reached inside this chunk: what fits goes out, then the notice.
+        kept = data.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore")
+        if kept:
+            self.emit(m.Output(id=self.request_id, stream=stream, data=kept))
+        self._truncated = True
+        limit = self.config.output_limit
+        self.log.warning("job.output_truncated", id=self.request_id, limit_bytes=limit)
+        notice = f"\n[deskhive: output over {limit} bytes; the rest is dropped]\n"
+        self.emit(m.Output(id=self.request_id, stream="stderr", data=notice))
 
 
 def kind_of(job: m.Job | m.KillDesktop) -> str:

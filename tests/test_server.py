@@ -294,6 +294,30 @@ async def test_results_say_how_a_job_ended(served: tuple) -> None:
         assert flow["ok"] is False and "nope" in flow["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("cmd", "kept"),
+    [
+        ("x" * 30, "ran " + "x" * 16),  # the chunk that crosses the cap is cut at it
+        ("é" * 30, "ran " + "é" * 8),  # counted in UTF-8 bytes, cut on a character
+    ],
+)
+async def test_output_is_kept_up_to_its_cap_then_a_notice(
+    start_server: StartServer, cmd: str, kept: str
+) -> None:
+    """A job's output goes out up to the cap's last byte, then one notice says the rest is dropped."""
+    _, client = await start_server(output_limit=20)
+    login = await client.login("chatty")
+    async with client.connect(login) as conn:
+        rid = await conn.send("run_command", cmd=cmd)
+        outputs = []
+        while (event := await conn.recv())["type"] != "result" or event["id"] != rid:
+            if event["type"] == "output":
+                outputs.append((event["stream"], event["data"]))
+    assert outputs[0] == ("stdout", kept)
+    assert len(kept.encode()) <= 20
+    assert outputs[1:] == [("stderr", "\n[deskhive: output over 20 bytes; the rest is dropped]\n")]
+
+
 async def test_kill_desktop_cancels_jobs_and_stops_the_desktop(
     served: tuple, fakes: list[FakeSandbox]
 ) -> None:
