@@ -63,6 +63,8 @@ class DurableSession:
         def log(self) -> Any: ...
         def emit(self, event: m.Event) -> None: ...
         def _publish_state(self, request_id: str | None = None) -> None: ...
+        @property
+        def state(self) -> m.SessionState: ...
         def _refuse_leftovers(self, reason: str, why: str = ...) -> None: ...
         async def _close_peers(
             self, peers: Collection[Closable], reason: str, code: CloseCode = ...
@@ -135,6 +137,10 @@ class DurableSession:
             self.store.remove_pending(sid, rid)
         # Whether the desktop survived is known once the sandbox recovered (E2B's may).
         self._lost_desktop = record.sandbox_id
+        if self._lost_desktop is None and _last_state(stored) not in (None, self.state):
+            # The last server's word was its stopping (or a job that ran):
+            # a replay must end on the state the session is in now.
+            self._publish_state()
 
     async def recover(self) -> None:
         """End or take back what the previous server left of the sandbox; report a desktop that died."""
@@ -182,6 +188,16 @@ def _answered(stored: StoredJournal, pending: tuple[str, ...]) -> set[str]:
             if event.get("type") == "result" and event.get("id") in wanted:
                 found.add(event["id"])
     return found
+
+
+def _last_state(stored: StoredJournal) -> str | None:
+    """The ``state`` of the newest stored ``state`` event, if one is kept."""
+    for _, frame in reversed(stored.events):
+        if b'"state"' in frame:
+            event = codec.loads(frame)
+            if event.get("type") == "state":
+                return str(event.get("state"))
+    return None
 
 
 def _deliver(peer: Peer, frame: bytes, _kept: asyncio.Future[None]) -> None:

@@ -129,6 +129,29 @@ async def test_a_clean_restart_brings_sessions_back_with_their_journal_and_no_ga
         assert (await conn.recv())["seq"] == after + 1, "the next event is numbered on with no hole"
 
 
+async def test_a_replay_after_a_restart_mid_job_ends_on_the_state_the_session_is_in(
+    boot: tuple[Start, Callable[[], Awaitable[None]]],
+) -> None:
+    """A client that applies a replay in order ends on `idle`, not on the old server's `stopping`."""
+    start, stop = boot
+    FakeSandbox.instances.clear()
+    client = await start()
+    login = await client.login("ann")
+    async with client.connect(login) as conn:
+        FakeSandbox.instances[-1].hold_commands = True
+        held = await conn.send("run_command", cmd="sleep")
+        await conn.wait_for(lambda e: e.get("type") == "output" and e.get("id") == held)
+    await stop()
+    client = await start()
+    login = at(client, login)
+    async with client.connect(login) as conn:
+        welcome = conn.welcome
+    frames = await events_after(client, login, 0, welcome["seq"])
+    states = [f["state"] for f in frames if f["type"] == "state"]
+    assert "stopping" in states
+    assert states[-1] == welcome["state"] == "idle"
+
+
 async def test_after_a_crash_new_events_are_numbered_above_the_reservation_with_a_gap(
     boot: tuple[Start, Callable[[], Awaitable[None]]], tmp_path: Path
 ) -> None:
