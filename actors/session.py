@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import secrets
 import time
 from collections import deque
 from collections.abc import Collection
@@ -118,6 +119,9 @@ class SessionActor(JobQueue, DesktopWatch, DurableSession):
         self._ended: str | None = None  # "closed" or "failed" once the session ended
         self._published: tuple[str, str | None, str | None, str | None] | None = None
         self._next_rid = 0
+        #: Made on first use: ids the server gives (``<prefix>-1``, ...) then
+        #: cannot be ones a client chose for requests still waiting.
+        self._rid_prefix: str | None = None
         self._last_active = time.monotonic()
         self.frames_in = 0
         self.jobs_run = 0
@@ -153,8 +157,10 @@ class SessionActor(JobQueue, DesktopWatch, DurableSession):
                 request_id=msg.id,
             )
         if msg.id is None and not isinstance(msg, m.Ping):
+            if self._rid_prefix is None:
+                self._rid_prefix = f"r{secrets.token_hex(4)}"
             self._next_rid += 1
-            msg = attrs.evolve(msg, id=f"r{self._next_rid}")
+            msg = attrs.evolve(msg, id=f"{self._rid_prefix}-{self._next_rid}")
         self._active()
         self.frames_in += 1
         self._mailbox.put_nowait((msg, origin))

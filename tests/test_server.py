@@ -349,6 +349,28 @@ async def test_requests_without_id_get_one(served: tuple) -> None:
         assert (await conn.result(ack["id"]))["data"]["stream_url"].startswith("https://")
 
 
+async def test_ids_the_server_gives_never_clash_with_ids_a_client_chose(served: tuple, fakes: list) -> None:
+    """Client jobs named r1, r2, ... keep their own results when the server names other requests."""
+    _, client = served
+    login = await client.login("pia")
+    fakes[-1].hold_commands = True
+    chosen = [f"r{n}" for n in range(1, 4)]
+    async with client.connect(login) as conn:
+        for rid in chosen:
+            await conn.send("run_command", cmd="sleep", id=rid)
+        given = [(await client.call("POST", "/setup-environment", token=login.token, body={}))["request_id"]]
+        await conn.send_raw('{"type": "run_command", "cmd": "sleep"}')
+        given.append((await conn.wait_for(lambda e: e["type"] == "ack" and e["id"] not in chosen))["id"])
+        assert not set(given) & set(chosen)
+        cancels = [await conn.send("cancel", target=rid) for rid in given]
+        answered = await conn.results(*cancels, *given)
+        assert all(answered[rid]["ok"] for rid in cancels)
+        assert all(answered[rid]["error"]["code"] == "cancelled" for rid in given)
+        await conn.send("kill_desktop")
+        ended = await conn.results(*chosen)
+        assert all("kill_desktop" in ended[rid]["error"]["message"] for rid in chosen)
+
+
 # ----------------------------------------------------------------------------
 # Bad input
 
