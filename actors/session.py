@@ -213,6 +213,11 @@ class SessionActor(JobQueue, DesktopWatch, DurableSession):
                 f"the limit per session (sockets_per_session = {SOCKETS_PER_SESSION})"
             )
         self._active()
+        if last_seq is not None and last_seq > self.journal.last_seq:
+            # The client holds events this session never numbered (it knew
+            # another server, or a store lost its tail): a fresh start, not a
+            # resume, or it would drop the events numbered below what it holds.
+            last_seq = None
         peer.deliver(
             codec.encode(
                 m.Welcome(

@@ -219,6 +219,18 @@ async def test_resume_replays_exactly_what_was_missed(served: tuple) -> None:
     assert all(e["type"] != "gap" for e in replay)
 
 
+async def test_a_last_seq_ahead_of_the_session_is_a_fresh_start(served: tuple) -> None:
+    """A hello holding seqs the session never numbered is not resumed: it gets the whole journal."""
+    _, client = served
+    login = await client.login("ivo")
+    async with client.connect(login) as conn:
+        await conn.result(await conn.send("run_command", cmd="echo one"))
+        newest = conn.last_seq
+    async with client.connect(login, last_seq=newest + 1000) as conn:
+        assert conn.welcome["resumed"] is False
+        assert (await conn.ws.receive_json(timeout=5))["seq"] == 1  # type: ignore[union-attr]
+
+
 async def test_resume_after_the_journal_dropped_events_starts_with_gap(start_server: StartServer) -> None:
     """When events after last_seq have left the journal, the replay starts with a gap naming them."""
     _, client = await start_server(journal_size=5)

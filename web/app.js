@@ -303,6 +303,13 @@ function receive(frame) {
 function welcomed(frame) {
   view.welcomeSeq = frame.seq;
   view.wasConnected = true;
+  if (frame.resumed === false && view.history.length) {
+    // The server did not resume from what this page holds (it never numbered
+    // those events): its whole journal follows, in place of the page's.
+    view.history = [];
+    view.lastState = null;
+    log.clear();
+  }
   // A guest learns whose session it watches only now.
   if (frame.role && frame.role !== view.role) {
     view.role = frame.role;

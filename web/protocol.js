@@ -95,9 +95,9 @@ export class SessionLink {
     if (frame.type === "welcome") {
       this.welcomed = true;
       this.attempt = 0;
-      // A journal newer than what we saw can only shrink if it was reset;
-      // follow it, or every later event would look like a duplicate.
-      if (Number.isInteger(frame.seq) && frame.seq < this.lastSeq) this.lastSeq = frame.seq;
+      // Not resumed (no last_seq sent, or one this session never numbered):
+      // the whole journal follows, and every event of it is new to this page.
+      if (frame.resumed === false) this.lastSeq = 0;
       this.onStatus("connected");
     }
     if (Number.isInteger(frame.seq) && frame.type !== "welcome") {
