@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import signal
 import time
@@ -80,6 +81,33 @@ async def test_a_killed_spawner_is_replaced(make: Make) -> None:
     code, out = await run(sandbox, "echo again")
     assert (code, out.text()) == (0, "again\n")
     assert not sandbox.command_jail_pids() & old
+
+
+async def test_a_command_cannot_stop_its_jails_spawner_with_ptrace(make: Make) -> None:
+    """PTRACE_ATTACH to the jail's PID 1 is refused, so no command can stall the next ones."""
+    sandbox = make("ada")
+    attach = (
+        "import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+        "print(libc.ptrace(16, 1, 0, 0), ctypes.get_errno())"  # PTRACE_ATTACH; EPERM is 1
+    )
+    code, out = await run(sandbox, f"python3 -c '{attach}'")
+    assert (code, out.text("stdout")) == (0, "-1 1\n")
+    code, out = await run(sandbox, "echo still-served", timeout=5)
+    assert (code, out.text()) == (0, "still-served\n")
+
+
+async def test_a_server_holding_over_a_thousand_descriptors_still_starts_jails(make: Make) -> None:
+    """The spawner's socket keeps the server's number, past select()'s 1024: commands still run."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        code, out = await run(make("ada"), "echo served", timeout=10)
+        assert (code, out.text()) == (0, "served\n")
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_background_processes_are_killed_at_close(make: Make) -> None:

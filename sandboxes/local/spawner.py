@@ -21,6 +21,7 @@ host SIGTERM stops it; the server ends it by killing the jail's bwrap.
 """
 
 import contextlib
+import ctypes
 import json
 import os
 import select
@@ -39,6 +40,7 @@ DEFAULT_SIGNALS = (
     signal.SIGHUP,
 )
 MAX_MESSAGE = 1 << 20
+PR_SET_DUMPABLE = 4
 MAX_FD = 1 << 16
 #: Bound on waiting for a killed group to be gone before its status is sent.
 KILL_WAIT = 1.0
@@ -70,7 +72,18 @@ def start(req: dict[str, Any], out: int, err: int) -> int:
     )
 
 
+def not_traceable() -> None:
+    """Make this process non-dumpable: a command (same uid, no capabilities) cannot ptrace it.
+
+    A command that stopped PID 1 would stall every later command of the jail.
+    The flag is not inherited across exec, so commands can still trace each other.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
 def main() -> None:
+    not_traceable()
     fd = int(sys.argv[1])
     # Descriptors bwrap left open are of no use here and must not leak on.
     os.closerange(3, fd)
@@ -140,16 +153,21 @@ def main() -> None:
             return
         jobs[pid], groups[ident] = ident, pid
 
+    # poll, not select: the socket's number is the server's, past select's
+    # 1024 on a server holding many connections.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     send({"ready": True})
     while True:
         try:
-            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
+            ready = {ready_fd for ready_fd, _events in poller.poll()}
         except InterruptedError:
             continue
         if wake_r in ready:
             os.read(wake_r, 4096)
         reap()
-        if sock.fileno() not in ready:
+        if fd not in ready:
             continue
         msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2)
         if not msg:
