@@ -52,7 +52,8 @@ def lock_data_dir(data_dir: Path) -> IO[bytes]:
 
     Raises ``NotConfigured`` naming the folder when another server holds it.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # A folder made here lists its names to nobody else (its files have their own modes).
+    data_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
     fd = os.open(data_dir / "deskhive.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     lock = os.fdopen(fd, "r+b")
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import sqlite3
 import threading
@@ -417,6 +418,7 @@ def _dec(value: str | bytes | None) -> str | None:
 
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _owner_only(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode = WAL")
     # WAL with synchronous=NORMAL survives a crash of the process (SIGKILL);
@@ -424,6 +426,27 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA busy_timeout = 5000")
     return conn
+
+
+def _owner_only(path: Path) -> None:
+    """Make the database (and its WAL files, made with its mode) readable by this account alone.
+
+    It holds every session's journal (command output included), usernames and
+    share records: no other host account may read it, whatever the umask.
+    """
+    for name, create in (
+        (path, os.O_CREAT),
+        (path.with_name(f"{path.name}-wal"), 0),
+        (path.with_name(f"{path.name}-shm"), 0),
+    ):
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | create, 0o600)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
 
 
 def _read_sessions(c: sqlite3.Connection) -> list[SessionRecord]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,6 +135,30 @@ async def test_sqlite_store_keeps_everything_across_a_reopen(tmp_path: Path) -> 
         await again.aclose()
 
 
+def modes(folder: Path) -> dict[str, int]:
+    return {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
+
+
+async def test_the_database_and_its_wal_files_are_the_servers_alone(tmp_path: Path) -> None:
+    """Under a umask of 022 the store's files are 0600, also ones an older server left readable."""
+    path = tmp_path / "d.db"
+    sqlite3.connect(path).close()
+    path.chmod(0o644)
+    old = os.umask(0o022)
+    try:
+        store = SqliteStore(path, 100)
+        await store.open()
+        try:
+            await store.create_session(record())
+            store.append("alice_1_00", 1, b"output of a command")
+            await store.committed()
+            assert modes(tmp_path) == {"d.db": 0o600, "d.db-shm": 0o600, "d.db-wal": 0o600}
+        finally:
+            await store.aclose()
+    finally:
+        os.umask(old)
+
+
 async def test_events_reach_the_file_without_anyone_waiting(tmp_path: Path) -> None:
     """Appends are committed by the writer on its own, seen by another connection without a flush."""
     store = SqliteStore(tmp_path / "d.db", 100)
@@ -191,6 +217,17 @@ async def test_a_store_from_a_newer_server_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(RuntimeError, match="newer"):
         await SqliteStore(path).open()
+
+
+def test_a_data_folder_the_server_makes_lists_its_names_to_nobody_else(tmp_path: Path) -> None:
+    """A new data folder is 0711 (enterable, not listable); the lock file is 0600."""
+    old = os.umask(0o022)
+    try:
+        lock_data_dir(tmp_path / "var").close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "var").stat().st_mode) == 0o711
+    assert modes(tmp_path / "var") == {"deskhive.lock": 0o600}
 
 
 def test_a_second_server_cannot_take_the_same_data_folder(tmp_path: Path) -> None:
