@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from client import Client, Connection, Login
 from sandboxes.local import LocalSandbox
 from tests.conftest import StartServer, serve_local
 from tests.test_files import _auth, _url
+from tests.test_local_sandbox import run
 
 pytestmark = [
     pytest.mark.local,
@@ -135,3 +137,30 @@ async def test_upload_cut_at_the_limit_leaves_no_file(start_server: StartServer,
     async with client.http.put(_url(client, login, "d/cut.bin"), data=body(), headers=_auth(login)) as r:
         assert r.status == 413
     assert os.listdir(made[0].home / "d") == []
+
+
+async def test_a_folder_of_120000_files_lists_its_first_by_name_without_starving_another_session(
+    make: Callable[..., LocalSandbox],
+) -> None:
+    """A huge folder lists its first 10,000 names; a flood of such listings leaves another home served."""
+    big, other = make("hoarder"), make("neighbour")
+    code, _ = await run(big, "mkdir -p big/sub && cd big && seq -w 120000 | xargs touch", timeout=60)
+    assert code == 0
+    listing = await big.list_files("big")
+    assert listing.truncated and len(listing.entries) == 10_000
+    names = [e.name for e in listing.entries]
+    # Sorted by name, from the first 100,000 names read (a folder this big costs no more).
+    assert names == sorted(names) and all(name.isdigit() for name in names)
+
+    order: list[str] = []
+
+    async def listed(sandbox: LocalSandbox, path: str, name: str) -> None:
+        await sandbox.list_files(path)
+        order.append(name)
+
+    async with asyncio.timeout(120), asyncio.TaskGroup() as tg:
+        for n in range(24):
+            tg.create_task(listed(big, "big", f"big-{n}"))
+        await asyncio.sleep(0)  # every big listing asked first
+        tg.create_task(listed(other, "", "other"))
+    assert order.index("other") < 12, order

@@ -17,17 +17,31 @@ in worker threads, a chunk at a time, so the event loop never waits on a disk.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import functools
+import itertools
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from protocol.errors import FileMissing, ProtocolError
 from sandboxes.files import CHUNK_BYTES, MAX_ENTRIES, FileEntry, FileReader, Listing, home_parts, shown
+
+T = TypeVar("T")
+
+#: Names one listing reads at most; a larger folder is listed from the first ones read.
+MAX_SCANNED: Final = 100_000
+#: Worker threads for every session's file operations, apart from the default
+#: executor that sets sandboxes up and tears them down.
+_WORKERS: Final = 4
+#: A session's file operations in the workers at once: one session's many
+#: requests cannot hold every worker.
+_TURNS_PER_SESSION: Final = 2
 
 #: Upload bytes gathered before one write in a worker thread.
 _WRITE_BYTES: Final = 1024 * 1024
@@ -87,25 +101,35 @@ def _step(fd: int, name: str, owner: tuple[int, int] | None) -> int:
 
 
 def list_folder(home: Path, parts: tuple[str, ...]) -> Listing:
+    """The folder's first :data:`MAX_ENTRIES` entries by name.
+
+    Names are read first and only those shown are looked at: a folder of
+    hundreds of thousands of files (the inode quota allows it) costs a scan
+    of at most :data:`MAX_SCANNED` names, not a stat of each.
+    """
     with _folder(home, parts) as fd:
-        entries = []
         with os.scandir(fd) as found:
-            for entry in found:
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # removed while we read the folder
-                entries.append(
-                    FileEntry(
-                        name=entry.name,
-                        size=info.st_size if stat.S_ISREG(info.st_mode) else 0,
-                        dir=stat.S_ISDIR(info.st_mode),
-                        mtime=info.st_mtime,
-                        link=stat.S_ISLNK(info.st_mode),
-                    )
+            names = [entry.name for entry in itertools.islice(found, MAX_SCANNED + 1)]
+        truncated = len(names) > MAX_SCANNED
+        entries: list[FileEntry] = []
+        for name in sorted(names[:MAX_SCANNED]):
+            if len(entries) == MAX_ENTRIES:
+                truncated = True
+                break
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we read the folder
+            entries.append(
+                FileEntry(
+                    name=name,
+                    size=info.st_size if stat.S_ISREG(info.st_mode) else 0,
+                    dir=stat.S_ISDIR(info.st_mode),
+                    mtime=info.st_mtime,
+                    link=stat.S_ISLNK(info.st_mode),
                 )
-    entries.sort(key=lambda e: e.name)
-    return Listing(entries=tuple(entries[:MAX_ENTRIES]), truncated=len(entries) > MAX_ENTRIES)
+            )
+    return Listing(entries=tuple(entries), truncated=truncated)
 
 
 def open_file(home: Path, parts: tuple[str, ...]) -> tuple[int, int]:
@@ -201,30 +225,36 @@ class LocalHome:
     """The file operations of one session's home, off the event loop.
 
     *owner* is the session's (uid, gid) when the server runs as root: what it
-    writes is the session's, as if its commands had written it.
+    writes is the session's, as if its commands had written it. Every
+    blocking call runs in the file workers, at most two of this home's at once.
     """
 
     def __init__(self, home: Path, owner: tuple[int, int] | None) -> None:
         self._home, self._owner = home, owner
+        self._turns = asyncio.Semaphore(_TURNS_PER_SESSION)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        async with self._turns:
+            return await asyncio.get_running_loop().run_in_executor(_workers(), functools.partial(fn, *args))
 
     async def list_files(self, path: str) -> Listing:
-        return await asyncio.to_thread(list_folder, self._home, home_parts(path, folder=True))
+        return await self._off_loop(list_folder, self._home, home_parts(path, folder=True))
 
     async def read_file(self, path: str) -> FileReader:
-        fd, size = await asyncio.to_thread(open_file, self._home, home_parts(path))
-        return _FdReader(fd, size)
+        fd, size = await self._off_loop(open_file, self._home, home_parts(path))
+        return _FdReader(fd, size, self._off_loop)
 
     async def write_file(self, path: str, chunks: AsyncIterable[bytes]) -> int:
-        upload = await asyncio.to_thread(Upload, self._home, home_parts(path), self._owner)
+        upload = await self._off_loop(Upload, self._home, home_parts(path), self._owner)
         written, pending = 0, bytearray()
         try:
             async for chunk in chunks:
                 pending += chunk
                 if len(pending) >= _WRITE_BYTES:
-                    await asyncio.to_thread(upload.write, bytes(pending))
+                    await self._off_loop(upload.write, bytes(pending))
                     written, pending = written + len(pending), bytearray()
-            await asyncio.to_thread(upload.write, bytes(pending))
-            await asyncio.to_thread(upload.commit)
+            await self._off_loop(upload.write, bytes(pending))
+            await self._off_loop(upload.commit)
         except BaseException:
             # Cancelled too (a client gone): no partial file stays behind.
             upload.abort()
@@ -232,18 +262,24 @@ class LocalHome:
         return written + len(pending)
 
 
+@functools.cache
+def _workers() -> concurrent.futures.ThreadPoolExecutor:
+    """The file workers, made on first use (their threads end with the process)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="deskhive-files")
+
+
 class _FdReader:
     """A download from an open descriptor, read a chunk at a time in a worker thread."""
 
-    def __init__(self, fd: int, size: int) -> None:
-        self._fd, self._size = fd, size
+    def __init__(self, fd: int, size: int, off_loop: Callable[..., Awaitable[bytes]]) -> None:
+        self._fd, self._size, self._off_loop = fd, size, off_loop
 
     @property
     def size(self) -> int:
         return self._size
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        while self._fd >= 0 and (chunk := await asyncio.to_thread(os.read, self._fd, CHUNK_BYTES)):
+        while self._fd >= 0 and (chunk := await self._off_loop(os.read, self._fd, CHUNK_BYTES)):
             yield chunk
 
     async def aclose(self) -> None:

@@ -78,6 +78,7 @@ class LocalSandbox:
         self._lost: str | None = None
         self._apps: list[asyncio.subprocess.Process] = []
         self._commands = Commands(self._id, config, self._base)
+        self._home_files: LocalHome | None = None
         self._ensure_lock = asyncio.Lock()
         #: True while the session's uid is given back (see ``_park``).
         self._parked = False
@@ -429,7 +430,11 @@ class LocalSandbox:
 
     async def _files(self) -> LocalHome:
         identity = (await self._ensure()).identity
-        return LocalHome(self.home, (identity.uid, identity.gid) if identity.dropped else None)
+        if self._home_files is None:
+            # One per sandbox: it bounds the session's file operations in the workers.
+            owner = (identity.uid, identity.gid) if identity.dropped else None
+            self._home_files = LocalHome(self.home, owner)
+        return self._home_files
 
     async def list_files(self, path: str) -> Listing:
         return await (await self._files()).list_files(path)
