@@ -496,7 +496,7 @@ async def test_tab_into_the_desktop_gives_its_canvas_the_keys(local_commands: st
     await page.get_by_role("button", name="Run", exact=True).focus()
     await page.keyboard.press("Tab")
     desktop = next(f for f in page.frames if "/desktop/" in f.url)
-    await desktop.wait_for_function("() => document.activeElement?.tagName === 'CANVAS'", timeout=5_000)
+    await desktop.wait_for_function("() => document.activeElement?.tagName === 'CANVAS'", timeout=20_000)
 
 
 # --------------------------------------------------------------------------
