@@ -625,7 +625,8 @@ async def local_command_failure(base: str) -> str | None:
         async with http.post(f"{base}/api/sessions", json={"username": unique("probe")}) as answer:
             session = await answer.json()
         stderr = []
-        async with http.ws_connect(f"{base}/ws") as ws:
+        # A first command starts the session's jail: a while on a loaded machine, not forever.
+        async with asyncio.timeout(45), http.ws_connect(f"{base}/ws") as ws:
             await ws.send_json({"type": "hello", "token": session["token"]})
             await ws.send_json({"type": "run_command", "id": "probe", "cmd": "true"})
             async for message in ws:
