@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -177,14 +178,17 @@ async def test_frames_over_the_rate_are_refused_and_the_socket_stays_open(start_
     login = await client.login("flood")
     async with client.connect(login) as conn:
         assert conn.ws is not None
+        started = time.monotonic()
         for i in range(100):
             await conn.send_raw(json.dumps({"type": "ping", "id": f"p{i}"}))
         replies = [await conn.recv() for _ in range(100)]
+        took = time.monotonic() - started
         pongs = [r for r in replies if r["type"] == "pong"]
         errors = [r for r in replies if r["type"] == "error"]
         assert len(pongs) + len(errors) == 100
-        # The burst is twice the rate, and the flood takes well under a second.
-        assert 40 <= len(pongs) < 60
+        # The burst is twice the rate; past it, only what the rate refilled while
+        # the flood lasted (well under a second, unless the machine is loaded).
+        assert 40 <= len(pongs) <= 40 + 20 * took, (len(pongs), took)
         assert {e["code"] for e in errors} == {"rate_limited"}
         assert all("frames_per_second = 20" in e["message"] for e in errors)
         assert {e["id"] for e in errors} <= {f"p{i}" for i in range(100)} - {p["id"] for p in pongs}

@@ -646,24 +646,37 @@ async def test_working_on_the_desktop_keeps_the_session_alive(start_server: Star
         sandbox_factory=None, sandbox="local", data_dir=root, idle_timeout=1.0, sweep_interval=0.1
     )
     login = await client.login("busy")
-    async with client.connect(login) as conn:
-        await conn.result(await conn.send("start_desktop"), timeout=30)
-    protocol = (await client.call("POST", f"/api/sessions/{login.session_id}/stream", token=login.token))[
-        "protocol"
-    ]
     url = str(test_server.make_url(f"/desktop/{login.session_id}/websockify"))
 
     async def alive() -> bool:
         status = await client.call("GET", "/status", token="admin-secret")
         return any(s["session_id"] == login.session_id for s in status["sessions"])
 
-    async with client.http.ws_connect(url, protocols=("binary", protocol)) as ws:
-        viewer = Viewer(ws)
-        await viewer.handshake()
-        for step in range(10):  # 2 s of work, twice the idle timeout
-            await viewer.pointer(10 + step, 10)
+    async def keep_pinging(conn: Connection) -> None:
+        while True:
+            await conn.send("ping")
             await asyncio.sleep(0.2)
-        assert await alive()
+
+    async with client.connect(login) as conn:
+        await conn.result(await conn.send("start_desktop"), timeout=30)
+        # Opening the stream can take longer than the idle timeout on a loaded
+        # machine: pings keep the session until the viewer's first input.
+        pinger = asyncio.create_task(keep_pinging(conn))
+        try:
+            stream = await client.call("POST", f"/api/sessions/{login.session_id}/stream", token=login.token)
+            async with client.http.ws_connect(url, protocols=("binary", stream["protocol"])) as ws:
+                viewer = Viewer(ws)
+                await viewer.handshake()
+                await viewer.pointer(9, 10)
+                pinger.cancel()
+                await asyncio.wait([pinger])
+                for step in range(10):  # 2 s of work alone, twice the idle timeout
+                    await viewer.pointer(10 + step, 10)
+                    await asyncio.sleep(0.2)
+                assert await alive()
+        finally:
+            pinger.cancel()
+            await asyncio.wait([pinger])
     async with asyncio.timeout(10):
         while await alive():  # noqa: ASYNC110 - the reaper has no event to wait on
             await asyncio.sleep(0.1)

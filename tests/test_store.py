@@ -168,7 +168,8 @@ async def test_events_reach_the_file_without_anyone_waiting(tmp_path: Path) -> N
         store.append("alice_1_00", 1, b"one")
         reader = sqlite3.connect(tmp_path / "d.db")
         try:
-            async with asyncio.timeout(2):
+            # A commit is an fsync: seconds on a busy disk, and no flush is asked.
+            async with asyncio.timeout(15):
                 # Another connection's view: there is no event to wait on.
                 while not reader.execute("SELECT count(*) FROM events").fetchone()[0]:  # noqa: ASYNC110
                     await asyncio.sleep(0.005)

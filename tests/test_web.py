@@ -459,6 +459,9 @@ async def test_reload_shows_the_same_history_once(null_server: str, tab: Tab) ->
     await log_in(page, null_server, unique("linus"))
     for n in range(3):
         await run_command(page, f"echo before-reload-{n}")
+    # The job's last event, its state back to idle, comes after its result:
+    # the seqs are taken once it is in, or the reload would bring one more.
+    await expect(page.locator("#state-badge")).to_have_text("idle")
     before = await log_seqs(page)
 
     await page.reload()
@@ -518,7 +521,11 @@ async def test_dropped_socket_reconnects_and_resumes(null_server: str, tab: Tab)
 async def run_elsewhere(base: str, token: str, *cmds: str) -> None:
     """Runs *cmds* in the session over a socket of its own and waits for their results."""
     waiting = {f"elsewhere-{n}" for n in range(len(cmds))}
-    async with aiohttp.ClientSession() as http, http.ws_connect(f"{base}/ws") as ws:
+    async with (
+        asyncio.timeout(30),
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"{base}/ws") as ws,
+    ):
         await ws.send_json({"type": "hello", "token": token, "last_seq": 2**31})
         for n, cmd in enumerate(cmds):
             await ws.send_json({"type": "run_command", "id": f"elsewhere-{n}", "cmd": cmd})
@@ -618,7 +625,8 @@ async def local_command_failure(base: str) -> str | None:
         async with http.post(f"{base}/api/sessions", json={"username": unique("probe")}) as answer:
             session = await answer.json()
         stderr = []
-        async with http.ws_connect(f"{base}/ws") as ws:
+        # A first command starts the session's jail: a while on a loaded machine, not forever.
+        async with asyncio.timeout(45), http.ws_connect(f"{base}/ws") as ws:
             await ws.send_json({"type": "hello", "token": session["token"]})
             await ws.send_json({"type": "run_command", "id": "probe", "cmd": "true"})
             async for message in ws:

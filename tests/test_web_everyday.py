@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from playwright.async_api import Page, WebSocketRoute, expect
+from yarl import URL
 
 from tests.test_web import (
     CHROMIUM,
@@ -171,12 +171,6 @@ async def test_ended_session_is_told_in_plain_words(null_server: str, tab: Tab) 
     await expect(page.locator("#known-list li", has_text=session["session_id"])).to_have_count(0)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def serving_off_the_loop(*args: str) -> AsyncIterator[str]:
     """``serving`` (which starts and stops a server process, waiting on it) run in a thread."""
@@ -199,8 +193,10 @@ async def token_still_works(base: str, token: str) -> bool:
 async def test_after_a_server_restart_the_page_resumes_or_says_the_session_is_gone(tab: Tab) -> None:
     """After a restart the page resumes (durable sessions) or says plainly that the session is gone."""
     page = tab.page
-    port = free_port()
-    async with serving_off_the_loop("null", "--port", str(port)) as base:
+    # The first server picks its port and the second takes it over: no port
+    # is chosen free here and bound later, when another process may hold it.
+    async with serving_off_the_loop("null") as base:
+        port = URL(base).port
         await log_in(page, base, unique("restart"))
         await run_command(page, "echo before-the-restart")
         session = await session_of(page)
@@ -496,7 +492,7 @@ async def test_tab_into_the_desktop_gives_its_canvas_the_keys(local_commands: st
     await page.get_by_role("button", name="Run", exact=True).focus()
     await page.keyboard.press("Tab")
     desktop = next(f for f in page.frames if "/desktop/" in f.url)
-    await desktop.wait_for_function("() => document.activeElement?.tagName === 'CANVAS'", timeout=5_000)
+    await desktop.wait_for_function("() => document.activeElement?.tagName === 'CANVAS'", timeout=20_000)
 
 
 # --------------------------------------------------------------------------
