@@ -75,6 +75,15 @@ async def events_after(
     return frames
 
 
+async def hold_a_command(client: Client, login: Login) -> tuple[str, int]:
+    """Start a command the fake sandbox holds; its request id, and the newest seq seen."""
+    async with client.connect(login) as conn:
+        FakeSandbox.instances[-1].hold_commands = True
+        held = await conn.send("run_command", cmd="sleep")
+        await conn.wait_for(lambda e: e.get("type") == "output" and e.get("id") == held)
+        return held, conn.last_seq
+
+
 def test_journal_keeps_a_skipped_range_as_a_gap_for_every_later_reader() -> None:
     """Numbers skipped between two events come back as a gap at their place, however far back one reads."""
     journal = Journal(100, 1 << 20)
@@ -137,10 +146,7 @@ async def test_a_replay_after_a_restart_mid_job_ends_on_the_state_the_session_is
     FakeSandbox.instances.clear()
     client = await start()
     login = await client.login("ann")
-    async with client.connect(login) as conn:
-        FakeSandbox.instances[-1].hold_commands = True
-        held = await conn.send("run_command", cmd="sleep")
-        await conn.wait_for(lambda e: e.get("type") == "output" and e.get("id") == held)
+    await hold_a_command(client, login)
     await stop()
     client = await start()
     login = at(client, login)
@@ -160,11 +166,7 @@ async def test_after_a_crash_new_events_are_numbered_above_the_reservation_with_
     FakeSandbox.instances.clear()
     client = await start()
     login = await client.login("bob")
-    async with client.connect(login) as conn:
-        FakeSandbox.instances[-1].hold_commands = True
-        held = await conn.send("run_command", cmd="sleep")
-        await conn.wait_for(lambda e: e.get("type") == "output" and e.get("id") == held)
-        last = conn.last_seq
+    held, last = await hold_a_command(client, login)
     await stop()
     db = tmp_path / "deskhive.db"
     with sqlite3.connect(db) as conn_db:
