@@ -14,24 +14,26 @@ import secrets
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
-import attrs
 import structlog
-from aiohttp import WSMsgType, hdrs, web
+from aiohttp import WSMsgType, web
 
 import auth
+import desktop_api
 import files_api
 import httpguard
 import sessions_api
+import shares_api
 import webpages
 import wiring
 from actors.journal import Journal
 from actors.session import SessionActor
-from actors.shares import OWNER, SHARE_MODES, Grant
+from actors.shares import Grant
 from actors.workflows import Workflow, describe, load_workflows
 from config import Settings
+from http_common import HARD_FRAME_LIMIT, WEB_DIR, json_reply, optional_text, owner_session, read_body
 from limits import Limit, Limits, LoginGate, TokenBucket
 from metrics import CONTENT_TYPE, Metrics
 from protocol import codec
@@ -39,7 +41,6 @@ from protocol import messages as m
 from protocol.closecodes import CloseCode
 from protocol.errors import (
     Forbidden,
-    FrameTooLarge,
     GatewayError,
     MailboxFull,
     ProtocolError,
@@ -48,19 +49,16 @@ from protocol.errors import (
     Unauthorized,
     from_code,
 )
-from sandboxes.base import SandboxFactory, StreamedSandbox
+from sandboxes.base import SandboxFactory
 from supervisor import Supervisor
 from wspeer import WsPeer
 
 logger = structlog.get_logger("deskhive.server")
 
-WEB_DIR: Final = Path(__file__).parent / "web"
 NOVNC_DIR: Final = Path("/usr/share/novnc")
 HELLO_TIMEOUT_S: Final = 10.0
 #: Bound on the actor's acknowledging an HTTP request (it waits for the store to keep it).
 REPLY_TIMEOUT_S: Final = 10.0
-#: Frames over this close the socket (1009); frames over 64 KiB get ``too_large``.
-HARD_FRAME_LIMIT: Final = 1024 * 1024
 #: Shutdown gives the close handshakes of all sockets together this long.
 SHUTDOWN_CLOSE_S: Final = 3.0
 
@@ -251,45 +249,10 @@ def _error_response(status: int, code: str, message: str) -> web.Response:
     return web.Response(status=status, text=body, content_type="application/json")
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=codec.dumps(data), content_type="application/json")
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object ({} when empty)."""
-    if request.content_length and request.content_length > codec.MAX_FRAME_BYTES:
-        raise FrameTooLarge(f"body is over {codec.MAX_FRAME_BYTES} bytes")
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    obj = codec.loads(raw)
-    if not isinstance(obj, dict):
-        raise ProtocolError("body must be a JSON object")
-    return obj
-
-
-def _optional_text(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or len(value) > 128:
-        raise ProtocolError(f"field {key!r} must be a string of at most 128 characters")
-    return value
-
-
 def _credential(request: web.Request) -> tuple[SessionActor, Grant]:
     """The session the bearer token opens, and as whom (owner or a share's guest)."""
     token = auth.bearer(request.headers.get("Authorization"))
     return request.app[SUPERVISOR].resolve(token)
-
-
-def _owner(request: web.Request) -> SessionActor:
-    """The session of the path, for its owner's token only (a share's gets 403)."""
-    token = auth.bearer(request.headers.get("Authorization"))
-    actor, grant = request.app[SUPERVISOR].resolve_for(token, request.match_info["session_id"])
-    if grant.share_id is not None:
-        raise Forbidden("a share token cannot manage shares or end the session")
-    return actor
 
 
 def _stream_url(app: web.Application, session_id: str) -> str | None:
@@ -306,9 +269,9 @@ def _stream_url(app: web.Application, session_id: str) -> str | None:
 async def login(request: web.Request) -> web.Response:
     """``POST /api/sessions``: a new session for *username*."""
     request.app[LOGIN_GATE].admit(request.remote or "")
-    body = await _body(request)
+    body = await read_body(request)
     username = auth.check_username(body.get("username"))
-    aws_login, customer_name = _optional_text(body, "aws_login"), _optional_text(body, "customer_name")
+    aws_login, customer_name = optional_text(body, "aws_login"), optional_text(body, "customer_name")
     await check_password(request, username, body.get("password"))
     session = await request.app[SUPERVISOR].spawn(username, aws_login=aws_login, customer_name=customer_name)
     if (metrics := request.app[METRICS]) is not None:
@@ -318,7 +281,7 @@ async def login(request: web.Request) -> web.Response:
     # The Host the request named only once same_origin has checked it is ours.
     ws_url = httpguard.own_url(request, "/ws", websocket=True)
     logger.info("session.created", session_id=sid, username=username, peer=request.remote)
-    return _json(
+    return json_reply(
         {
             "session_id": sid,
             "token": session.token,
@@ -345,7 +308,7 @@ async def check_password(request: web.Request, username: str, password: object) 
 
 async def logout(request: web.Request) -> web.Response:
     """``DELETE /api/sessions/{id}``: end the session the token belongs to."""
-    actor = _owner(request)
+    actor = owner_session(request, SUPERVISOR)
     await request.app[SUPERVISOR].stop(actor.info.session_id, "logout")
     return web.Response(status=204)
 
@@ -355,7 +318,7 @@ def seed_endpoint(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]
 
     async def handler(request: web.Request) -> web.Response:
         actor, grant = _credential(request)
-        msg = codec.from_object({**(await _body(request)), "type": kind})
+        msg = codec.from_object({**(await read_body(request)), "type": kind})
         assert not isinstance(msg, m.Hello)
         reply = _Reply()
         # A view share's token is refused here (403) as on the socket.
@@ -367,7 +330,7 @@ def seed_endpoint(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]
         # 202 once the actor acknowledged it: then the store keeps the request,
         # and its result is owed even across a restart.
         await reply.acknowledged()
-        return _json({"request_id": rid}, status=202)
+        return json_reply({"request_id": rid}, status=202)
 
     handler.__name__ = kind
     return handler
@@ -409,51 +372,9 @@ class _Reply:
             raise from_code(answer.get("code"), str(answer.get("message", "")))
 
 
-# ----------------------------------------------------------------------------
-# Shares
-
-
-async def create_share(request: web.Request) -> web.Response:
-    """``POST /api/sessions/{id}/shares``: a guest's token, shown this once."""
-    actor = _owner(request)
-    body = await _body(request)
-    mode = body.get("mode")
-    if mode not in SHARE_MODES:
-        raise ProtocolError("field 'mode' must be 'view' or 'control'")
-    share, token = await request.app[SUPERVISOR].create_share(actor, mode, _optional_text(body, "label"))
-    logger.info("share.created", session_id=share.session_id, share_id=share.share_id, mode=share.mode)
-    return _json(
-        {
-            "share_id": share.share_id,
-            "token": token,
-            "mode": share.mode,
-            "label": share.label,
-            "created": share.created,
-            "url": f"/#share={token}",
-        },
-        status=201,
-    )
-
-
-async def list_shares(request: web.Request) -> web.Response:
-    """``GET /api/sessions/{id}/shares``: the live shares, without their tokens."""
-    actor = _owner(request)
-    return _json({"shares": [attrs.asdict(share) for share in actor.shares.stats()]})
-
-
-async def revoke_share(request: web.Request) -> web.Response:
-    """``DELETE /api/sessions/{id}/shares/{share_id}``: void it and close what it opened (4403)."""
-    actor = _owner(request)
-    share_id = request.match_info["share_id"]
-    if await request.app[SUPERVISOR].revoke_share(actor, share_id) is None:
-        raise web.HTTPNotFound(reason=f"session {actor.info.session_id} has no share {share_id!r}")
-    logger.info("share.revoked", session_id=actor.info.session_id, share_id=share_id)
-    return web.Response(status=204)
-
-
 async def workflows(request: web.Request) -> web.Response:
     """``GET /api/workflows``: the server's workflows, for pickers."""
-    return _json({"workflows": [describe(w) for w in request.app[WORKFLOWS].values()]})
+    return json_reply({"workflows": [describe(w) for w in request.app[WORKFLOWS].values()]})
 
 
 def _admin(request: web.Request) -> None:
@@ -465,7 +386,7 @@ def _admin(request: web.Request) -> None:
 async def status(request: web.Request) -> web.Response:
     """``GET /status``: the supervisor's snapshot, for the admin token only."""
     _admin(request)
-    return _json(request.app[SUPERVISOR].status())
+    return json_reply(request.app[SUPERVISOR].status())
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -481,98 +402,11 @@ async def healthz(request: web.Request) -> web.Response:
     supervisor = request.app[SUPERVISOR]
     if not supervisor.running:
         return _error_response(503, "internal", "the supervisor is not running")
-    return _json({"ok": True, "sessions": len(supervisor)})
+    return json_reply({"ok": True, "sessions": len(supervisor)})
 
 
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / "index.html")
-
-
-# ----------------------------------------------------------------------------
-# The desktop stream (sandboxes streamed through this server)
-
-
-def _desktop_session(request: web.Request) -> SessionActor:
-    try:
-        return request.app[SUPERVISOR].get(request.match_info["session_id"])
-    except SessionNotFound:
-        raise web.HTTPNotFound(reason="no such session") from None
-
-
-async def desktop_page(request: web.Request) -> web.FileResponse:
-    """``GET /desktop/{id}``: the noVNC page; the token travels in the fragment."""
-    _desktop_session(request)
-    return web.FileResponse(WEB_DIR / "desktop.html")
-
-
-async def stream_token(request: web.Request) -> web.Response:
-    """``POST /api/sessions/{id}/stream``: a token for the running desktop's stream, for this credential.
-
-    It opens this desktop run only (a new desktop needs a new token) and,
-    for a guest, only while the share lives; a view share's stream drops input.
-    """
-    token = auth.bearer(request.headers.get("Authorization"))
-    sid = request.match_info["session_id"]
-    actor, grant = request.app[SUPERVISOR].resolve_for(token, sid)
-    run = actor.desktop_run
-    if not isinstance(actor.sandbox, StreamedSandbox) or run == 0:
-        raise web.HTTPConflict(reason="the desktop is not running")
-    mode: auth.StreamMode = "view" if grant.role == "view" else "control"
-    grant_name = grant.share_id or auth.OWNER_GRANT
-    token = request.app[STREAM_TOKENS].token(sid, mode, run=run, grant=grant_name)
-    return _json(
-        {
-            "token": token,
-            "mode": mode,
-            "protocol": auth.STREAM_PROTOCOL_PREFIX + token,
-            "stream_url": f"/desktop/{sid}#token={token}",
-        },
-        status=201,
-    )
-
-
-def _stream_grant(request: web.Request, actor: SessionActor) -> Grant:
-    """Who the handshake's stream token opens the stream for, else ``Unauthorized``."""
-    token = auth.stream_token_of(request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, []))
-    claim = auth.StreamTokens.parse(token)
-    grant = OWNER
-    if claim.grant != auth.OWNER_GRANT:
-        share = actor.shares.get(claim.grant)
-        if share is None:
-            raise Unauthorized("this stream token's share is revoked or unknown")
-        grant = Grant.of(share)
-    mode: auth.StreamMode = "view" if grant.role == "view" else "control"
-    request.app[STREAM_TOKENS].check(actor.info.session_id, token, mode, actor.desktop_run)
-    return grant
-
-
-async def desktop_socket(request: web.Request) -> web.StreamResponse:
-    """``GET /desktop/{id}/websockify``: the authenticated VNC proxy.
-
-    The stream token comes as the subprotocol ``deskhive.stream.<token>``
-    (next to ``binary``), never in the query string.
-    """
-    from sandboxes.local.vncproxy import pipe
-
-    actor = _desktop_session(request)
-    grant = _stream_grant(request, actor)
-    sandbox = actor.sandbox
-    if not isinstance(sandbox, StreamedSandbox) or (endpoint := sandbox.vnc_endpoint) is None:
-        raise web.HTTPConflict(reason="the desktop is not running")
-    ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=HARD_FRAME_LIMIT, compress=False)
-    # Registered so that shutdown, and a revocation of its share, close it.
-    closer = WsPeer(ws, request, await ws.prepare(request))
-    request.app[SOCKETS].add(closer)
-    view_only = grant.role == "view"
-    with structlog.contextvars.bound_contextvars(
-        session_id=actor.info.session_id, stream="view" if view_only else "control", share_id=grant.share_id
-    ):
-        actor.join_stream(closer, grant)
-        try:
-            await pipe(ws, endpoint, view_only=view_only, password=sandbox.vnc_password, on_input=actor.touch)
-        finally:
-            actor.leave_stream(closer, grant)
-    return ws
 
 
 # ----------------------------------------------------------------------------
@@ -664,22 +498,18 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
             web.get("/ws", websocket),
             web.post("/api/sessions", login),
             web.delete("/api/sessions/{session_id}", logout),
-            web.post("/api/sessions/{session_id}/shares", create_share),
-            web.get("/api/sessions/{session_id}/shares", list_shares),
-            web.delete("/api/sessions/{session_id}/shares/{share_id}", revoke_share),
-            web.post("/api/sessions/{session_id}/stream", stream_token),
             web.get("/api/workflows", workflows),
             web.post("/start-desktop", seed_endpoint("start_desktop")),
             web.post("/setup-environment", seed_endpoint("setup_environment")),
             web.post("/run-task", seed_endpoint("run_task")),
             web.post("/kill-desktop", seed_endpoint("kill_desktop")),
             web.post("/run-workflow", seed_endpoint("run_workflow")),
-            web.get("/desktop/{session_id}", desktop_page),
-            web.get("/desktop/{session_id}/websockify", desktop_socket),
             web.static("/static", WEB_DIR),
         ]
     )
     files_api.add_routes(app, SUPERVISOR, settings.upload_limit)
+    shares_api.add_routes(app, SUPERVISOR)
+    desktop_api.add_routes(app, SUPERVISOR, SOCKETS, STREAM_TOKENS)
     sessions_api.add_routes(app, SUPERVISOR, USERS, check_password)
     webpages.setup(app, settings, SUPERVISOR, ADMIN_TOKEN)
     if NOVNC_DIR.is_dir():
