@@ -1,12 +1,14 @@
-"""What the route modules share: JSON replies and bodies, the owner's check, the web folder.
+"""What the route modules share: JSON replies and bodies, the owner's and admin's checks, the web folder.
 
-``server``, ``desktop_api`` and ``shares_api`` answer and read JSON the same
-way and refuse a share's token where only the owner's will do; this is the
-one place those rules live.
+The route modules (``server`` and its ``*_api`` and ``webpages`` siblings)
+answer and read JSON the same way, refuse a share's token where only the
+owner's will do and check the admin token; this is the one place those
+rules live.
 """
 
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 from typing import Any, Final
 
@@ -15,7 +17,7 @@ from aiohttp import web
 import auth
 from actors.session import SessionActor
 from protocol import codec
-from protocol.errors import Forbidden, FrameTooLarge, ProtocolError
+from protocol.errors import Forbidden, FrameTooLarge, ProtocolError, Unauthorized
 from supervisor import Supervisor
 
 WEB_DIR: Final = Path(__file__).parent / "web"
@@ -56,3 +58,10 @@ def owner_session(request: web.Request, supervisor: web.AppKey[Supervisor]) -> S
     if grant.share_id is not None:
         raise Forbidden("a share token cannot manage shares or end the session")
     return actor
+
+
+def check_admin(request: web.Request, admin_token: web.AppKey[str]) -> None:
+    """Refuse (401) a request without the operator's token."""
+    token = auth.bearer(request.headers.get("Authorization"))
+    if not hmac.compare_digest(token.encode(), request.app[admin_token].encode()):
+        raise Unauthorized("wrong admin token")

@@ -9,7 +9,6 @@ after ``on_shutdown`` has closed every socket with ``GOING_AWAY``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import secrets
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -33,7 +32,15 @@ from actors.session import SessionActor
 from actors.shares import Grant
 from actors.workflows import Workflow, describe, load_workflows
 from config import Settings
-from http_common import HARD_FRAME_LIMIT, WEB_DIR, json_reply, optional_text, owner_session, read_body
+from http_common import (
+    HARD_FRAME_LIMIT,
+    WEB_DIR,
+    check_admin,
+    json_reply,
+    optional_text,
+    owner_session,
+    read_body,
+)
 from limits import Limit, Limits, LoginGate, TokenBucket
 from metrics import CONTENT_TYPE, Metrics
 from protocol import codec
@@ -377,21 +384,15 @@ async def workflows(request: web.Request) -> web.Response:
     return json_reply({"workflows": [describe(w) for w in request.app[WORKFLOWS].values()]})
 
 
-def _admin(request: web.Request) -> None:
-    token = auth.bearer(request.headers.get("Authorization"))
-    if not hmac.compare_digest(token.encode(), request.app[ADMIN_TOKEN].encode()):
-        raise Unauthorized("wrong admin token")
-
-
 async def status(request: web.Request) -> web.Response:
     """``GET /status``: the supervisor's snapshot, for the admin token only."""
-    _admin(request)
+    check_admin(request, ADMIN_TOKEN)
     return json_reply(request.app[SUPERVISOR].status())
 
 
 async def metrics_page(request: web.Request) -> web.Response:
     """``GET /metrics``: the Prometheus text format, for the admin token only."""
-    _admin(request)
+    check_admin(request, ADMIN_TOKEN)
     metrics = request.app[METRICS]
     if metrics is None:
         raise web.HTTPNotFound(reason="metrics are off (--metrics off)")

@@ -18,8 +18,8 @@ from aiohttp import web
 
 import auth
 from actors.session import SessionActor
-from protocol import codec
-from protocol.errors import FrameTooLarge, NotConfigured, ProtocolError
+from http_common import json_reply, read_body
+from protocol.errors import NotConfigured, ProtocolError
 from supervisor import Supervisor
 
 #: Session ids one ``POST /api/sessions/mine`` may end.
@@ -52,7 +52,7 @@ def add_routes(
                 "without a users file there are no passwords: list sessions with one of their "
                 "tokens (GET /api/sessions)"
             )
-        body = await _body(request)
+        body = await read_body(request)
         username = auth.check_username(body.get("username"))
         end = _ids(body.get("end"))
         # The same gate as login's: failures here count toward the same throttle.
@@ -72,7 +72,7 @@ def add_routes(
 def _listing(supervisor: Supervisor, username: str) -> web.Response:
     sessions = sorted(supervisor.sessions_of(username), key=lambda a: a.info.created_at)
     body = {"sessions": [describe(actor) for actor in sessions]}
-    return web.Response(text=codec.dumps(body), content_type="application/json")
+    return json_reply(body)
 
 
 def describe(actor: SessionActor) -> dict[str, Any]:
@@ -97,12 +97,3 @@ def _ids(value: object) -> set[str]:
     if not isinstance(value, list) or len(value) > MAX_END or not all(isinstance(v, str) for v in value):
         raise ProtocolError(f"field 'end' must be a list of at most {MAX_END} session ids")
     return set(value)
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    if request.content_length and request.content_length > codec.MAX_FRAME_BYTES:
-        raise FrameTooLarge(f"body is over {codec.MAX_FRAME_BYTES} bytes")
-    obj = codec.loads(await request.read() or b"{}")
-    if not isinstance(obj, dict):
-        raise ProtocolError("body must be a JSON object")
-    return obj

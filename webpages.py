@@ -10,18 +10,11 @@ session.
 
 from __future__ import annotations
 
-import hmac
-from pathlib import Path
-from typing import Final
-
 from aiohttp import web
 
-import auth
 from config import Settings
-from protocol.errors import Unauthorized
+from http_common import WEB_DIR, check_admin
 from supervisor import Supervisor
-
-WEB_DIR: Final = Path(__file__).parent / "web"
 
 
 def info(settings: Settings) -> dict[str, object]:
@@ -47,9 +40,7 @@ def setup(
     offer = info(settings)
 
     async def admin_end(request: web.Request) -> web.Response:
-        token = auth.bearer(request.headers.get("Authorization"))
-        if not hmac.compare_digest(token.encode(), request.app[admin_token].encode()):
-            raise Unauthorized("wrong admin token")
+        check_admin(request, admin_token)
         # An unknown id raises SessionNotFound: the usual 404 body.
         await request.app[supervisor].stop(request.match_info["session_id"], "logout")
         return web.Response(status=204)
