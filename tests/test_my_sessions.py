@@ -153,3 +153,16 @@ async def test_wrong_passwords_here_count_toward_the_login_throttle(
     with pytest.raises(ClientError) as caught:
         await client.login("maria", password="right")
     assert (caught.value.status, caught.value.code) == (429, "rate_limited")
+
+
+async def test_a_blank_body_gets_the_same_answer_from_login_and_the_password_route(
+    with_users: tuple[TestServer, Client],
+) -> None:
+    """A blank body is read as {} by both routes that take a password: 400, the username is missing."""
+    test_server, client = with_users
+    answers = []
+    for path in ("/api/sessions", "/api/sessions/mine"):
+        async with client.http.post(str(test_server.make_url(path)), data=b" \n") as resp:
+            answers.append((resp.status, (await resp.json())["error"]))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 400 and "username" in answers[0][1]["message"]
