@@ -32,7 +32,7 @@ import shlex
 import signal
 import time
 import urllib.parse
-from collections.abc import AsyncIterable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -46,7 +46,7 @@ from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
 from sandboxes.local.files import LocalHome
-from sandboxes.local.folders import make_session_folder, remove_logged, sweep_orphans
+from sandboxes.local.folders import make_session_folder, remove_logged
 from sandboxes.local.identity import Identity, kill_uid, wait_uid_gone
 from sandboxes.local.jail import HOME, Jail, Mount, session_pids, spawn
 from sandboxes.local.procs import exit_code, kill_now, reap, terminate
@@ -577,30 +577,6 @@ def _kill_session(jail: Jail) -> None:
     for pid in session_pids(jail):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-
-
-class LocalFactory:
-    """Makes one ``LocalSandbox`` per session, all sharing *config*; see ``local_factory``."""
-
-    def __init__(self, config: LocalConfig) -> None:
-        self.config = config
-
-    def __call__(self, spec: SandboxSpec) -> LocalSandbox:
-        return LocalSandbox(spec, self.config)
-
-    async def sweep_orphans(self, live: Mapping[str, str | None]) -> None:
-        """Remove the session folders a server killed without its cleanup left, but the live ones'."""
-        if self.config.root is not None:
-            await asyncio.to_thread(sweep_orphans, self.config.root, frozenset(live))
-
-
-def local_factory(config: LocalConfig) -> LocalFactory:
-    """The local backend's factory; what the host cannot enforce is said now, at start-up."""
-    if config.home_quota.bytes and (reason := quota.unavailable()) is not None:
-        logger.warning("sandbox.home_quota_unenforced", reason=reason)
-    if config.cgroups:
-        cgroups.shared()
-    return LocalFactory(config)
 
 
 def _needs_network(url: str) -> bool:
