@@ -27,9 +27,7 @@ import contextlib
 import functools
 import os
 import secrets
-import shlex
 import time
-import urllib.parse
 from collections.abc import AsyncIterable, Sequence
 from pathlib import Path
 
@@ -39,21 +37,17 @@ import structlog
 from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.files import FileReader, Listing
-from sandboxes.local import cgroups, footprint, quota, tools
+from sandboxes.local import apps, cgroups, footprint, quota, tools
 from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
 from sandboxes.local.files import LocalHome
 from sandboxes.local.folders import remove_logged
 from sandboxes.local.identity import wait_uid_gone
-from sandboxes.local.jail import HOME, Jail, Mount, session_pids, spawn
-from sandboxes.local.procs import exit_code, kill_now, reap, terminate
+from sandboxes.local.jail import HOME, Jail, Mount, session_pids
+from sandboxes.local.procs import kill_now, reap, terminate
 
 logger = structlog.get_logger()
-
-PIPE = asyncio.subprocess.PIPE
-#: How long a launched program is watched for ending at once (a missing program).
-_LAUNCH_CHECK_S = 0.25
 
 
 class LocalSandbox:
@@ -387,20 +381,7 @@ class LocalSandbox:
     async def _tool(self, argv: Sequence[str]) -> bytes:
         """Run a desktop helper (xdotool, import) in a jail; its stdout."""
         desktop, jail = self._need_desktop(), await self._ensure()
-        proc = await spawn(
-            jail, argv, mounts=desktop.x_mounts(), display=desktop.display, stdout=PIPE, stderr=PIPE
-        )
-        try:
-            async with asyncio.timeout(self._config.tool_timeout):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            raise SandboxBroken(f"{argv[0]} did not finish within {self._config.tool_timeout:g} s") from None
-        finally:
-            await reap(proc)
-        if proc.returncode != 0:
-            detail = err.decode(errors="replace").strip()[-300:]
-            raise SandboxBroken(f"{argv[0]} failed with exit code {proc.returncode}: {detail}")
-        return out
+        return await apps.run_helper(jail, desktop, argv, self._config.tool_timeout)
 
     async def screenshot(self) -> bytes:
         display = self._need_desktop().display
@@ -439,56 +420,16 @@ class LocalSandbox:
         await self.xdotool("key", "--", tools.key_chord(keys))
 
     async def open(self, url_or_file: str) -> None:
-        if not url_or_file or url_or_file.startswith("-"):
-            raise ProtocolError(f"cannot open {url_or_file!r}")
-        if not self._config.network_on and _needs_network(url_or_file):
-            # The browser would show its own error page and the step would pass.
-            raise SandboxBroken(
-                f"{url_or_file} cannot load: this server gives sandboxes no network (see --sandbox-network)"
-            )
-        await self._launch([*tools.browser_argv(self._config.browser), url_or_file])
+        await self._launch(apps.open_argv(url_or_file, self._config))
 
     async def launch(self, app: str) -> None:
-        try:
-            argv = shlex.split(app)
-        except ValueError as exc:
-            raise ProtocolError(f"cannot read {app[:80]!r} as a program and its arguments: {exc}") from None
-        if not argv:
-            raise ProtocolError("launch needs an application name")
-        if argv[0] == "terminal":
-            argv = [tools.TERMINAL, *argv[1:]]
-        if argv[0] in tools.BROWSER_NAMES:
-            argv = [*tools.browser_argv(self._config.browser), *argv[1:]]
-        await self._launch(argv)
+        await self._launch(apps.launch_argv(app, self._config.browser))
 
     async def _launch(self, argv: Sequence[str]) -> None:
         """Start a desktop app in a jail and leave it running until the desktop stops."""
         desktop, jail = self._need_desktop(), await self._ensure()
         self._apps = [p for p in self._apps if p.returncode is None]
-        app_limits = attrs.evolve(self._config.limits, cpu_seconds=0, memory_bytes=0)
-        mounts = [Mount(self.home, HOME, writable=True), *desktop.x_mounts()]
-        proc = await spawn(
-            jail,
-            argv,
-            mounts=mounts,
-            display=desktop.display,
-            network=self._config.network_on,
-            limits=app_limits,
-        )
+        proc = await apps.spawn_app(jail, desktop, argv, self._config, self.home)
         self._apps.append(proc)
-        # A program that cannot start (a name no package provides) ends at
-        # once: say so, rather than "launched".
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_LAUNCH_CHECK_S):
-                code = await proc.wait()
-            if code != 0:
-                raise SandboxBroken(f"{argv[0]} ended at once with exit code {exit_code(code)}")
+        await apps.check_started(proc, argv[0])
         logger.info("sandbox.app_launched", sandbox_id=self._id, app=argv[0], pid=proc.pid)
-
-
-def _needs_network(url: str) -> bool:
-    """Whether opening *url* needs a network: a web address of another host than the sandbox itself."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        return False
-    return (parts.hostname or "") not in ("localhost", "127.0.0.1", "::1")
