@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import os
 import secrets
-import shlex
-import signal
 import time
-import urllib.parse
-from collections.abc import AsyncIterable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -41,21 +37,17 @@ import structlog
 from protocol.errors import ProtocolError, SandboxBroken
 from sandboxes.base import OutputSink, SandboxSpec, ScrollDirection, StepReporter
 from sandboxes.files import FileReader, Listing
-from sandboxes.local import cgroups, portal, quota, tools, uids
+from sandboxes.local import apps, cgroups, footprint, quota, tools
 from sandboxes.local.commands import Commands
 from sandboxes.local.config import LocalConfig
 from sandboxes.local.desktop import Desktop
 from sandboxes.local.files import LocalHome
-from sandboxes.local.folders import make_session_folder, remove_logged, sweep_orphans
-from sandboxes.local.identity import Identity, kill_uid, wait_uid_gone
-from sandboxes.local.jail import HOME, Jail, Mount, session_pids, spawn
-from sandboxes.local.procs import exit_code, kill_now, reap, terminate
+from sandboxes.local.folders import remove_logged
+from sandboxes.local.identity import wait_uid_gone
+from sandboxes.local.jail import HOME, Jail, Mount, session_pids
+from sandboxes.local.procs import kill_now, reap, terminate
 
 logger = structlog.get_logger()
-
-PIPE = asyncio.subprocess.PIPE
-#: How long a launched program is watched for ending at once (a missing program).
-_LAUNCH_CHECK_S = 0.25
 
 
 class LocalSandbox:
@@ -69,7 +61,7 @@ class LocalSandbox:
         self._spec, self._config = spec, config
         base = config.root / spec.session_id if config.root is not None else spec.data_dir
         self._base = base.absolute()
-        self._id = _previous_id(spec) or f"local-{secrets.token_hex(6)}"
+        self._id = footprint.previous_id(spec) or f"local-{secrets.token_hex(6)}"
         #: A restored session: its home, and the uid that owns it, are taken back.
         self._restored = spec.previous_id is not None
         self._jail: Jail | None = None
@@ -161,92 +153,26 @@ class LocalSandbox:
 
     async def _unpark(self, jail: Jail) -> Jail:
         """The jail with its uid taken back (or a new one, the home handed over), off the loop."""
-        config = self._config
-        again = functools.partial(
-            uids.retake, jail.identity, self._base, uid_base=config.uid_base, uid_count=config.uid_count,
-            owner=self._spec.username, cap=config.uids_per_user,
-        )  # fmt: skip
-        made = asyncio.get_running_loop().run_in_executor(None, again)
-        try:
-            identity = await asyncio.shield(made)
-        except asyncio.CancelledError:
-            made.add_done_callback(_release_identity)
-            raise
+        owner = self._spec.username
+        identity = await footprint.off_loop(
+            functools.partial(footprint.retake, jail.identity, self._base, self._config, owner)
+        )
         self._parked = False
         if identity.uid != jail.identity.uid:
             logger.info("sandbox.uid_changed", sandbox_id=self._id, uid=identity.uid, was=jail.identity.uid)
         return attrs.evolve(jail, identity=identity)
 
     async def _create_jail(self) -> Jail:
-        # Finding a free uid starts processes: off the loop. Shielded, so that
-        # a cancelled start still gives back the uid the thread may take.
-        made = asyncio.get_running_loop().run_in_executor(None, self._prepare)
-        try:
-            identity = await asyncio.shield(made)
-        except asyncio.CancelledError:
-            made.add_done_callback(_release_identity)
-            raise
+        prepare = functools.partial(
+            footprint.prepare, self._base, self._config, self._spec.username, restored=self._restored
+        )
+        identity = await footprint.off_loop(prepare)
         if self._closed:
             identity.release()
             raise SandboxBroken(f"sandbox {self._id} is closed")
-        config = self._config
-        try:
-            cgroup = cgroups.for_session(config, self._id)
-        except BaseException:
-            identity.release()
-            raise
+        jail = footprint.new_jail(identity, self._config, self._id, self._spec.username, self._base)
         logger.info("sandbox.created", sandbox_id=self._id, uid=identity.uid, base=str(self._base))
-        return Jail(
-            identity=identity, username=self._spec.username, marker=self._id, tmp_bytes=config.tmp_bytes,
-            shm_bytes=config.shm_bytes, root_bytes=config.root_bytes, cgroup=cgroup, base=self._base,
-        )  # fmt: skip
-
-    def _identity(self) -> Identity:
-        """A uid for the session; a restored one takes back its home's owner (blocking)."""
-        config, owner = self._config, self._spec.username
-        home_owner = self._home_owner() if self._restored else None
-        if home_owner is not None:
-            # The dead server's processes of that uid go first; then it is ours
-            # again, or the home moves to a new one.
-            kill_uid(home_owner)
-            previous = Identity(uid=home_owner, gid=home_owner, dropped=True)
-            return uids.retake(
-                previous, self._base, uid_base=config.uid_base, uid_count=config.uid_count,
-                owner=owner, cap=config.uids_per_user,
-            )  # fmt: skip
-        return Identity.acquire(config.uid_base, config.uid_count, owner=owner, cap=config.uids_per_user)
-
-    def _home_owner(self) -> int | None:
-        """The uid the restored home belongs to, if it is one of this server's sandbox uids."""
-        if os.geteuid() != 0:
-            return None
-        try:
-            uid = (self._base / "home").stat().st_uid
-        except OSError:
-            return None
-        first, count = self._config.uid_base, self._config.uid_count
-        return uid if first <= uid < first + count else None
-
-    def _prepare(self) -> Identity:
-        """Take a uid and make the session's folders (blocking)."""
-        config = self._config
-        identity = self._identity()
-        try:
-            self._base.parent.mkdir(parents=True, exist_ok=True)
-            if self._config.root is not None:
-                # Enterable, not listable: session ids are nobody else's to see.
-                self._config.root.chmod(0o711)
-            if identity.dropped:
-                portal.ensure()  # jails reach the session's folder there, not by its path
-            make_session_folder(self._base, identity.uid, identity.gid)
-            if config.home_quota.bytes:
-                quota.mount_home(self._base, identity.uid, identity.gid, config.home_quota)
-        except BaseException as exc:
-            identity.release()
-            if not isinstance(exc, OSError):
-                raise
-            raise SandboxBroken(f"cannot create the sandbox folder {self._base}: {exc.strerror}") from exc
-        return identity
+        return jail
 
     async def start_desktop(self) -> None:
         if self.desktop_running:
@@ -361,7 +287,7 @@ class LocalSandbox:
             logger.exception("sandbox.close_failed", sandbox_id=self._id)
         finally:
             self._abort_processes()
-            teardown = _in_thread(loop, functools.partial(self._teardown, keep=keep))
+            teardown = footprint.in_thread(loop, functools.partial(self._teardown, keep=keep))
         if teardown is not None:
             await asyncio.shield(teardown)
         if self._jail is not None and self._jail.cgroup is not None:
@@ -385,7 +311,7 @@ class LocalSandbox:
         try:
             if jail is not None and not self._parked:  # a parked uid may be another's by now
                 gone = False
-                _kill_session(jail)
+                footprint.kill_session(jail)
                 gone = True
             if keep:
                 quota.unmount_under(self._base)
@@ -455,20 +381,7 @@ class LocalSandbox:
     async def _tool(self, argv: Sequence[str]) -> bytes:
         """Run a desktop helper (xdotool, import) in a jail; its stdout."""
         desktop, jail = self._need_desktop(), await self._ensure()
-        proc = await spawn(
-            jail, argv, mounts=desktop.x_mounts(), display=desktop.display, stdout=PIPE, stderr=PIPE
-        )
-        try:
-            async with asyncio.timeout(self._config.tool_timeout):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            raise SandboxBroken(f"{argv[0]} did not finish within {self._config.tool_timeout:g} s") from None
-        finally:
-            await reap(proc)
-        if proc.returncode != 0:
-            detail = err.decode(errors="replace").strip()[-300:]
-            raise SandboxBroken(f"{argv[0]} failed with exit code {proc.returncode}: {detail}")
-        return out
+        return await apps.run_helper(jail, desktop, argv, self._config.tool_timeout)
 
     async def screenshot(self) -> bytes:
         display = self._need_desktop().display
@@ -507,114 +420,16 @@ class LocalSandbox:
         await self.xdotool("key", "--", tools.key_chord(keys))
 
     async def open(self, url_or_file: str) -> None:
-        if not url_or_file or url_or_file.startswith("-"):
-            raise ProtocolError(f"cannot open {url_or_file!r}")
-        if not self._config.network_on and _needs_network(url_or_file):
-            # The browser would show its own error page and the step would pass.
-            raise SandboxBroken(
-                f"{url_or_file} cannot load: this server gives sandboxes no network (see --sandbox-network)"
-            )
-        await self._launch([*tools.browser_argv(self._config.browser), url_or_file])
+        await self._launch(apps.open_argv(url_or_file, self._config))
 
     async def launch(self, app: str) -> None:
-        try:
-            argv = shlex.split(app)
-        except ValueError as exc:
-            raise ProtocolError(f"cannot read {app[:80]!r} as a program and its arguments: {exc}") from None
-        if not argv:
-            raise ProtocolError("launch needs an application name")
-        if argv[0] == "terminal":
-            argv = [tools.TERMINAL, *argv[1:]]
-        if argv[0] in tools.BROWSER_NAMES:
-            argv = [*tools.browser_argv(self._config.browser), *argv[1:]]
-        await self._launch(argv)
+        await self._launch(apps.launch_argv(app, self._config.browser))
 
     async def _launch(self, argv: Sequence[str]) -> None:
         """Start a desktop app in a jail and leave it running until the desktop stops."""
         desktop, jail = self._need_desktop(), await self._ensure()
         self._apps = [p for p in self._apps if p.returncode is None]
-        app_limits = attrs.evolve(self._config.limits, cpu_seconds=0, memory_bytes=0)
-        mounts = [Mount(self.home, HOME, writable=True), *desktop.x_mounts()]
-        proc = await spawn(
-            jail,
-            argv,
-            mounts=mounts,
-            display=desktop.display,
-            network=self._config.network_on,
-            limits=app_limits,
-        )
+        proc = await apps.spawn_app(jail, desktop, argv, self._config, self.home)
         self._apps.append(proc)
-        # A program that cannot start (a name no package provides) ends at
-        # once: say so, rather than "launched".
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_LAUNCH_CHECK_S):
-                code = await proc.wait()
-            if code != 0:
-                raise SandboxBroken(f"{argv[0]} ended at once with exit code {exit_code(code)}")
+        await apps.check_started(proc, argv[0])
         logger.info("sandbox.app_launched", sandbox_id=self._id, app=argv[0], pid=proc.pid)
-
-
-def _in_thread(loop: asyncio.AbstractEventLoop, work: Callable[[], None]) -> asyncio.Future[None] | None:
-    """*work* started in the loop's executor, or done right here when that is shut down."""
-    try:
-        return loop.run_in_executor(None, contextvars.copy_context().run, work)
-    except RuntimeError:  # the loop is closing: better late on the loop than never
-        work()
-        return None
-
-
-def _release_identity(made: asyncio.Future[Identity]) -> None:
-    if not made.cancelled() and made.exception() is None:
-        made.result().release()
-
-
-def _kill_session(jail: Jail) -> None:
-    """SIGKILL every process of the session (blocking)."""
-    if jail.identity.dropped:
-        jail.identity.kill_all()
-        return
-    # No uid of its own (a server not run as root): find them by marker.
-    for pid in session_pids(jail):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
-class LocalFactory:
-    """Makes one ``LocalSandbox`` per session, all sharing *config*; see ``local_factory``."""
-
-    def __init__(self, config: LocalConfig) -> None:
-        self.config = config
-
-    def __call__(self, spec: SandboxSpec) -> LocalSandbox:
-        return LocalSandbox(spec, self.config)
-
-    async def sweep_orphans(self, live: Mapping[str, str | None]) -> None:
-        """Remove the session folders a server killed without its cleanup left, but the live ones'."""
-        if self.config.root is not None:
-            await asyncio.to_thread(sweep_orphans, self.config.root, frozenset(live))
-
-
-def local_factory(config: LocalConfig) -> LocalFactory:
-    """The local backend's factory; what the host cannot enforce is said now, at start-up."""
-    if config.home_quota.bytes and (reason := quota.unavailable()) is not None:
-        logger.warning("sandbox.home_quota_unenforced", reason=reason)
-    if config.cgroups:
-        cgroups.shared()
-    return LocalFactory(config)
-
-
-def _needs_network(url: str) -> bool:
-    """Whether opening *url* needs a network: a web address of another host than the sandbox itself."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        return False
-    return (parts.hostname or "") not in ("localhost", "127.0.0.1", "::1")
-
-
-def _previous_id(spec: SandboxSpec) -> str | None:
-    """The restored sandbox's own id, if the store kept one of ours (it is the processes' marker)."""
-    previous = spec.previous_id or ""
-    tail = previous.removeprefix("local-")
-    if previous.startswith("local-") and len(tail) == 12 and all(c in "0123456789abcdef" for c in tail):
-        return previous
-    return None
