@@ -196,6 +196,9 @@ async def test_view_share_guest_sees_the_session_and_revoke_closes_it(
     await row.get_by_role("button", name=re.compile("Revoke")).click()
     await expect(guest.locator("#login-view")).to_be_visible()
     await expect(guest.locator("#login-form-error")).to_contain_text("stopped sharing")
+    # The owner keeps the word that the link is dead; the list says nothing is shared.
+    await expect(owner.locator("#share-list")).to_contain_text("Not shared with anyone")
+    await expect(owner.locator("#share-feedback")).to_contain_text("Revoked")
 
 
 # --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ function sharesPath(session) {
 export class SharePanel {
   constructor(getSession) {
     this.getSession = getSession;
+    this.listings = 0; // listings asked for; only the newest is shown
     $("share-panel").addEventListener("toggle", () => {
       if ($("share-panel").open) this.refresh();
     });
@@ -51,20 +52,22 @@ export class SharePanel {
     }
   }
 
+  /** Lists the shares; an answer overtaken by a later listing is dropped. */
   async refresh() {
     const session = this.getSession();
     if (!session?.session_id || !$("share-panel").open) return;
+    const listing = ++this.listings;
     try {
       const { shares } = await request("GET", sharesPath(session), { token: session.token });
-      this.render(shares || []);
+      if (listing === this.listings) this.render(shares || []);
     } catch (error) {
       if (!(error instanceof ApiError)) throw error;
-      this.say(`Could not list the shares: ${error.message}`, "error");
+      if (listing === this.listings) this.say(`Could not list the shares: ${error.message}`, "error");
     }
   }
 
   render(shares) {
-    $("share-list").replaceChildren(...shares.map((share) => {
+    const rows = shares.map((share) => {
       const row = document.createElement("li");
       row.className = "share-row";
       const text = document.createElement("span");
@@ -78,8 +81,15 @@ export class SharePanel {
       revoke.addEventListener("click", () => this.revoke(share));
       row.append(text, revoke);
       return row;
-    }));
-    if (!shares.length) this.say("Not shared with anyone.");
+    });
+    if (!rows.length) {
+      // Said in the list, not the feedback line, which tells of the last action.
+      const empty = document.createElement("li");
+      empty.className = "hint";
+      empty.textContent = "Not shared with anyone.";
+      rows.push(empty);
+    }
+    $("share-list").replaceChildren(...rows);
   }
 
   async revoke(share) {
