@@ -441,6 +441,7 @@ async def test_launch_buttons_then_a_command(null_server: str, tab: Tab) -> None
     await log_in(page, null_server, unique("launch"))
     await page.get_by_role("button", name="Start desktop").click()
     await expect(page.locator("#state-badge")).to_have_text("ready")
+    await expect(page.get_by_role("button", name="Start desktop")).to_be_disabled()  # it runs already
     await page.get_by_role("button", name="Open terminal").click()
     feedback = page.locator("#desktop-feedback")
     await expect(feedback).not_to_have_text(re.compile("sent"))

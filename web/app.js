@@ -166,7 +166,10 @@ function leave(message) {
 
 /** Leave this page for the login page; the session, its desktop and files are kept. */
 function leavePage() {
-  leave(`You left session ${view.session.session_id}; it is kept, with its desktop and files. Resume it below, or end it.`);
+  const guest = view.role === "view" || view.role === "control";
+  leave(guest
+    ? `You left session ${view.session.session_id}; it goes on for its owner. Resume it below, or forget its link.`
+    : `You left session ${view.session.session_id}; it is kept, with its desktop and files. Resume it below, or end it.`);
 }
 
 async function logOut() {
@@ -248,6 +251,8 @@ function setState(state, streamUrl, currentCommand, runningId) {
     frame.removeAttribute("src");
   }
   frame.hidden = !live;
+  // One desktop per session: starting it again would only say "done" twice.
+  $("start-desktop").disabled = live || state === "starting" || state === "ready";
   $("desktop-links").hidden = !live;
   $("desktop-placeholder").hidden = live;
   $("desktop-message").textContent = DESKTOP_MESSAGES[state] || `State: ${state}`;
