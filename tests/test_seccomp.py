@@ -115,6 +115,15 @@ async def test_user_namespaces_cannot_be_made_by_the_usual_tools(make: Make) -> 
     assert "Operation not permitted" in out.text("stderr")
 
 
+async def test_the_sessions_chromium_runs_without_its_own_sandbox_and_without_a_warning_bar(
+    make: Make,
+) -> None:
+    """Debian's launcher gets --no-sandbox (no user namespaces here) and --test-type (no warning bar)."""
+    code, out = await run(make("ada"), 'for f in /etc/chromium.d/*; do . "$f"; done; echo "$CHROMIUM_FLAGS"')
+    assert code == 0
+    assert {"--no-sandbox", "--test-type"} <= set(out.text("stdout").split())
+
+
 async def test_chromium_dumps_a_local_page_under_the_filter(make: Make) -> None:
     """Plain ``chromium --headless --dump-dom`` of a local page works in a session, under the filter."""
     if shutil.which("chromium") is None:

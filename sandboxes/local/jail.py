@@ -212,7 +212,9 @@ def _chromium_without_its_sandbox(keep: Callable[[int], str]) -> list[str]:
     args = ["--size", "65536", "--tmpfs", CHROMIUM_D]
     for name in names:
         args += ["--ro-bind-try", f"{CHROMIUM_D}/{name}", f"{CHROMIUM_D}/{name}"]
-    flags = b'export CHROMIUM_FLAGS="$CHROMIUM_FLAGS --no-sandbox"\n'
+    # --test-type: no "unsupported command-line flag: --no-sandbox" bar on
+    # every window, which would tell the session's user something is wrong.
+    flags = b'export CHROMIUM_FLAGS="$CHROMIUM_FLAGS --no-sandbox --test-type"\n'
     return [*args, "--ro-bind-data", keep(_data_fd(flags)), f"{CHROMIUM_D}/zz-deskhive-no-sandbox"]
 
 
