@@ -39,13 +39,12 @@ from protocol.errors import (
 )
 from sandboxes.base import Sandbox, SandboxFactory, SandboxSpec
 from store import SessionRecord, Store, open_store
-from store.base import ShareRecord
 from supervisor_config import SupervisorConfig, Totals
 from supervisor_counts import Census, add_limits
 from supervisor_end import Ending
 from supervisor_keepalive import KeptAlive, keep_alive
 from supervisor_restore import TOMBSTONES, Restoring
-from supervisor_shares import ShareStore, ShareTokens
+from supervisor_shares import ShareStore, ShareTokens, Sharing
 
 __all__ = ["KeptAlive", "Login", "ShareStore", "Supervisor", "SupervisorConfig", "Totals"]
 
@@ -83,7 +82,7 @@ class _Child:
         return self.killed is not None
 
 
-class Supervisor(Restoring, Ending):
+class Supervisor(Restoring, Ending, Sharing):
     """Spawns, finds, reaps, restarts and stops session actors."""
 
     def __init__(
@@ -320,52 +319,6 @@ class Supervisor(Restoring, Ending):
                 raise SessionNotFound(f"no session {session_id!r}")
             raise Forbidden(f"this token does not belong to session {session_id}")
         return actor, grant
-
-    async def create_share(
-        self, actor: SessionActor, mode: str, label: str | None
-    ) -> tuple[ShareRecord, str]:
-        """A new share of *actor*'s session, stored before it is returned with its token (shown once)."""
-        token = auth.new_token()
-        share = ShareRecord(
-            share_id=auth.new_share_id(),
-            session_id=actor.info.session_id,
-            token_hash=auth.token_hash(token),
-            mode=mode,
-            label=label,
-            created=round(time.time(), 3),
-        )
-        self._check_live(actor)
-        actor.check_shareable(mode)
-        if (store := self._share_store()) is not None:
-            await store.create_share(share)
-            self._check_live(actor)  # it may have ended while the store wrote
-        self.add_share(actor, share)
-        return share, token
-
-    def _check_live(self, actor: SessionActor) -> None:
-        sid = actor.info.session_id
-        if self._actors.get(sid) is not actor or actor.stop_requested_at is not None:
-            raise SessionClosed(f"session {sid} is closed")
-
-    def _share_store(self) -> ShareStore | None:
-        # The durable store, once the supervisor has one (``self.store``).
-        store: ShareStore | None = getattr(self, "store", None)
-        return store
-
-    def add_share(self, actor: SessionActor, share: ShareRecord, *, announce: bool = True) -> None:
-        """Let *share*'s token open *actor*'s session (``announce=False``: restored, not new)."""
-        actor.add_share(share, announce=announce)
-        self._share_tokens.add(actor, share)
-
-    async def revoke_share(self, actor: SessionActor, share_id: str) -> ShareRecord | None:
-        """Void the share's token and close what it opened; ``None`` if there is no such share."""
-        share = actor.shares.get(share_id)
-        if share is None:
-            return None
-        self._share_tokens.forget(share.token_hash, revoked=True)
-        if (store := self._share_store()) is not None:
-            await store.revoke_share(share_id)
-        return await actor.revoke_share(share_id)
 
     def get(self, session_id: str) -> SessionActor:
         try:
