@@ -2,6 +2,7 @@
 
 Handlers turn a request or a frame into a protocol message and hand it to the
 session's actor (``actor.tell``); events come back through ``WsPeer``. The
+socket's handler is ``ws_api``'s; the other route modules add theirs. The
 supervisor runs in a ``cleanup_ctx``: started before the app serves, closed
 after ``on_shutdown`` has closed every socket with ``GOING_AWAY``.
 """
@@ -17,7 +18,7 @@ from typing import Final
 
 import aiohttp
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 import auth
 import desktop_api
@@ -27,13 +28,13 @@ import sessions_api
 import shares_api
 import webpages
 import wiring
+import ws_api
 from actors.journal import Journal
 from actors.session import SessionActor
 from actors.shares import Grant
 from actors.workflows import Workflow, describe, load_workflows
 from config import Settings
 from http_common import (
-    HARD_FRAME_LIMIT,
     WEB_DIR,
     check_admin,
     json_reply,
@@ -41,21 +42,11 @@ from http_common import (
     owner_session,
     read_body,
 )
-from limits import Limit, Limits, LoginGate, TokenBucket
+from limits import Limits, LoginGate
 from metrics import CONTENT_TYPE, Metrics
 from protocol import codec
 from protocol import messages as m
-from protocol.closecodes import CloseCode
-from protocol.errors import (
-    Forbidden,
-    GatewayError,
-    MailboxFull,
-    ProtocolError,
-    SessionNotFound,
-    TooManySockets,
-    Unauthorized,
-    from_code,
-)
+from protocol.errors import GatewayError, MailboxFull, from_code
 from sandboxes.base import SandboxFactory
 from supervisor import Supervisor
 from wspeer import WsPeer
@@ -63,11 +54,8 @@ from wspeer import WsPeer
 logger = structlog.get_logger("deskhive.server")
 
 NOVNC_DIR: Final = Path("/usr/share/novnc")
-HELLO_TIMEOUT_S: Final = 10.0
 #: Bound on the actor's acknowledging an HTTP request (it waits for the store to keep it).
 REPLY_TIMEOUT_S: Final = 10.0
-#: Shutdown gives the close handshakes of all sockets together this long.
-SHUTDOWN_CLOSE_S: Final = 3.0
 
 SUPERVISOR: Final = web.AppKey("supervisor", Supervisor)
 SUPERVISOR_TASK: Final = web.AppKey[asyncio.Task[None]]("supervisor_task")
@@ -82,131 +70,6 @@ LIMITS: Final = web.AppKey("limits", Limits)
 LOGIN_GATE: Final = web.AppKey("login_gate", LoginGate)
 #: ``None`` with ``--metrics off``: nothing is counted per frame.
 METRICS: Final = web.AppKey[Metrics | None]("metrics")
-
-# ----------------------------------------------------------------------------
-# Sockets
-
-
-async def websocket(request: web.Request) -> web.WebSocketResponse:
-    """``GET /ws``: hello, then forward every frame to the session's actor."""
-    ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, compress=False, heartbeat=30.0)
-    app = request.app
-    metrics = app[METRICS]
-    peer = WsPeer(ws, request, await ws.prepare(request), metrics=metrics)
-    app[SOCKETS].add(peer)
-    bound = await _hello(ws, peer, app[SUPERVISOR])
-    if bound is None:
-        return ws
-    actor, grant = bound
-    sid = actor.info.session_id
-    limit, mailbox = app[LIMITS]["frames_per_second"], app[LIMITS]["mailbox_size"]
-    bucket = TokenBucket(limit.value, 2 * limit.value) if limit.on else None
-    if metrics is not None:
-        metrics.sockets_open += 1
-        metrics.frames_received += 1  # the hello
-    with structlog.contextvars.bound_contextvars(session_id=sid, peer=request.remote):
-        # The socket's own task sends the rest of a replay and closes it on
-        # overflow; it ends with the socket.
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(peer.run(), name=f"ws-out:{sid}")
-            try:
-                async for frame in ws:
-                    if metrics is not None:
-                        metrics.frames_received += 1
-                    if bucket is not None and not bucket.take():
-                        peer.send_error(limit.refuse(request_id=_request_id(frame.data)))
-                    elif frame.type is WSMsgType.TEXT:
-                        await _forward(actor, peer, grant, frame.data, mailbox)
-                    elif frame.type is WSMsgType.BINARY:
-                        peer.send_error(ProtocolError("binary frames are not part of the protocol"))
-            finally:
-                if metrics is not None:
-                    metrics.sockets_open -= 1
-                actor.detach(peer)
-                peer.stop()
-    return ws
-
-
-def _request_id(data: object) -> str | None:
-    """The ``id`` of a refused frame, if it has one to repeat (the frame is not handled)."""
-    try:
-        obj = codec.loads(data) if isinstance(data, str) else None
-    except GatewayError:
-        return None
-    rid = obj.get("id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, str) and len(rid) <= codec.MAX_ID_CHARS else None
-
-
-async def _hello(
-    ws: web.WebSocketResponse, peer: WsPeer, supervisor: Supervisor
-) -> tuple[SessionActor, Grant] | None:
-    """Bind the socket to a session as its owner or a share's guest, or close it (4401, 4403, 4404, 4429)."""
-    try:
-        async with asyncio.timeout(HELLO_TIMEOUT_S):
-            frame = await ws.receive()
-    except TimeoutError:
-        await peer.close(CloseCode.UNAUTHORIZED, "no hello within 10 s")
-        return None
-    if frame.type is not WSMsgType.TEXT:
-        await peer.close(CloseCode.UNAUTHORIZED, "the first frame must be a hello")
-        return None
-    try:
-        hello = codec.decode(frame.data)
-        if not isinstance(hello, m.Hello):
-            raise Unauthorized("the first frame must be a hello", request_id=getattr(hello, "id", None))
-        actor, grant = supervisor.resolve(hello.token)
-        actor.attach(peer, hello.last_seq, grant)
-    except GatewayError as exc:
-        if isinstance(exc, TooManySockets):
-            supervisor.limits["sockets_per_session"].refused += 1
-        peer.send_error(exc)
-        await peer.close(_hello_close_code(exc), exc.message)
-        return None
-    return actor, grant
-
-
-def _hello_close_code(exc: GatewayError) -> CloseCode:
-    if isinstance(exc, SessionNotFound):
-        return CloseCode.NOT_FOUND
-    if isinstance(exc, TooManySockets):
-        return CloseCode.RATE_LIMITED
-    if isinstance(exc, Forbidden):
-        return CloseCode.FORBIDDEN
-    return CloseCode.UNAUTHORIZED
-
-
-async def _forward(actor: SessionActor, peer: WsPeer, grant: Grant, data: str, mailbox: Limit) -> None:
-    try:
-        msg = codec.decode(data)
-        if isinstance(msg, m.Hello):
-            raise ProtocolError("this socket is already bound to a session")
-        actor.tell(msg, peer, grant)
-    except SessionNotFound as exc:
-        await peer.close(CloseCode.NOT_FOUND, exc.message)
-    except GatewayError as exc:
-        if isinstance(exc, MailboxFull):
-            mailbox.refused += 1
-        peer.send_error(exc)
-
-
-async def close_sockets(app: web.Application) -> None:
-    """``on_shutdown``: stop the sessions, then tell every client the server is going away, all at once.
-
-    The sessions stop first, while their sockets are open: each cancelled
-    job's result reaches the clients watching it before their socket
-    closes. Each close is bounded and cut when it overruns, so a hundred
-    clients that never answer cost one deadline, not a hundred.
-    """
-    try:
-        await _stop_supervisor(app)
-    except Exception:
-        # Raised again where the supervisor's life ends (cleanup); the sockets still go.
-        logger.exception("server.supervisor_stop_failed")
-    sockets = app[SOCKETS]
-    async with asyncio.TaskGroup() as tg:
-        for peer in list(sockets):
-            tg.create_task(peer.close(CloseCode.GOING_AWAY, "server shutdown", timeout=SHUTDOWN_CLOSE_S))
-
 
 # ----------------------------------------------------------------------------
 # HTTP
@@ -433,6 +296,22 @@ async def _run_supervisor(app: web.Application) -> AsyncIterator[None]:
         await _stop_supervisor(app)
 
 
+async def _shutdown(app: web.Application) -> None:
+    """``on_shutdown``: stop the sessions, then tell every client the server is going away.
+
+    The sessions stop first, while their sockets are open: each cancelled
+    job's result reaches the clients watching it before their socket
+    closes.
+    """
+    try:
+        await _stop_supervisor(app)
+    except Exception:
+        # Raised again where the supervisor's life ends (cleanup); the sockets still go.
+        logger.exception("server.supervisor_stop_failed")
+    sockets = app[SOCKETS]
+    await ws_api.close_sockets(sockets)
+
+
 async def _stop_supervisor(app: web.Application) -> None:
     """Stop every session and wait for the supervisor's end (idempotent; its own stops are bounded)."""
     task = app.get(SUPERVISOR_TASK)
@@ -488,7 +367,7 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
     _add_limits(app, settings)
     app.cleanup_ctx.append(httpguard.accept_failures_logged)
     app.cleanup_ctx.append(_run_supervisor)
-    app.on_shutdown.append(close_sockets)
+    app.on_shutdown.append(_shutdown)
     app.on_cleanup.append(_close_users)
     app.add_routes(
         [
@@ -496,7 +375,6 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
             web.get("/healthz", healthz),
             web.get("/status", status),
             web.get("/metrics", metrics_page),
-            web.get("/ws", websocket),
             web.post("/api/sessions", login),
             web.delete("/api/sessions/{session_id}", logout),
             web.get("/api/workflows", workflows),
@@ -508,6 +386,7 @@ def create_app(settings: Settings, *, sandbox_factory: SandboxFactory | None = N
             web.static("/static", WEB_DIR),
         ]
     )
+    ws_api.add_routes(app, SUPERVISOR, SOCKETS, LIMITS, METRICS)
     files_api.add_routes(app, SUPERVISOR, settings.upload_limit)
     shares_api.add_routes(app, SUPERVISOR)
     desktop_api.add_routes(app, SUPERVISOR, SOCKETS, STREAM_TOKENS)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any, Final
 
 import attrs
@@ -39,13 +39,13 @@ from protocol.errors import (
 )
 from sandboxes.base import Sandbox, SandboxFactory, SandboxSpec
 from store import SessionRecord, Store, open_store
-from store.base import ShareRecord
+from supervisor_child import Child, Supervising
 from supervisor_config import SupervisorConfig, Totals
 from supervisor_counts import Census, add_limits
 from supervisor_end import Ending
 from supervisor_keepalive import KeptAlive, keep_alive
 from supervisor_restore import TOMBSTONES, Restoring
-from supervisor_shares import ShareStore, ShareTokens
+from supervisor_shares import ShareStore, ShareTokens, Sharing
 
 __all__ = ["KeptAlive", "Login", "ShareStore", "Supervisor", "SupervisorConfig", "Totals"]
 
@@ -64,26 +64,7 @@ class Login:
     token: str
 
 
-@attrs.define(eq=False)
-class _Child:
-    """One session under supervision: its actor and the task that runs its life."""
-
-    actor: SessionActor
-    task: asyncio.Task[None] | None = None
-    #: An incarnation (``actor.run()``) is under way: a kill cancels it.
-    in_run: bool = False
-    #: Why the session was killed (second stop phase); set once.
-    killed: str | None = None
-    #: Came back from the store at start-up: recovered before its first run.
-    restored: bool = False
-
-    def was_killed(self) -> bool:
-        # A call, not the field: type checkers would take the field's value
-        # as fixed across the await during which the kill lands.
-        return self.killed is not None
-
-
-class Supervisor(Restoring, Ending):
+class Supervisor(Restoring, Ending, Sharing, Supervising):
     """Spawns, finds, reaps, restarts and stops session actors."""
 
     def __init__(
@@ -108,7 +89,7 @@ class Supervisor(Restoring, Ending):
         #: ``session_id -> stream URL`` for backends streamed by this server.
         self._stream_url = stream_url
         self._actors: dict[str, SessionActor] = {}
-        self._children: dict[str, _Child] = {}
+        self._children: dict[str, Child] = {}
         self._by_token: dict[bytes, SessionActor] = {}
         self._share_tokens = ShareTokens(TOMBSTONES)
         self._by_user: dict[str, set[str]] = {}
@@ -257,12 +238,12 @@ class Supervisor(Restoring, Ending):
             previous_id=previous_id,
         )
 
-    def _register(self, actor: SessionActor, *, restored: bool = False) -> _Child:
+    def _register(self, actor: SessionActor, *, restored: bool = False) -> Child:
         """Put *actor* under supervision: its places in the registry, and its task."""
         assert self._tg is not None
         info = actor.info
         sid = info.session_id
-        child = _Child(actor, restored=restored)
+        child = Child(actor, restored=restored)
         self._by_user.setdefault(info.username, set()).add(sid)
         self._actors[sid] = actor
         self._children[sid] = child
@@ -282,7 +263,7 @@ class Supervisor(Restoring, Ending):
         except TimeoutError:
             raise GatewayError(f"the session did not start within {_SPAWN_TIMEOUT_S:g} s") from None
 
-    def _abandon(self, child: _Child, reason: str) -> None:
+    def _abandon(self, child: Child, reason: str) -> None:
         self._unregister(child.actor, reason)
         child.actor.refuse_requests(reason)
         self._kill(child, reason)
@@ -321,52 +302,6 @@ class Supervisor(Restoring, Ending):
             raise Forbidden(f"this token does not belong to session {session_id}")
         return actor, grant
 
-    async def create_share(
-        self, actor: SessionActor, mode: str, label: str | None
-    ) -> tuple[ShareRecord, str]:
-        """A new share of *actor*'s session, stored before it is returned with its token (shown once)."""
-        token = auth.new_token()
-        share = ShareRecord(
-            share_id=auth.new_share_id(),
-            session_id=actor.info.session_id,
-            token_hash=auth.token_hash(token),
-            mode=mode,
-            label=label,
-            created=round(time.time(), 3),
-        )
-        self._check_live(actor)
-        actor.check_shareable(mode)
-        if (store := self._share_store()) is not None:
-            await store.create_share(share)
-            self._check_live(actor)  # it may have ended while the store wrote
-        self.add_share(actor, share)
-        return share, token
-
-    def _check_live(self, actor: SessionActor) -> None:
-        sid = actor.info.session_id
-        if self._actors.get(sid) is not actor or actor.stop_requested_at is not None:
-            raise SessionClosed(f"session {sid} is closed")
-
-    def _share_store(self) -> ShareStore | None:
-        # The durable store, once the supervisor has one (``self.store``).
-        store: ShareStore | None = getattr(self, "store", None)
-        return store
-
-    def add_share(self, actor: SessionActor, share: ShareRecord, *, announce: bool = True) -> None:
-        """Let *share*'s token open *actor*'s session (``announce=False``: restored, not new)."""
-        actor.add_share(share, announce=announce)
-        self._share_tokens.add(actor, share)
-
-    async def revoke_share(self, actor: SessionActor, share_id: str) -> ShareRecord | None:
-        """Void the share's token and close what it opened; ``None`` if there is no such share."""
-        share = actor.shares.get(share_id)
-        if share is None:
-            return None
-        self._share_tokens.forget(share.token_hash, revoked=True)
-        if (store := self._share_store()) is not None:
-            await store.revoke_share(share_id)
-        return await actor.revoke_share(share_id)
-
     def get(self, session_id: str) -> SessionActor:
         try:
             return self._actors[session_id]
@@ -398,15 +333,6 @@ class Supervisor(Restoring, Ending):
     def _cleanup_bound(self) -> float:
         return self.config.close_timeout + self.config.actor.close_timeout + 1.0
 
-    def _kill(self, child: _Child, why: str) -> None:
-        """Second stop phase: cancel the incarnation, never the cleanup after it."""
-        if child.killed is not None or child.task is None or child.task.done():
-            return
-        child.killed = why
-        if child.in_run:
-            logger.warning("supervisor.stop_timeout", session_id=child.actor.info.session_id, reason=why)
-            child.task.cancel(why)
-
     async def _keep_alive(self) -> None:
         """Before the sweep: keep each remote sandbox alive past its session's idle deadline."""
         await keep_alive(self._actors.values(), self.config)
@@ -427,67 +353,6 @@ class Supervisor(Restoring, Ending):
         if reaped:
             logger.info("supervisor.swept", reaped=reaped, sessions=len(self._actors))
         return reaped
-
-    # ------------------------------------------------------------------
-    # One child
-
-    async def _supervise(self, child: _Child) -> None:
-        try:
-            if child.restored:
-                await self._recover(child.actor)
-            state, reason = await self._incarnations(child)
-        except asyncio.CancelledError:
-            # The supervisor itself is torn down from outside: still free
-            # the session (bounded), then go on being cancelled.
-            await self._finish(child.actor, "closed", "the server stopped")
-            raise
-        await self._finish(child.actor, state, reason)
-
-    async def _incarnations(self, child: _Child) -> tuple[str, str]:
-        """Run the actor, restarting it after crashes; return how the session ends."""
-        actor = child.actor
-        restarts: deque[float] = deque()
-        while not child.was_killed():
-            child.in_run = True
-            try:
-                await actor.run()
-            except asyncio.CancelledError:
-                if not child.was_killed() or self._absorb_kill():
-                    raise
-            except Exception as exc:
-                if child.was_killed():
-                    if self._absorb_kill():
-                        raise asyncio.CancelledError from None
-                    break
-                self.totals.crashed += 1
-                self.metrics.actor_crashes += 1
-                logger.exception("actor.crashed", session_id=actor.info.session_id)
-                if not self._may_restart(restarts):
-                    return "failed", f"crashed too often: {exc!r}"
-                self.totals.restarted += 1
-                self.metrics.actor_restarts += 1
-                actor.log.error("session.restarted", error=repr(exc), restarts=len(restarts))  # noqa: TRY400 - to the session
-                continue
-            finally:
-                child.in_run = False
-            break
-        return "closed", actor.stop_reason or child.killed or "stopped"
-
-    @staticmethod
-    def _absorb_kill() -> bool:
-        """Take back the kill's cancellation; ``True`` if another one is still pending."""
-        task = asyncio.current_task()
-        assert task is not None
-        return task.uncancel() > 0
-
-    def _may_restart(self, restarts: deque[float]) -> bool:
-        now = time.monotonic()
-        while restarts and now - restarts[0] > self.config.restart_window:
-            restarts.popleft()
-        if len(restarts) >= self.config.restart_limit:
-            return False
-        restarts.append(now)
-        return True
 
     def _unregister(self, actor: SessionActor, reason: str, *, ended: bool = True) -> None:
         """Forget the session: its token, its place in the user's quota (idempotent)."""

@@ -1,17 +1,21 @@
-"""Share tokens: which hash opens which live share, and which were revoked.
+"""Shares under supervision: made, stored and revoked, and which token hash opens which.
 
 A revoked share's token is remembered (up to a bound) so that its guests are
 told "revoked" (403, 4403) rather than "wrong token".
+
+:class:`Sharing` is a part of ``Supervisor`` (``supervisor``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Protocol
 
+import auth
 from actors.session import SessionActor
 from actors.shares import Grant
-from protocol.errors import Forbidden
+from protocol.errors import Forbidden, SessionClosed
 from store.base import ShareRecord
 
 
@@ -58,3 +62,56 @@ class ShareTokens:
             self._revoked[token_hash] = None
             while len(self._revoked) > self._most_revoked:
                 self._revoked.popitem(last=False)
+
+
+class Sharing:
+    """How the supervisor makes and revokes a session's shares (mixed into ``Supervisor``)."""
+
+    _actors: dict[str, SessionActor]
+    _share_tokens: ShareTokens
+
+    async def create_share(
+        self, actor: SessionActor, mode: str, label: str | None
+    ) -> tuple[ShareRecord, str]:
+        """A new share of *actor*'s session, stored before it is returned with its token (shown once)."""
+        token = auth.new_token()
+        share = ShareRecord(
+            share_id=auth.new_share_id(),
+            session_id=actor.info.session_id,
+            token_hash=auth.token_hash(token),
+            mode=mode,
+            label=label,
+            created=round(time.time(), 3),
+        )
+        self._check_live(actor)
+        actor.check_shareable(mode)
+        if (store := self._share_store()) is not None:
+            await store.create_share(share)
+            self._check_live(actor)  # it may have ended while the store wrote
+        self.add_share(actor, share)
+        return share, token
+
+    def _check_live(self, actor: SessionActor) -> None:
+        sid = actor.info.session_id
+        if self._actors.get(sid) is not actor or actor.stop_requested_at is not None:
+            raise SessionClosed(f"session {sid} is closed")
+
+    def _share_store(self) -> ShareStore | None:
+        # The durable store, once the supervisor has one (``self.store``).
+        store: ShareStore | None = getattr(self, "store", None)
+        return store
+
+    def add_share(self, actor: SessionActor, share: ShareRecord, *, announce: bool = True) -> None:
+        """Let *share*'s token open *actor*'s session (``announce=False``: restored, not new)."""
+        actor.add_share(share, announce=announce)
+        self._share_tokens.add(actor, share)
+
+    async def revoke_share(self, actor: SessionActor, share_id: str) -> ShareRecord | None:
+        """Void the share's token and close what it opened; ``None`` if there is no such share."""
+        share = actor.shares.get(share_id)
+        if share is None:
+            return None
+        self._share_tokens.forget(share.token_hash, revoked=True)
+        if (store := self._share_store()) is not None:
+            await store.revoke_share(share_id)
+        return await actor.revoke_share(share_id)

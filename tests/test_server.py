@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 import server
+import ws_api
 from client import Client, ClientError, Connection, Login, SessionEnded
 from protocol import codec
 from tests.conftest import MakeLocal, StartServer
@@ -493,7 +494,7 @@ async def test_silent_socket_is_closed_after_the_hello_timeout(
     served: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A socket that says nothing is closed with 4401 once the hello time is up."""
-    monkeypatch.setattr(server, "HELLO_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ws_api, "HELLO_TIMEOUT_S", 0.2)
     _, client = served
     ws = await _raw_socket(client)
     msg = await ws.receive(timeout=5)
