@@ -478,6 +478,8 @@ async def test_a_job_from_another_tab_is_cancelled_from_this_one(
     await expect(job).to_have_count(0)
     await expect(second.locator("#command-feedback")).to_contain_text("Cancelled")
     await expect(first.locator("#command-busy")).to_be_hidden()
+    # The first tab did not send it, yet its log names what was cancelled, not a request id.
+    await expect(first.locator("#log .note-cancelled", has_text="$ sleep 30")).to_have_count(1)
     await second.close()
 
 

@@ -13,7 +13,7 @@ import { forgetSession, rememberSession } from "/static/known.js";
 import { initLogin, showLogin } from "/static/login.js";
 import { LogView } from "/static/logview.js";
 import { CLOSE_SESSION_ENDED, CLOSE_SHARE_REVOKED, SessionLink, socketUrl } from "/static/protocol.js";
-import { JobList, describeResult } from "/static/requests.js";
+import { JobList, describeResult, labelFromState } from "/static/requests.js";
 import { SharePanel } from "/static/share.js";
 import * as store from "/static/store.js";
 import * as tools from "/static/tools.js";
@@ -43,6 +43,7 @@ const CONTROL_ONLY = ["start-desktop", "setup-environment", "kill-desktop", "lau
 // Saving the history on every event would stall big outputs; a short pause
 // batches them (and pagehide flushes the rest).
 const HISTORY_SAVE_DELAY_MS = 250;
+const JOB_NAMES_KEPT = 200;
 
 const view = {
   session: null, // {session_id, token, ws_url, stream_url, username}
@@ -52,6 +53,7 @@ const view = {
   welcomeSeq: 0, // events at or below it are replayed history, not news
   state: "idle",
   lastState: null, // the newest state event seen: welcome lacks its current_command
+  jobNames: new Map(), // request id -> label, of jobs seen running in state events
   wasConnected: false,
   saveTimer: null,
   role: "owner",
@@ -153,6 +155,7 @@ function leave(message) {
   shares.reset();
   clearTimeout(view.saveTimer);
   Object.assign(view, { session: null, link: null, history: [], lastSeq: 0, welcomeSeq: 0, lastState: null });
+  view.jobNames.clear();
   store.forgetAll();
   jobs.restore([]);
   log.clear();
@@ -295,7 +298,8 @@ function receive(frame) {
     case "output":
     case "state":
     case "result":
-      if (frame.type === "result") frame._label = jobs.labelOf(frame.id);
+      if (frame.type === "state") learnJobName(frame);
+      if (frame.type === "result") frame._label = jobs.labelOf(frame.id, view.jobNames.get(frame.id));
       remember(frame);
       draw(frame);
       act(frame);
@@ -333,6 +337,14 @@ function welcomed(frame) {
   const last = view.lastState?.state === frame.state ? view.lastState : null;
   setState(frame.state, frame.stream_url, last ? last.current_command : null, last ? last.running_id : undefined);
   forgetUnconfirmed();
+}
+
+/** Remembers what a running job does, so its result reads by name in every tab. */
+function learnJobName(frame) {
+  if (!frame.running_id || !frame.current_command) return;
+  view.jobNames.set(frame.running_id, labelFromState(frame.current_command));
+  // Names are only wanted until the job's result: keep the newest few.
+  if (view.jobNames.size > JOB_NAMES_KEPT) view.jobNames.delete(view.jobNames.keys().next().value);
 }
 
 /** Keeps a journal event for the next reload of this tab. */

@@ -13,6 +13,25 @@ function truncate(text, length = 200) {
   return text.length > length ? `${text.slice(0, length)}…` : text;
 }
 
+// What a state event's current_command says, for the server's job kinds;
+// anything else is a command line.
+const STATE_LABELS = {
+  kill_desktop: () => "kill desktop",
+  start_desktop: () => "start desktop",
+  setup_environment: () => "set up environment",
+  screenshot: () => "screenshot",
+  run_task: (rest) => `task “${rest}”`,
+  run_workflow: (rest) => `workflow ${rest}`,
+  launch: (rest) => `open ${rest}`,
+};
+
+/** The label of a job this tab did not send, from the state event that showed it running. */
+export function labelFromState(currentCommand) {
+  const match = /^([a-z_]+)(?:: (.*))?$/s.exec(currentCommand);
+  const named = match && STATE_LABELS[match[1]];
+  return named ? named(match[2] || "") : `$ ${currentCommand}`;
+}
+
 /**
  * How a `result` reads: `text` for the log, `feedback` for the line next to
  * the control that sent it, `tone` for both (ok, warn, error, cancelled).
@@ -126,9 +145,10 @@ export class JobList {
     return request;
   }
 
-  labelOf(id) {
+  /** This tab's label of request *id*, else the one seen in the session's state, else its id. */
+  labelOf(id, seen) {
     const request = this.requests.get(id);
-    return request ? request.label : `request ${id}`;
+    return request ? request.label : seen || `request ${id}`;
   }
 
   pending() {
