@@ -119,7 +119,13 @@ async function connect() {
   let token = linkToken;
   try {
     if (!token || (everConnected && bearer)) {
-      if (!bearer) throw new Fatal("This link has no stream token: open the desktop from the session's page.");
+      if (!bearer) {
+        // A tab that was showing the desktop and lost its session's credential:
+        // the session was logged out (or forgotten) in its page.
+        throw new Fatal(everConnected
+          ? "This desktop's session has ended (or its page forgot it): open the desktop again from the session's page."
+          : "This link has no stream token: open the desktop from the session's page.");
+      }
       token = await freshToken(bearer);
     }
   } catch (error) {
