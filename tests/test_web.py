@@ -399,10 +399,19 @@ async def test_start_desktop_reaches_ready(null_server: str, tab: Tab) -> None:
     await expect(page.locator("#desktop-feedback")).to_contain_text("Kill desktop: done")
 
 
+async def open_agent_panel(page: Page) -> None:
+    """Unfolds "Agent and workflows" (folded on a server without a model)."""
+    panel = page.locator("#agent-panel")
+    if await panel.get_attribute("open") is None:
+        await panel.locator("summary").click()
+    await expect(page.get_by_role("button", name="Run workflow")).to_be_visible()
+
+
 async def test_workflow_picker_runs_the_chosen_workflow(null_server: str, tab: Tab) -> None:
     """The picker lists the server's workflows, and running one reports its result next to it."""
     page = tab.page
     await log_in(page, null_server, unique("flow"))
+    await open_agent_panel(page)
     picker = page.get_by_label("Workflow")
     await expect(picker.locator("option")).not_to_have_count(1)
 
@@ -583,6 +592,10 @@ async def test_run_task_without_model_is_disabled_and_says_why(null_server: str,
     """On a server without a model endpoint Run task is disabled and says so before anyone tries."""
     page = tab.page
     await log_in(page, null_server, unique("ken"))
+    panel = page.locator("#agent-panel")
+    await expect(panel).not_to_have_attribute("open", "")  # folded: it could only take room from the log
+    await expect(panel.locator("summary")).to_contain_text("no AI model on this server")
+    await open_agent_panel(page)
     await expect(page.get_by_role("button", name="Run task")).to_be_disabled()
     await expect(page.locator("#task-unavailable")).to_contain_text("No AI model on this server")
     query = page.get_by_role("textbox", name="Task for the agent")

@@ -271,6 +271,8 @@ function setCurrentCommand(currentCommand, runningId) {
     : "";
   const agent = Boolean(currentCommand) && AGENT_KINDS.some((kind) => currentCommand.startsWith(`${kind}:`));
   $("agent-stop").hidden = !agent || view.role === "view";
+  // A running agent or workflow shows its Stop, even where the panel was folded.
+  if (agent) $("agent-panel").open = true;
 }
 
 // --------------------------------------------------------------------------

@@ -17,6 +17,10 @@ export function applyInfo(info) {
   $("task-unavailable").hidden = !noAgent;
   $("task-unavailable").textContent = noAgent
     ? "No AI model on this server: tasks for the agent cannot run here (the server's operator can configure one)." : "";
+  // Without a model the agent's box only takes room from the log: folded, and
+  // said why on its summary (workflows of plain steps still run, opened).
+  $("agent-panel").open = !noAgent;
+  $("agent-summary-note").textContent = noAgent ? "(no AI model on this server)" : "";
   $("network-note").hidden = info.network !== false;
   $("network-note").textContent = "No network: programs in this sandbox cannot reach the internet, so web pages will not load.";
 }
