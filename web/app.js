@@ -137,7 +137,9 @@ function ended(reason, code) {
   if (code === CLOSE_SHARE_REVOKED) {
     message = "The owner of this session stopped sharing it with you: this link no longer works.";
   } else if (code === CLOSE_SESSION_ENDED) {
-    message = `This session has ended, and its desktop and files are gone (${reason}). Log in to start a new one.`;
+    // The server's reason says "session ended: logout" itself.
+    const why = String(reason || "").replace(/^((this|the) )?session (has )?ended:?\s*/i, "");
+    message = `This session has ended, and its desktop and files are gone${why ? ` (${why})` : ""}. Log in to start a new one.`;
   } else {
     message = view.role === "owner"
       ? "The server no longer knows this session: it was ended (by a log out, for being idle, or with the server). Its desktop and files are gone. Log in to start a new one."
