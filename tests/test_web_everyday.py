@@ -22,6 +22,7 @@ from tests.test_web import (
     CHROMIUM,
     Tab,
     browser,
+    confirm,
     local_commands,
     local_server,
     log_in,
@@ -78,6 +79,21 @@ async def leave(page: Page) -> None:
 
 # --------------------------------------------------------------------------
 # Never locked out, never surprised
+
+
+async def test_a_session_logged_out_in_one_tab_leaves_another_tabs_list(null_server: str, tab: Tab) -> None:
+    """The login page of a second tab drops a session from "Your sessions" once the first tab logs it out."""
+    first = tab.page
+    await log_in(first, null_server, unique("twolists"))
+    session = await session_of(first)
+    second = await first.context.new_page()
+    await open_login(second, null_server)
+    listed = second.locator("#known-list li", has_text=session["session_id"])
+    await expect(listed).to_have_count(1)
+    await confirm(first, "#logout", "End the session")
+    await expect(first.locator("#login-view")).to_be_visible()
+    await expect(listed).to_have_count(0)
+    await second.close()
 
 
 async def test_forgotten_sessions_are_listed_and_ended_from_the_login_page(

@@ -39,3 +39,10 @@ export function rememberSession(session) {
 export function forgetSession(sessionId) {
   write(read().filter((s) => s.session_id !== sessionId));
 }
+
+/** Calls *onChange* when another tab of this browser changes the list (a log out there). */
+export function watchKnown(onChange) {
+  window.addEventListener("storage", (event) => {
+    if (event.key === KEY || event.key === null) onChange();
+  });
+}

@@ -4,7 +4,7 @@
 
 import { ApiError, login, logout, mySessions } from "/static/api.js";
 import { confirmAction } from "/static/confirm.js";
-import { forgetSession, knownSessions, rememberSession } from "/static/known.js";
+import { forgetSession, knownSessions, rememberSession, watchKnown } from "/static/known.js";
 import * as store from "/static/store.js";
 
 const $ = (id) => document.getElementById(id);
@@ -69,6 +69,10 @@ let enter = null; // the page's way into a session, set by initLogin
 export function initLogin(onLoggedIn, { passwords = false } = {}) {
   enter = onLoggedIn;
   $("mine-list").hidden = !passwords;
+  // A session another tab ended leaves this page's list at once.
+  watchKnown(() => {
+    if (!$("login-view").hidden) renderKnown();
+  });
   $("mine-list").addEventListener("click", () => listMine([]));
   $("login-form").addEventListener("submit", async (event) => {
     event.preventDefault();
