@@ -10,6 +10,7 @@ import resource
 import shutil
 import signal
 import sys
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -282,3 +283,10 @@ async def test_hash_password_refuses_an_empty_password() -> None:
     out, err = await asyncio.wait_for(proc.communicate(b"\n"), 20)
     assert proc.returncode != 0 and not out
     assert b"empty" in err
+
+
+def test_every_top_level_module_is_installed_with_the_package() -> None:
+    """The installed `deskhive` command can import every module of the tree, not only a checkout can."""
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"])
+    assert {path.stem for path in root.glob("*.py")} == listed
