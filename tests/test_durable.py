@@ -112,10 +112,7 @@ async def test_a_clean_restart_brings_sessions_back_with_their_journal_and_no_ga
     login = await client.login("ann")
     async with client.connect(login) as conn:
         assert (await conn.result(await conn.send("run_command", cmd="echo one")))["ok"]
-        FakeSandbox.instances[-1].hold_commands = True
-        held = await conn.send("run_command", cmd="sleep")
-        await conn.wait_for(lambda e: e.get("type") == "output" and e.get("id") == held)
-        seen = conn.last_seq
+    held, seen = await hold_a_command(client, login)
     await stop()
     client = await start()
     login = at(client, login)
