@@ -69,6 +69,9 @@ logger = structlog.get_logger("deskhive.actor")
 SOCKETS_PER_SESSION: Final = 16
 #: What a job cut off by a stop is told, by the stop's reason.
 _ENDING: Final = {"shutdown": "the server is shutting down; the job was cancelled"}
+#: Requests that settle waiting jobs at once: they wait for the store to keep
+#: those jobs first, so no job's result overtakes its ack (``_acks_first``).
+_SETTLES_WAITING_JOBS: Final = (m.Cancel, m.KillDesktop)
 
 
 @functools.lru_cache(maxsize=64)
@@ -397,7 +400,7 @@ class SessionActor(JobQueue, DesktopWatch, DurableSession):
                     logger.debug("actor.stopping", reason=msg.reason)
                     await self._acks_first()
                     return
-                if isinstance(msg, m.Cancel | m.KillDesktop):
+                if isinstance(msg, _SETTLES_WAITING_JOBS):
                     await self._acks_first()
                 self._handle(msg, origin)
                 try:

@@ -273,6 +273,18 @@ async def session_of(page: Page) -> dict:
     return json.loads(await page.evaluate("sessionStorage.getItem('deskhive.session')"))
 
 
+async def end_elsewhere(base: str, session: dict) -> None:
+    """Ends *session* over HTTP, as another client (or the owner's other tab) would."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.delete(
+            f"{base}/api/sessions/{session['session_id']}",
+            headers={"Authorization": f"Bearer {session['token']}"},
+        ) as answer,
+    ):
+        assert answer.status == 204
+
+
 async def log_seqs(page: Page) -> list[int]:
     return [
         int(seq)
@@ -615,14 +627,7 @@ async def test_logout_and_ended_session_return_to_login(null_server: str, tab: T
 
     await log_in(page, null_server, unique("barbara"))
     session = await session_of(page)
-    async with (
-        aiohttp.ClientSession() as http,
-        http.delete(
-            f"{null_server}/api/sessions/{session['session_id']}",
-            headers={"Authorization": f"Bearer {session['token']}"},
-        ) as answer,
-    ):
-        assert answer.status == 204
+    await end_elsewhere(null_server, session)
     await expect(page.locator("#login-view")).to_be_visible()
     said = page.locator("#login-form-error")
     await expect(said).to_contain_text("ended")

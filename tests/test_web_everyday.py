@@ -23,6 +23,7 @@ from tests.test_web import (
     Tab,
     browser,
     confirm,
+    end_elsewhere,
     local_commands,
     local_server,
     log_in,
@@ -175,14 +176,7 @@ async def test_ended_session_is_told_in_plain_words(null_server: str, tab: Tab) 
     page = tab.page
     await log_in(page, null_server, unique("gone"))
     session = await session_of(page)
-    async with (
-        aiohttp.ClientSession() as http,
-        http.delete(
-            f"{null_server}/api/sessions/{session['session_id']}",
-            headers={"Authorization": f"Bearer {session['token']}"},
-        ) as answer,
-    ):
-        assert answer.status == 204
+    await end_elsewhere(null_server, session)
     await expect(page.locator("#login-form-error")).to_contain_text("files are gone")
     await expect(page.locator("#known-list li", has_text=session["session_id"])).to_have_count(0)
 
